@@ -1,0 +1,186 @@
+"""The story in the database: sweeps of folders, and every image they found."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db import models
+from django.db.models import F, Q
+from django.utils import timezone
+
+
+class Sweep(models.Model):
+    """One pass over a folder: what it saw, what it claimed, what it skipped."""
+
+    class Trigger(models.TextChoices):
+        SCHEDULE = "schedule", "schedule"
+        MANUAL = "manual", "manual"
+        UPLOAD = "upload", "upload"
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "running"
+        DONE = "done", "done"
+        SKIPPED = "skipped", "skipped (another sweep of this folder was running)"
+        FAILED = "failed", "failed"
+
+    trigger = models.CharField(max_length=16, choices=Trigger.choices)
+    schedule_name = models.CharField(
+        max_length=200, blank=True, help_text="Periodic task that sent this sweep, if any."
+    )
+    folder = models.CharField(max_length=1024)
+    sizes = models.JSONField(default=list)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    task_id = models.CharField(max_length=255, blank=True)
+    started_at = models.DateTimeField(default=timezone.now, db_index=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    seen = models.PositiveIntegerField(default=0, help_text="Candidate files found.")
+    claimed = models.PositiveIntegerField(default=0, help_text="New files taken for processing.")
+    unstable = models.PositiveIntegerField(
+        default=0, help_text="Files skipped because they were still changing."
+    )
+    ignored = models.PositiveIntegerField(
+        default=0, help_text="Junk, hidden and partial files left alone."
+    )
+    requeued = models.PositiveIntegerField(
+        default=0, help_text="Images whose work was lost (dead worker, lost message) and redone."
+    )
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        indexes = [models.Index(fields=["folder", "-started_at"])]
+
+    def __str__(self) -> str:
+        return f"sweep #{self.pk} of {self.folder}"
+
+    @property
+    def duration(self) -> timedelta | None:
+        return self.finished_at - self.started_at if self.finished_at else None
+
+    def finish(self, status: str, error: str = "") -> None:
+        """Record the end of this sweep with its counts."""
+        self.status = status
+        self.error = error
+        self.finished_at = timezone.now()
+        self.save()
+
+
+class Image(models.Model):
+    """One file taken from a folder (or uploaded), from claim to archive or failure."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        PROCESSING = "processing", "processing"
+        DONE = "done", "done"
+        FAILED = "failed", "failed"
+        DUPLICATE = "duplicate", "duplicate"
+
+    class Source(models.TextChoices):
+        FOLDER = "folder", "watched folder"
+        UPLOAD = "upload", "upload"
+
+    FINAL_STATUSES = (Status.DONE, Status.FAILED, Status.DUPLICATE)
+
+    sweep = models.ForeignKey(
+        Sweep, null=True, blank=True, on_delete=models.SET_NULL, related_name="images"
+    )
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.FOLDER)
+    uploaded_by = models.ForeignKey(
+        "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    folder = models.CharField(max_length=1024, help_text="Folder the file was found in.")
+    name = models.CharField(max_length=1024, help_text="Path relative to the folder.")
+    source_path = models.CharField(
+        max_length=2048, help_text="Absolute path where the file was found."
+    )
+    original_path = models.CharField(
+        max_length=2048, blank=True, help_text="Where the original is kept now."
+    )
+    # True while the original still sits where it was found: that path is claimed by this
+    # row, and no other row may claim it until the original has been moved on.
+    in_folder = models.BooleanField(default=True)
+    file_size = models.BigIntegerField()
+    mtime_ns = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64, blank=True, db_index=True)
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
+    format = models.CharField(max_length=16, blank=True)
+    sizes = models.JSONField(default=list)
+    sizes_key = models.CharField(max_length=400, help_text="Sizes, normalised, for duplicates.")
+    thumbnails = models.JSONField(default=dict, blank=True, help_text="Size label -> [w, h].")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    archive = models.CharField(max_length=1024, blank=True, help_text="Relative to MEDIA_ROOT.")
+    archive_size = models.BigIntegerField(null=True, blank=True)
+    duplicate_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="duplicates"
+    )
+    error = models.TextField(blank=True)
+    task_id = models.CharField(max_length=255, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    worker = models.CharField(max_length=255, blank=True, help_text="host:pid of the last try.")
+    queued_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    class Meta:
+        ordering = ["-queued_at", "-id"]
+        constraints = [
+            # One owner per file waiting in a folder: the claim of overlapping sweeps.
+            models.UniqueConstraint(
+                fields=["source_path"],
+                condition=Q(in_folder=True),
+                name="one_claim_per_waiting_file",
+            ),
+            # One archive per content and sizes: a second "done" is a duplicate.
+            models.UniqueConstraint(
+                fields=["sha256", "sizes_key"],
+                condition=Q(status="done"),
+                name="one_archive_per_content_and_sizes",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "queued_at"]),
+            models.Index(fields=["in_folder", "source_path"]),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def duration(self) -> timedelta | None:
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in self.FINAL_STATUSES
+
+    @staticmethod
+    def sizes_key_for(labels: list[str]) -> str:
+        return ",".join(labels)
+
+    @classmethod
+    def start(cls, image_id: int, worker: str, task_id: str) -> bool:
+        """Claim a pending image for one run; True means this caller owns it now."""
+        return bool(
+            cls.objects.filter(id=image_id, status=cls.Status.PENDING).update(
+                status=cls.Status.PROCESSING,
+                attempts=F("attempts") + 1,
+                worker=worker,
+                task_id=task_id,
+                started_at=timezone.now(),
+                error="",
+            )
+        )
+
+
+class SweepLock(models.Model):
+    """At most one sweep runs per folder; a lock left by a dead sweep expires."""
+
+    folder = models.CharField(max_length=1024, unique=True)
+    sweep = models.ForeignKey(Sweep, on_delete=models.CASCADE, related_name="+")
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"lock on {self.folder}"

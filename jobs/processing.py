@@ -1,0 +1,193 @@
+"""One claimed image, start to finish: read, check, build the archive, record, put away.
+
+Order of effects, so that a crash anywhere loses nothing: archive under a temporary name,
+fsync, rename; then the database says done; only then does the original leave its folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from . import pipeline
+from .models import Image
+from .sweep import archive_path, put_original_away, this_worker
+
+logger = logging.getLogger(__name__)
+
+
+def process_image(image_id: int, task_id: str = "") -> str:
+    """Make the archive for one pending image. Returns the status it ended in.
+
+    Safe to call twice for the same image (a redelivered message): only one call moves it
+    from pending to processing; the others return "skipped" after finishing any leftover
+    move of the original.
+    """
+    worker = this_worker()
+    if not Image.start(image_id, worker, task_id):
+        image = Image.objects.filter(id=image_id).first()
+        if image is not None and image.is_final and image.in_folder:
+            put_original_away(image)
+        return "skipped"
+    image = Image.objects.get(id=image_id)
+    try:
+        return _process(image, worker)
+    except pipeline.ImageRejected as exc:
+        return fail(image, str(exc), worker)
+    except OSError as exc:
+        return fail(image, _describe_os_error(exc), worker)
+    except Exception as exc:
+        # A bug, not bad input: keep the file safe and the reason visible, then let Celery
+        # record the traceback too.
+        fail(image, f"internal error: {exc!r}", worker)
+        raise
+
+
+def fail(image: Image, reason: str, worker: str | None = None) -> str:
+    """Record image as failed with reason and move its original to the failed area."""
+    rows = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING)
+    if worker is not None:
+        rows = rows.filter(worker=worker)
+    if rows.update(status=Image.Status.FAILED, error=reason, finished_at=timezone.now()):
+        logger.warning("image %s (%s) failed: %s", image.id, image.name, reason)
+        image.status = Image.Status.FAILED
+        image.error = reason
+        put_original_away(image)
+        return Image.Status.FAILED
+    return "skipped"
+
+
+def give_up(image_id: int, reason: str) -> str:
+    """Fail an image from outside its run (a time limit hit it)."""
+    image = Image.objects.filter(id=image_id).first()
+    if image is None:
+        return "skipped"
+    return fail(image, reason, this_worker())
+
+
+def _process(image: Image, worker: str) -> str:
+    data = read_original(Path(image.source_path))
+    sha256 = hashlib.sha256(data).hexdigest()
+    Image.objects.filter(id=image.id).update(sha256=sha256)
+    image.sha256 = sha256
+    first = _first_done(image)
+    if first is not None:
+        return _record_duplicate(image, first, worker)
+    destination = archive_path(image)
+    sizes = pipeline.parse_sizes(image.sizes)
+    info = pipeline.build_archive(
+        data,
+        image.name,
+        destination,
+        sizes,
+        limits=pipeline.Limits(
+            max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
+        ),
+        options=pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY),
+    )
+    relative = destination.relative_to(settings.MEDIA_ROOT).as_posix()
+    try:
+        with transaction.atomic():
+            done = Image.objects.filter(
+                id=image.id, status=Image.Status.PROCESSING, worker=worker
+            ).update(
+                status=Image.Status.DONE,
+                archive=relative,
+                archive_size=info.archive_bytes,
+                width=info.width,
+                height=info.height,
+                format=info.format,
+                thumbnails={label: list(size) for label, size in info.thumbnails.items()},
+                finished_at=timezone.now(),
+            )
+    except IntegrityError:
+        # Same content with the same sizes finished first in another worker.
+        destination.unlink(missing_ok=True)
+        first = _first_done(image)
+        if first is None:
+            raise
+        return _record_duplicate(image, first, worker)
+    if not done:
+        # Another run took this image over (we were presumed dead); its record stands.
+        logger.warning("image %s was taken over by another run; leaving it", image.id)
+        return "skipped"
+    image.status = Image.Status.DONE
+    put_original_away(image)
+    return Image.Status.DONE
+
+
+def read_original(path: Path) -> bytes:
+    """Read a regular file without following symlinks, refusing paths outside our folders."""
+    if not is_allowed_source(path):
+        raise pipeline.ImageRejected(f"{path} is outside the configured folders; not read")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise pipeline.ImageRejected(
+                "symbolic link: links are not followed, so nothing outside the folder is read"
+            ) from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise pipeline.ImageRejected("not a regular file")
+        if status.st_size > settings.MAX_IMAGE_BYTES:
+            raise pipeline.ImageRejected(
+                f"file is {status.st_size:,} bytes, over the {settings.MAX_IMAGE_BYTES:,} limit"
+            )
+        return handle.read()
+
+
+def is_allowed_source(path: Path) -> bool:
+    """True when path lies in a watch root or the upload area (its last part unresolved)."""
+    if not path.is_absolute():
+        return False
+    parent = path.parent.resolve()
+    roots = [*settings.WATCH_ROOTS, Path(settings.MEDIA_ROOT) / "uploads"]
+    return any(parent.is_relative_to(Path(root).resolve()) for root in roots)
+
+
+def _first_done(image: Image) -> Image | None:
+    return (
+        Image.objects.filter(
+            sha256=image.sha256, sizes_key=image.sizes_key, status=Image.Status.DONE
+        )
+        .exclude(id=image.id)
+        .only("id")
+        .first()
+    )
+
+
+def _record_duplicate(image: Image, first: Image, worker: str) -> str:
+    updated = Image.objects.filter(
+        id=image.id, status=Image.Status.PROCESSING, worker=worker
+    ).update(
+        status=Image.Status.DUPLICATE,
+        duplicate_of=first,
+        error="",
+        finished_at=timezone.now(),
+    )
+    if not updated:
+        return "skipped"
+    image.status = Image.Status.DUPLICATE
+    put_original_away(image)
+    return Image.Status.DUPLICATE
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"disk full while writing the archive: {exc}"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {exc}"
+    if exc.errno == errno.ENOENT:
+        return f"file vanished before it could be processed: {exc}"
+    return f"could not read or write a file: {exc}"

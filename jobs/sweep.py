@@ -1,0 +1,413 @@
+"""The file-system side of Parroter: finding ready files, claiming them, putting originals away.
+
+The watched folder and the database are the truth; a broker message is only a nudge. So a
+sweep both claims new files and repairs whatever a crash left half done (reconciliation).
+No image work happens here.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from .models import Image, Sweep, SweepLock
+from .pipeline import fsync_directory, parse_sizes, safe_stem
+
+logger = logging.getLogger(__name__)
+
+# Names a person or a program leaves while a file is still arriving, and system clutter.
+JUNK_PATTERNS = (".*", "~*", "*.part", "*.tmp", "*.crdownload", "*.download", "Thumbs.db")
+JUNK_DIRECTORIES = ("__MACOSX",)
+MAX_NAME_BYTES = 200
+CLAIM_BATCH = 500
+LOCK_SLACK = timedelta(minutes=5)
+
+
+class FolderRejected(ValueError):
+    """A folder a sweep may not touch; the message says why."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    name: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Scan:
+    ready: list[Candidate] = field(default_factory=list)
+    unstable: int = 0
+    ignored: int = 0
+
+
+@dataclass
+class SweepOutcome:
+    sweep: Sweep
+    to_queue: list[int] = field(default_factory=list)
+
+
+def this_worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def resolve_folder(folder: str | os.PathLike[str] | None) -> Path:
+    """The absolute folder a sweep may work in, or FolderRejected saying why not."""
+    if folder is None or str(folder).strip() == "":
+        return Path(settings.WATCH_FOLDER)
+    if not isinstance(folder, str | os.PathLike):
+        raise FolderRejected(f"folder must be a path string, got {type(folder).__name__}")
+    path = Path(folder)
+    if not path.is_absolute():
+        raise FolderRejected(f"folder must be an absolute path, got {str(folder)!r}")
+    path = path.resolve()
+    media_root = Path(settings.MEDIA_ROOT).resolve()
+    if path == media_root or path.is_relative_to(media_root) or media_root.is_relative_to(path):
+        raise FolderRejected(f"folder {path} overlaps MEDIA_ROOT {media_root}")
+    if not any(path.is_relative_to(Path(root).resolve()) for root in settings.WATCH_ROOTS):
+        roots = ", ".join(str(root) for root in settings.WATCH_ROOTS)
+        raise FolderRejected(f"folder {path} is outside the allowed WATCH_ROOTS ({roots})")
+    if not path.is_dir():
+        raise FolderRejected(f"folder {path} does not exist or is not a directory")
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise FolderRejected(f"folder {path} is not readable and writable by this process")
+    return path
+
+
+def resolve_sizes(sizes: Iterable[str] | str | None) -> list[str]:
+    """Size labels from a task's kwargs, or the configured defaults; ValueError if bad."""
+    if sizes is None:
+        return list(settings.THUMBNAIL_SIZES)
+    parsed = parse_sizes(sizes)
+    if not parsed:
+        raise ValueError("sizes must name at least one size like 128x128")
+    return [size.label for size in parsed]
+
+
+def is_junk(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in JUNK_PATTERNS)
+
+
+def scan(folder: Path, settle_seconds: float, exclude: Iterable[Path] = ()) -> Scan:
+    """List files under folder; only those unchanged for settle_seconds are ready."""
+    result = Scan()
+    excluded = {Path(path) for path in exclude}
+    # ctime moves on every write and on every rename into the folder, and cannot be set
+    # back by the writer (unlike mtime, which `cp -p` preserves): "unchanged since" uses it.
+    settled_before = time.time_ns() - int(settle_seconds * 1e9)
+    for entry in _walk(folder, excluded, result):
+        try:
+            stat = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if max(stat.st_ctime_ns, stat.st_mtime_ns) > settled_before:
+            result.unstable += 1
+            continue
+        result.ready.append(
+            Candidate(
+                path=Path(entry.path),
+                name=Path(entry.path).relative_to(folder).as_posix(),
+                size=stat.st_size,
+                mtime_ns=stat.st_mtime_ns,
+            )
+        )
+    return result
+
+
+def _walk(folder: Path, excluded: set[Path], result: Scan) -> Iterator[os.DirEntry[str]]:
+    stack = [folder]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            logger.warning("cannot list %s: %s", directory, exc)
+            continue
+        for entry in entries:
+            if is_junk(entry.name):
+                result.ignored += 1
+            elif entry.is_dir(follow_symlinks=False):
+                if entry.name in JUNK_DIRECTORIES or Path(entry.path) in excluded:
+                    result.ignored += 1
+                else:
+                    stack.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                # Symlinks are claimed too, so that they fail with a reason ("not followed")
+                # instead of sitting there unexplained.
+                yield entry
+            else:
+                result.ignored += 1
+
+
+def start_sweep(
+    folder: str | None,
+    sizes: Iterable[str] | str | None,
+    *,
+    trigger: str,
+    schedule_name: str = "",
+    task_id: str = "",
+) -> tuple[Sweep, Path | None, list[str]]:
+    """Record a sweep; if its arguments are bad the record says so and is already failed."""
+    sweep = Sweep.objects.create(
+        trigger=trigger,
+        schedule_name=schedule_name,
+        folder=str(folder if folder is not None else settings.WATCH_FOLDER)[:1024],
+        sizes=sizes if isinstance(sizes, list) else [],
+        task_id=task_id,
+    )
+    try:
+        path = resolve_folder(folder)
+        labels = resolve_sizes(sizes)
+    except ValueError as exc:
+        sweep.finish(Sweep.Status.FAILED, f"bad sweep arguments: {exc}")
+        return sweep, None, []
+    sweep.folder = str(path)
+    sweep.sizes = labels
+    sweep.save(update_fields=["folder", "sizes"])
+    return sweep, path, labels
+
+
+def run_sweep(
+    sweep: Sweep, folder: Path, sizes: list[str], exclude: Iterable[Path] = ()
+) -> SweepOutcome:
+    """Repair what a crash left, then claim every ready file. Returns image ids to queue."""
+    outcome = SweepOutcome(sweep)
+    if not acquire_lock(sweep, folder):
+        sweep.finish(Sweep.Status.SKIPPED)
+        return outcome
+    try:
+        requeued = reconcile(folder)
+        found = scan(folder, settings.SETTLE_SECONDS, exclude)
+        claimed = claim(sweep, found.ready, sizes)
+        sweep.seen = len(found.ready) + found.unstable
+        sweep.unstable = found.unstable
+        sweep.ignored = found.ignored
+        sweep.claimed = len(claimed)
+        sweep.requeued = len(requeued)
+        sweep.finish(Sweep.Status.DONE)
+        outcome.to_queue = requeued + claimed
+    finally:
+        release_lock(sweep, folder)
+    return outcome
+
+
+def acquire_lock(sweep: Sweep, folder: Path) -> bool:
+    now = timezone.now()
+    expires_at = now + timedelta(seconds=settings.IMAGE_TIME_LIMIT) + LOCK_SLACK
+    try:
+        with transaction.atomic():
+            SweepLock.objects.create(folder=str(folder), sweep=sweep, expires_at=expires_at)
+        return True
+    except IntegrityError:
+        # Held: take it over only if its sweep died and left it to expire.
+        taken = SweepLock.objects.filter(folder=str(folder), expires_at__lt=now).update(
+            sweep=sweep, expires_at=expires_at
+        )
+        return taken == 1
+
+
+def release_lock(sweep: Sweep, folder: Path) -> None:
+    SweepLock.objects.filter(folder=str(folder), sweep=sweep).delete()
+
+
+def claim(sweep: Sweep, ready: list[Candidate], sizes: list[str]) -> list[int]:
+    """Insert one pending row per new file; rows this sweep inserted are its claims."""
+    if not ready:
+        return []
+    # Files already claimed and still waiting here are in flight (or reconciled above).
+    prefix = sweep.folder.rstrip("/") + "/"
+    waiting = set(
+        Image.objects.filter(in_folder=True, source_path__startswith=prefix).values_list(
+            "source_path", flat=True
+        )
+    )
+    now = timezone.now()
+    rows = [
+        Image(
+            sweep=sweep,
+            folder=sweep.folder,
+            name=candidate.name,
+            source_path=str(candidate.path),
+            file_size=candidate.size,
+            mtime_ns=candidate.mtime_ns,
+            sizes=sizes,
+            sizes_key=Image.sizes_key_for(sizes),
+            queued_at=now,
+        )
+        for candidate in ready
+        if str(candidate.path) not in waiting
+    ]
+    # Another sweep (another beat, a manual sweep, a nested folder) may claim the same file
+    # between our read and our insert: the partial unique index makes one insert win.
+    Image.objects.bulk_create(rows, batch_size=CLAIM_BATCH, ignore_conflicts=True)
+    return list(
+        Image.objects.filter(sweep=sweep, status=Image.Status.PENDING).values_list("id", flat=True)
+    )
+
+
+def reconcile(folder: Path) -> list[int]:
+    """Repair images under folder that a crash or a lost message left behind.
+
+    Returns the ids to queue again. Images already final but whose original was never
+    moved are put away now; work on a dead worker is retried until MAX_ATTEMPTS.
+    """
+    prefix = str(folder).rstrip("/") + "/"
+    now = timezone.now()
+    waiting = Image.objects.filter(in_folder=True, source_path__startswith=prefix)
+    requeue: list[int] = []
+    for image in waiting.exclude(status=Image.Status.PENDING).only(
+        "id",
+        "status",
+        "source_path",
+        "original_path",
+        "queued_at",
+        "name",
+        "worker",
+        "started_at",
+        "attempts",
+        "error",
+    ):
+        try:
+            if image.is_final:
+                put_original_away(image)
+            elif _is_abandoned(image, now):
+                requeue.extend(_retry_or_fail(image))
+        except OSError as exc:
+            # One stuck original must not stop the sweep; it is tried again next time.
+            logger.warning("cannot put away the original of image %s: %s", image.id, exc)
+    stale = now - timedelta(seconds=settings.REQUEUE_AFTER)
+    lost = list(
+        waiting.filter(status=Image.Status.PENDING, queued_at__lt=stale).values_list(
+            "id", flat=True
+        )
+    )
+    if lost:
+        # The message may be sitting in the queue still: a second copy is harmless, since
+        # only one run can move the image from pending to processing.
+        Image.objects.filter(id__in=lost, status=Image.Status.PENDING).update(queued_at=now)
+        requeue.extend(lost)
+    return requeue
+
+
+def _is_abandoned(image: Image, now: datetime) -> bool:
+    """Processing, but its worker is gone or it outlived the hard time limit."""
+    limit = timedelta(seconds=settings.IMAGE_TIME_LIMIT) + timedelta(seconds=30)
+    if image.started_at is None or image.started_at < now - limit:
+        return True
+    host, _, pid = image.worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _retry_or_fail(image: Image) -> list[int]:
+    if image.attempts >= settings.MAX_ATTEMPTS:
+        reason = (
+            f"processing stopped without a result {image.attempts} times (worker killed or "
+            "crashed, or the time limit passed); giving up on this file"
+        )
+        failed = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING).update(
+            status=Image.Status.FAILED, error=reason, finished_at=timezone.now()
+        )
+        if failed:
+            image.status = Image.Status.FAILED
+            image.error = reason
+            put_original_away(image)
+        return []
+    logger.warning("image %s was abandoned by %s; queueing it again", image.id, image.worker)
+    retried = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING).update(
+        status=Image.Status.PENDING, queued_at=timezone.now()
+    )
+    return [image.id] if retried else []
+
+
+# --- Where files go --------------------------------------------------------------------
+
+
+def archive_path(image: Image) -> Path:
+    """Where an image's zip lives: unique per image, the same on every try."""
+    day = timezone.localtime(image.queued_at).strftime("%Y/%m/%d")
+    return Path(settings.MEDIA_ROOT) / "archives" / day / f"{image.id}-{safe_stem(image.name)}.zip"
+
+
+def kept_path(image: Image) -> Path:
+    """Where the original goes once its image is final: processed or failed area."""
+    area = "failed" if image.status == Image.Status.FAILED else "originals"
+    day = timezone.localtime(image.queued_at).strftime("%Y/%m/%d")
+    name = _truncate_name(Path(image.name).name)
+    return Path(settings.MEDIA_ROOT) / area / day / f"{image.id}-{name}"
+
+
+def put_original_away(image: Image) -> None:
+    """Move a final image's original out of the watched folder and record where it went.
+
+    Idempotent: a crash between the move and the update is repaired on the next call.
+    """
+    source = Path(image.source_path)
+    destination = kept_path(image)
+    if os.path.lexists(source):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        move_file(source, destination)
+        if image.status == Image.Status.FAILED:
+            reason_file = destination.with_name(destination.name + ".error.txt")
+            try:
+                reason_file.write_text(f"{image.name}\n{image.error}\n", encoding="utf-8")
+            except OSError as exc:
+                # The reason is in the database already; the note beside the file is a kindness.
+                logger.warning("cannot write %s: %s", reason_file, exc)
+        kept = str(destination)
+    elif os.path.lexists(destination):
+        kept = str(destination)
+    else:
+        kept = ""
+    Image.objects.filter(id=image.id).update(in_folder=False, original_path=kept)
+    image.in_folder = False
+    image.original_path = kept
+
+
+def move_file(source: Path, destination: Path) -> None:
+    """Rename, or copy-fsync-delete across file systems; the source goes only when safe."""
+    try:
+        os.rename(source, destination)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        temporary = destination.with_name(f".{destination.name}.part")
+        shutil.copy2(source, temporary, follow_symlinks=False)
+        if not temporary.is_symlink():
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(temporary, destination)
+        fsync_directory(destination.parent)
+        source.unlink()
+        return
+    fsync_directory(destination.parent)
+
+
+def _truncate_name(name: str) -> str:
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) <= MAX_NAME_BYTES:
+        return name
+    suffix = Path(name).suffix[:16]
+    stem = encoded[: MAX_NAME_BYTES - len(suffix.encode())].decode("utf-8", "ignore")
+    return stem + suffix

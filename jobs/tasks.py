@@ -1,0 +1,97 @@
+"""Thin Celery tasks. Their names are stable: admin-made periodic tasks store them as strings."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import transaction
+from django_celery_beat.models import PeriodicTask
+
+from . import processing
+from .models import Sweep
+from .sweep import run_sweep, start_sweep
+
+logger = logging.getLogger(__name__)
+
+SWEEP_TASK = "jobs.sweep_folder"
+
+
+class SweepArgumentsError(ValueError):
+    """A sweep was sent arguments it cannot use (a periodic task's kwargs edited by hand)."""
+
+
+@shared_task(bind=True, name=SWEEP_TASK)
+def sweep_folder(
+    self, folder: str | None = None, sizes: list[str] | str | None = None
+) -> dict[str, object]:
+    """Sweep one folder: repair leftovers, claim ready files, queue one task per image."""
+    schedule_name = getattr(self.request, "periodic_task_name", None) or ""
+    sweep, path, labels = start_sweep(
+        folder,
+        sizes,
+        trigger=Sweep.Trigger.SCHEDULE if schedule_name else Sweep.Trigger.MANUAL,
+        schedule_name=schedule_name,
+        task_id=self.request.id or "",
+    )
+    if path is None:
+        raise SweepArgumentsError(sweep.error)
+    outcome = run_sweep(sweep, path, labels, exclude=other_sweep_folders(path))
+    transaction.on_commit(lambda: queue_images(outcome.to_queue))
+    return {
+        "sweep": sweep.id,
+        "status": sweep.status,
+        "claimed": sweep.claimed,
+        "requeued": sweep.requeued,
+        "unstable": sweep.unstable,
+    }
+
+
+@shared_task(
+    bind=True,
+    name="jobs.make_thumbnails",
+    soft_time_limit=settings.IMAGE_SOFT_TIME_LIMIT,
+    time_limit=settings.IMAGE_TIME_LIMIT,
+)
+def make_thumbnails(self, image_id: int) -> str:
+    """Turn one claimed image into its zip; idempotent, so a redelivery does no harm."""
+    try:
+        return processing.process_image(int(image_id), task_id=self.request.id or "")
+    except SoftTimeLimitExceeded:
+        return processing.give_up(
+            int(image_id),
+            f"took longer than the {settings.IMAGE_SOFT_TIME_LIMIT} s time limit per image",
+        )
+
+
+def queue_images(image_ids: Iterable[int]) -> None:
+    """Send one message per image over a single broker connection."""
+    image_ids = list(image_ids)
+    if not image_ids:
+        return
+    with make_thumbnails.app.producer_or_acquire() as producer:
+        for image_id in image_ids:
+            make_thumbnails.apply_async((image_id,), producer=producer)
+    logger.info("queued %d image(s)", len(image_ids))
+
+
+def other_sweep_folders(folder: Path) -> list[Path]:
+    """Folders below `folder` that an enabled periodic sweep of their own looks after."""
+    nested = []
+    for raw in PeriodicTask.objects.filter(task=SWEEP_TASK, enabled=True).values_list(
+        "kwargs", flat=True
+    ):
+        try:
+            other = json.loads(raw or "{}").get("folder")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(other, str) and other:
+            other_path = Path(other).resolve()
+            if other_path != folder and other_path.is_relative_to(folder):
+                nested.append(other_path)
+    return nested

@@ -1,0 +1,238 @@
+"""Finding, claiming and putting away files, on real temporary folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from jobs import sweep
+from jobs.models import Image, Sweep, SweepLock
+
+pytestmark = pytest.mark.django_db
+
+
+def new_sweep(folder: Path, sizes: list[str] | None = None) -> Sweep:
+    record, path, _labels = sweep.start_sweep(
+        str(folder), sizes or ["64x64"], trigger=Sweep.Trigger.MANUAL
+    )
+    assert path == folder, record.error
+    return record
+
+
+def run(folder: Path, sizes: list[str] | None = None) -> sweep.SweepOutcome:
+    record = new_sweep(folder, sizes)
+    return sweep.run_sweep(record, folder, record.sizes)
+
+
+def test_scan_skips_junk_hidden_and_partial_files(folders, drop):
+    watch = folders["watch"]
+    for name in [
+        "photo.jpg",
+        "sub/deeper/photo.jpg",
+        ".hidden.jpg",
+        "~lock.jpg",
+        "big.jpg.part",
+        "x.tmp",
+        "dl.jpg.crdownload",
+        "Thumbs.db",
+        ".DS_Store",
+        "__MACOSX/photo.jpg",
+    ]:
+        drop(watch, name)
+    found = sweep.scan(watch, settle_seconds=0)
+    assert sorted(c.name for c in found.ready) == ["photo.jpg", "sub/deeper/photo.jpg"]
+    assert found.ignored == 8
+
+
+def test_scan_leaves_recently_changed_files(folders, drop):
+    drop(folders["watch"], "fresh.jpg")
+    found = sweep.scan(folders["watch"], settle_seconds=60)
+    assert found.ready == []
+    assert found.unstable == 1
+
+
+def test_scan_waits_for_a_copied_file_even_with_an_old_mtime(folders, drop):
+    # `cp -p` keeps an old mtime: the change time still says the file just arrived.
+    path = drop(folders["watch"], "copied.jpg")
+    os.utime(path, (0, 0))
+    assert sweep.scan(folders["watch"], settle_seconds=60).unstable == 1
+
+
+def test_scan_skips_excluded_subfolders(folders, drop):
+    drop(folders["watch"], "a.jpg")
+    drop(folders["watch"], "nested/b.jpg")
+    found = sweep.scan(folders["watch"], 0, exclude=[folders["watch"] / "nested"])
+    assert [c.name for c in found.ready] == ["a.jpg"]
+
+
+def test_run_sweep_claims_each_file_once(folders, drop):
+    drop(folders["watch"], "a.jpg")
+    drop(folders["watch"], "b.jpg")
+    first = run(folders["watch"])
+    second = run(folders["watch"])
+    assert len(first.to_queue) == 2
+    assert second.to_queue == []
+    assert first.sweep.claimed == 2
+    assert first.sweep.status == Sweep.Status.DONE
+    assert second.sweep.claimed == 0
+    assert Image.objects.count() == 2
+    image = Image.objects.get(name="a.jpg")
+    assert image.status == Image.Status.PENDING
+    assert image.sizes == ["64x64"]
+    assert image.source_path == str(folders["watch"] / "a.jpg")
+
+
+def test_claim_of_racing_sweeps_has_one_winner(folders, drop):
+    drop(folders["watch"], "a.jpg")
+    ready = sweep.scan(folders["watch"], 0).ready
+    first, second = new_sweep(folders["watch"]), new_sweep(folders["watch"])
+    # Both read the folder before either inserted: the unique claim decides.
+    assert sweep.claim(first, ready, ["64x64"])
+    assert sweep.claim(second, ready, ["64x64"]) == []
+    assert Image.objects.count() == 1
+
+
+def test_run_sweep_is_skipped_while_another_sweep_holds_the_folder(folders, drop):
+    drop(folders["watch"], "a.jpg")
+    holder = new_sweep(folders["watch"])
+    assert sweep.acquire_lock(holder, folders["watch"])
+    outcome = run(folders["watch"])
+    assert outcome.sweep.status == Sweep.Status.SKIPPED
+    assert outcome.to_queue == []
+    sweep.release_lock(holder, folders["watch"])
+    assert run(folders["watch"]).sweep.claimed == 1
+
+
+def test_acquire_lock_takes_over_an_expired_lock(folders):
+    dead = new_sweep(folders["watch"])
+    SweepLock.objects.create(folder=str(folders["watch"]), sweep=dead, expires_at=timezone.now())
+    assert sweep.acquire_lock(new_sweep(folders["watch"]), folders["watch"])
+
+
+@pytest.mark.parametrize(
+    ("folder", "message"),
+    [
+        ("relative/path", "absolute"),
+        ("/etc", "outside the allowed WATCH_ROOTS"),
+        ("{media}", "overlaps MEDIA_ROOT"),
+        ("{root}/missing", "does not exist"),
+        (42, "path string"),
+    ],
+)
+def test_start_sweep_records_bad_folders(folders, folder, message):
+    if isinstance(folder, str):
+        folder = folder.format(media=folders["media"], root=folders["root"])
+    record, path, _ = sweep.start_sweep(folder, None, trigger=Sweep.Trigger.MANUAL)
+    assert path is None
+    assert record.status == Sweep.Status.FAILED
+    assert message in record.error
+
+
+def test_start_sweep_records_bad_sizes(folders):
+    record, path, _ = sweep.start_sweep(
+        str(folders["watch"]), ["big"], trigger=Sweep.Trigger.SCHEDULE
+    )
+    assert path is None
+    assert "not a size like 128x128" in record.error
+
+
+def test_start_sweep_defaults_to_watch_folder_and_configured_sizes(folders, settings):
+    _record, path, labels = sweep.start_sweep(None, None, trigger=Sweep.Trigger.MANUAL)
+    assert path == folders["watch"]
+    assert labels == settings.THUMBNAIL_SIZES
+
+
+def claim_one(folders, drop, name: str = "a.jpg") -> Image:
+    drop(folders["watch"], name)
+    run(folders["watch"])
+    return Image.objects.get(name=name)
+
+
+def test_reconcile_requeues_work_of_a_dead_worker(folders, drop):
+    image = claim_one(folders, drop)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Image.start(image.id, f"{sweep.socket.gethostname()}:{dead.pid}", "task")
+    assert run(folders["watch"]).to_queue == [image.id]
+    image.refresh_from_db()
+    assert image.status == Image.Status.PENDING
+    assert image.attempts == 1
+
+
+def test_reconcile_leaves_work_of_a_live_worker(folders, drop):
+    image = claim_one(folders, drop)
+    Image.start(image.id, sweep.this_worker(), "task")
+    assert run(folders["watch"]).to_queue == []
+    image.refresh_from_db()
+    assert image.status == Image.Status.PROCESSING
+
+
+def test_reconcile_fails_a_poison_file_after_max_attempts(folders, drop, settings):
+    settings.MAX_ATTEMPTS = 2
+    image = claim_one(folders, drop)
+    Image.objects.filter(id=image.id).update(attempts=1)
+    Image.start(image.id, "elsewhere:1", "task")
+    Image.objects.filter(id=image.id).update(started_at=timezone.now() - timezone.timedelta(days=1))
+    run(folders["watch"])
+    image.refresh_from_db()
+    assert image.status == Image.Status.FAILED
+    assert "2 times" in image.error
+    assert not image.in_folder
+    kept = Path(image.original_path)
+    assert kept.is_file()
+    assert kept.is_relative_to(folders["media"] / "failed")
+    assert "2 times" in kept.with_name(kept.name + ".error.txt").read_text()
+
+
+def test_reconcile_requeues_pending_images_whose_message_was_lost(folders, drop, settings):
+    image = claim_one(folders, drop)
+    assert run(folders["watch"]).to_queue == []
+    Image.objects.filter(id=image.id).update(
+        queued_at=timezone.now() - timezone.timedelta(seconds=settings.REQUEUE_AFTER + 1)
+    )
+    assert run(folders["watch"]).to_queue == [image.id]
+
+
+def test_reconcile_puts_away_originals_of_finished_images(folders, drop):
+    image = claim_one(folders, drop)
+    original = Path(image.source_path).read_bytes()
+    # A crash after "done" was committed, before the original moved.
+    Image.objects.filter(id=image.id).update(status=Image.Status.DONE)
+    run(folders["watch"])
+    image.refresh_from_db()
+    assert not image.in_folder
+    assert not Path(image.source_path).exists()
+    assert Path(image.original_path).read_bytes() == original
+
+
+def test_put_original_away_is_idempotent_after_a_crash_mid_move(folders, drop):
+    image = claim_one(folders, drop)
+    image.status = Image.Status.DONE
+    destination = sweep.kept_path(image)
+    destination.parent.mkdir(parents=True)
+    os.rename(image.source_path, destination)  # moved, but the database never heard
+    sweep.put_original_away(image)
+    image.refresh_from_db()
+    assert image.original_path == str(destination)
+    assert not image.in_folder
+
+
+def test_a_new_file_at_a_finished_path_is_claimed_anew(folders, drop):
+    image = claim_one(folders, drop)
+    image.status = Image.Status.DONE
+    sweep.put_original_away(image)
+    drop(folders["watch"], "a.jpg")
+    assert len(run(folders["watch"]).to_queue) == 1
+    assert Image.objects.filter(name="a.jpg").count() == 2
+
+
+def test_kept_path_truncates_very_long_names(folders, drop):
+    image = claim_one(folders, drop, name="é" * 120 + ".jpg")
+    path = sweep.kept_path(image)
+    assert len(path.name.encode()) <= 255
+    assert path.suffix == ".jpg"
