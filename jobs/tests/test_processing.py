@@ -1,0 +1,167 @@
+"""One image from claim to archive, through the task body, on real files."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image as PILImage
+
+from jobs import processing, sweep
+from jobs.models import Image, Sweep
+from jobs.tasks import make_thumbnails, sweep_folder
+
+from .conftest import image_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def claim(folders, drop, name: str = "photo.jpg", data: bytes | None = None) -> Image:
+    drop(folders["watch"], name, data)
+    record, path, labels = sweep.start_sweep(
+        str(folders["watch"]), ["64x64", "32x32"], trigger=Sweep.Trigger.MANUAL
+    )
+    sweep.run_sweep(record, path, labels)
+    return Image.objects.get(name=name)
+
+
+def test_make_thumbnails_writes_the_zip_then_moves_the_original(folders, drop):
+    data = image_bytes((640, 480))
+    image = claim(folders, drop, data=data)
+    assert make_thumbnails(image.id) == Image.Status.DONE
+    image.refresh_from_db()
+    assert image.status == Image.Status.DONE
+    assert (image.width, image.height, image.format) == (640, 480, "JPEG")
+    assert image.thumbnails == {"64x64": [64, 48], "32x32": [32, 24]}
+    assert image.attempts == 1
+    assert image.started_at <= image.finished_at
+    archive = folders["media"] / image.archive
+    assert image.archive_size == archive.stat().st_size
+    with zipfile.ZipFile(archive) as bundle:
+        assert sorted(bundle.namelist()) == ["photo.jpg", "photo_32x32.jpg", "photo_64x64.jpg"]
+        assert bundle.read("photo.jpg") == data
+    assert not Path(image.source_path).exists()
+    assert Path(image.original_path).read_bytes() == data
+    assert Path(image.original_path).is_relative_to(folders["media"] / "originals")
+    assert not image.in_folder
+    assert image.sha256
+
+
+def test_make_thumbnails_twice_makes_one_archive(folders, drop):
+    image = claim(folders, drop)
+    assert make_thumbnails(image.id) == Image.Status.DONE
+    assert make_thumbnails(image.id) == "skipped"
+    image.refresh_from_db()
+    assert image.attempts == 1
+    assert len(list((folders["media"] / "archives").rglob("*.zip"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("empty.jpg", b"", "empty file"),
+        ("notes.jpg", b"just some text, not a picture\n" * 20, "not an image"),
+        ("cut.jpg", image_bytes((800, 600))[:2000], "truncated or corrupt"),
+    ],
+)
+def test_make_thumbnails_fails_bad_input_and_keeps_the_original(folders, drop, name, data, reason):
+    image = claim(folders, drop, name=name, data=data)
+    assert make_thumbnails(image.id) == Image.Status.FAILED
+    image.refresh_from_db()
+    assert image.status == Image.Status.FAILED
+    assert reason in image.error
+    kept = Path(image.original_path)
+    assert kept.is_relative_to(folders["media"] / "failed")
+    assert kept.read_bytes() == data
+    assert reason in kept.with_name(kept.name + ".error.txt").read_text()
+    assert not list((folders["media"] / "archives").rglob("*"))
+
+
+def test_make_thumbnails_marks_same_content_as_duplicate(folders, drop):
+    data = image_bytes((300, 200))
+    first = claim(folders, drop, name="one.jpg", data=data)
+    second = claim(folders, drop, name="again/two.jpg", data=data)
+    assert make_thumbnails(first.id) == Image.Status.DONE
+    assert make_thumbnails(second.id) == Image.Status.DUPLICATE
+    second.refresh_from_db()
+    assert second.duplicate_of_id == first.id
+    assert not second.archive
+    assert Path(second.original_path).read_bytes() == data
+    assert len(list((folders["media"] / "archives").rglob("*.zip"))) == 1
+
+
+def test_make_thumbnails_does_not_follow_symlinks(folders, drop, tmp_path):
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(image_bytes())
+    (folders["watch"] / "link.jpg").symlink_to(secret)
+    record, path, labels = sweep.start_sweep(
+        str(folders["watch"]), None, trigger=Sweep.Trigger.MANUAL
+    )
+    sweep.run_sweep(record, path, labels)
+    image = Image.objects.get(name="link.jpg")
+    assert make_thumbnails(image.id) == Image.Status.FAILED
+    image.refresh_from_db()
+    assert "symbolic link" in image.error
+    assert Path(image.original_path).is_symlink()
+    assert secret.exists()
+
+
+def test_make_thumbnails_records_a_file_that_vanished(folders, drop):
+    image = claim(folders, drop)
+    os.unlink(image.source_path)
+    assert make_thumbnails(image.id) == Image.Status.FAILED
+    image.refresh_from_db()
+    assert "vanished" in image.error
+    assert image.original_path == ""
+    assert not image.in_folder
+
+
+def test_read_original_refuses_paths_outside_the_configured_folders(folders, tmp_path):
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(image_bytes())
+    with pytest.raises(processing.pipeline.ImageRejected, match="outside the configured"):
+        processing.read_original(outside)
+    with pytest.raises(processing.pipeline.ImageRejected, match="outside the configured"):
+        processing.read_original(folders["watch"] / ".." / ".." / "elsewhere.jpg")
+
+
+@pytest.fixture
+def tiny_archive_disk(folders):
+    """A real 64 KiB file system mounted where archives go (needs root)."""
+    archives = folders["media"] / "archives"
+    archives.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(archives)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield archives
+    subprocess.run(["umount", str(archives)], check=True)
+
+
+def test_make_thumbnails_reports_a_full_disk_and_keeps_the_original(
+    folders, drop, tiny_archive_disk
+):
+    buffer = io.BytesIO()
+    PILImage.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)).save(buffer, "PNG")
+    data = buffer.getvalue()  # noise: about 270 KB, more than the disk holds
+    image = claim(folders, drop, name="big.png", data=data)
+    assert make_thumbnails(image.id) == Image.Status.FAILED
+    image.refresh_from_db()
+    assert "disk full" in image.error
+    assert Path(image.original_path).read_bytes() == data
+    assert not [path for path in tiny_archive_disk.rglob("*") if path.is_file()]
+
+
+def test_sweep_folder_task_fails_loudly_on_bad_kwargs(folders):
+    with pytest.raises(ValueError, match="outside the allowed WATCH_ROOTS"):
+        sweep_folder(folder="/etc", sizes=["64x64"])
+    recorded = Sweep.objects.get()
+    assert recorded.status == Sweep.Status.FAILED
+    assert "outside the allowed WATCH_ROOTS" in recorded.error
