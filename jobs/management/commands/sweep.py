@@ -1,0 +1,83 @@
+"""`manage.py sweep`: sweep a folder now and watch its images finish."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from jobs import processing
+from jobs.models import Image, Sweep
+from jobs.sweep import run_sweep, start_sweep
+from jobs.tasks import queue_images
+
+BAR_WIDTH = 30
+
+
+class Command(BaseCommand):
+    help = "Sweep a folder now (default: the watch folder) and wait for its images."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--folder", help="Absolute folder to sweep (default WATCH_FOLDER).")
+        parser.add_argument("--sizes", nargs="+", help="Sizes like 128x128 (default: settings).")
+        parser.add_argument(
+            "--inline",
+            action="store_true",
+            help="Process the images in this process instead of sending them to the workers.",
+        )
+        parser.add_argument("--no-wait", action="store_true", help="Queue and return.")
+        parser.add_argument("--timeout", type=float, default=0, help="Give up waiting after N s.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        sweep, folder, sizes = start_sweep(
+            options["folder"], options["sizes"], trigger=Sweep.Trigger.MANUAL
+        )
+        if folder is None:
+            raise CommandError(sweep.error)
+        outcome = run_sweep(sweep, folder, sizes)
+        if sweep.status == Sweep.Status.SKIPPED:
+            raise CommandError(f"another sweep of {folder} is running; try again shortly")
+        self.stdout.write(
+            f"sweep #{sweep.id} of {folder}: {sweep.claimed} new, {sweep.requeued} retried, "
+            f"{sweep.unstable} still changing, {sweep.ignored} ignored; sizes {', '.join(sizes)}"
+        )
+        image_ids = outcome.to_queue
+        if not image_ids:
+            return
+        if options["inline"]:
+            for image_id in image_ids:
+                processing.process_image(image_id)
+                self.show_progress(image_ids)
+        else:
+            queue_images(image_ids)
+            if options["no_wait"]:
+                return
+            self.wait(image_ids, options["timeout"])
+        self.stdout.write("")
+        self.report(image_ids)
+
+    def wait(self, image_ids: list[int], timeout: float) -> None:
+        deadline = time.monotonic() + timeout if timeout else None
+        while not self.show_progress(image_ids):
+            if deadline and time.monotonic() > deadline:
+                self.stdout.write("")
+                raise CommandError(f"timed out after {timeout:g} s; the images stay queued")
+            time.sleep(0.5)
+
+    def show_progress(self, image_ids: list[int]) -> bool:
+        """Draw the bar; True once every image is final."""
+        statuses = list(Image.objects.filter(id__in=image_ids).values_list("status", flat=True))
+        finished = sum(status in Image.FINAL_STATUSES for status in statuses)
+        failed = statuses.count(Image.Status.FAILED)
+        filled = BAR_WIDTH * finished // len(image_ids)
+        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+        self.stdout.write(
+            f"\r[{bar}] {finished}/{len(image_ids)} finished, {failed} failed", ending=""
+        )
+        self.stdout.flush()
+        return finished == len(image_ids)
+
+    def report(self, image_ids: list[int]) -> None:
+        for image in Image.objects.filter(id__in=image_ids, status=Image.Status.FAILED):
+            self.stdout.write(f"failed: {image.name}: {image.error}")
