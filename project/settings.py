@@ -192,9 +192,11 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
-# Static files are served by WhiteNoise straight from the apps in every mode, so no
-# collectstatic step is needed to run.
+# WhiteNoise serves static files straight from the apps (indexed once at start-up), so no
+# collectstatic step is needed; set STATIC_ROOT only to collect them for another server.
+STATIC_ROOT = (
+    envpath("STATIC_ROOT", BASE_DIR / "staticfiles") if os.environ.get("STATIC_ROOT") else None
+)
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from PIL import Image as PILImage
+
+from jobs.redis_server import start_bundled_redis
+
+from .processes import Processes, database_url
 
 
 @pytest.fixture
@@ -48,3 +53,33 @@ def drop() -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def redis_server():
+    with start_bundled_redis() as server:
+        yield server
+
+
+@pytest.fixture
+def system(transactional_db, folders, redis_server, tmp_path, request):
+    """Worker and beat processes configured like `make run`, on temporary folders."""
+    environment = {
+        **os.environ,
+        "WATCH_FOLDER": str(folders["watch"]),
+        "WATCH_ROOTS": str(folders["root"]),
+        "MEDIA_ROOT": str(folders["media"]),
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": redis_server.url,
+        "SWEEP_INTERVAL": "1",
+        "SETTLE_SECONDS": "0.5",
+        "REQUEUE_AFTER": "5",
+        "DJANGO_SECRET_KEY": "integration-tests",
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = Processes(logs, environment)
+    yield processes
+    processes.stop_all()
+    # Shown by pytest only when the test fails.
+    request.node.add_report_section("teardown", "celery logs", processes.logs())

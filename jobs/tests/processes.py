@@ -52,10 +52,10 @@ class Processes:
         self.environment = environment
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, *arguments: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *arguments: str, app: str = "project") -> subprocess.Popen[bytes]:
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "project", *arguments],
+            [sys.executable, "-m", "celery", "-A", app, *arguments],
             cwd=BASE_DIR,
             env=self.environment,
             stdout=log,
@@ -66,7 +66,9 @@ class Processes:
         self.running[name] = process
         return process
 
-    def worker(self, name: str = "worker", concurrency: int = 2) -> subprocess.Popen[bytes]:
+    def worker(
+        self, name: str = "worker", concurrency: int = 2, app: str = "project"
+    ) -> subprocess.Popen[bytes]:
         return self.start(
             name,
             "worker",
@@ -75,6 +77,7 @@ class Processes:
             f"--hostname={name}@%h",
             "--without-gossip",
             "--without-mingle",
+            app=app,
         )
 
     def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
@@ -84,6 +87,16 @@ class Processes:
             "--loglevel=INFO",
             f"--pidfile={self.log_dir / (name + '.pid')}",
             f"--schedule={self.log_dir / (name + '-schedule')}",
+        )
+
+    def manage(self, *arguments: str) -> subprocess.Popen[bytes]:
+        """Run a manage.py command with the same environment, in the background."""
+        return subprocess.Popen(
+            [sys.executable, "manage.py", *arguments],
+            cwd=BASE_DIR,
+            env=self.environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

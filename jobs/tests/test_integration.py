@@ -7,7 +7,6 @@ see the same rows as the test.
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -16,42 +15,11 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from django_celery_results.models import TaskResult
 
 from jobs.models import Image, Sweep
-from jobs.redis_server import start_bundled_redis
 
 from .conftest import image_bytes
-from .processes import Processes, database_url, wait_for
+from .processes import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def redis_server():
-    with start_bundled_redis() as server:
-        yield server
-
-
-@pytest.fixture
-def system(transactional_db, folders, redis_server, tmp_path, request):
-    """Worker and beat processes configured like `make run`, on temporary folders."""
-    environment = {
-        **os.environ,
-        "WATCH_FOLDER": str(folders["watch"]),
-        "WATCH_ROOTS": str(folders["root"]),
-        "MEDIA_ROOT": str(folders["media"]),
-        "DATABASE_URL": database_url(),
-        "REDIS_URL": redis_server.url,
-        "SWEEP_INTERVAL": "1",
-        "SETTLE_SECONDS": "0.5",
-        "REQUEUE_AFTER": "5",
-        "DJANGO_SECRET_KEY": "integration-tests",
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    processes = Processes(logs, environment)
-    yield processes
-    processes.stop_all()
-    # Shown by pytest only when the test fails.
-    request.node.add_report_section("teardown", "celery logs", processes.logs())
 
 
 def final_images(count: int) -> list[Image]:

@@ -1,0 +1,261 @@
+"""Reliability under real faults: bad input, killed workers, a lost Redis, racing sweeps.
+
+Every test runs real Redis and Celery processes (see conftest.system) and ends by checking
+the same promise: every file dropped is accounted for exactly once (one final record, one
+archive when done) and its original bytes are still on disk where a person can find them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import struct
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import psutil
+import pytest
+from PIL import Image as PILImage
+
+from jobs.models import Image, Sweep
+from jobs.redis_server import start_bundled_redis
+from jobs.tasks import make_thumbnails
+
+from .conftest import image_bytes
+from .processes import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+FAULT_APP = "jobs.tests.fault_app"
+
+
+def photo(index: int, size: tuple[int, int] = (900, 600)) -> bytes:
+    """A distinct JPEG per index, so that no two count as duplicates."""
+    return image_bytes(size, colour=(index * 7 % 256, index * 13 % 256, index * 29 % 256))
+
+
+def drop_batch(folder: Path, count: int) -> dict[str, bytes]:
+    batch = {f"batch/{index:03}.jpg": photo(index) for index in range(count)}
+    for name, data in batch.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return batch
+
+
+def all_final(count: int) -> bool:
+    return Image.objects.filter(status__in=Image.FINAL_STATUSES, in_folder=False).count() >= count
+
+
+def count_done() -> int:
+    return Image.objects.filter(status=Image.Status.DONE).count()
+
+
+def assert_each_done_once(batch: dict[str, bytes], media: Path) -> None:
+    """One done record and one archive per file; original bytes kept; no temp left."""
+    records = {image.name: image for image in Image.objects.all()}
+    assert sorted(records) == sorted(batch), "every file has exactly one record"
+    for name, data in batch.items():
+        image = records[name]
+        assert image.status == Image.Status.DONE, (name, image.status, image.error)
+        assert Path(image.original_path).read_bytes() == data
+        with zipfile.ZipFile(media / image.archive) as archive:
+            assert archive.read(Path(name).name) == data
+    archives = list((media / "archives").rglob("*.zip"))
+    assert len(archives) == len(batch), "one archive per image, no strays"
+    assert not list(media.rglob("*.part")), "no temporary file left behind"
+
+
+def pool_children(worker: psutil.Process) -> list[psutil.Process]:
+    return [child for child in worker.children(recursive=True) if child.is_running()]
+
+
+def test_bad_input_is_recorded_with_a_reason_and_kept(system, folders, drop, tmp_path):
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(photo(1))
+    huge_png = (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+        + png_chunk(b"IEND", b"")
+    )
+    corpus = {
+        "zero.jpg": (b"", "empty file"),
+        "text.jpg": (b"hello, this is text\n" * 10, "not an image"),
+        "truncated.jpg": (photo(2, (1200, 900))[:3000], "truncated or corrupt"),
+        "truncated.png": (image_bytes((400, 300), fmt="PNG")[:200], ""),
+        "vector.eps": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not an image"),
+        "bomb.png": (huge_png, "pixel"),
+        "subdir/same name.jpg": (photo(3), None),
+        "other/same name.jpg": (photo(4), None),
+        "фото 📷 ünïcödé.jpg": (photo(5), None),
+        "a?b.jpg": (photo(6), None),
+        "a*b.jpg": (photo(7), None),
+        ("long " * 45).strip() + ".jpg": (photo(8), None),
+        "really-a-png.jpg": (image_bytes((50, 40), fmt="PNG"), None),
+    }
+    for name, (data, _) in corpus.items():
+        drop(folders["watch"], name, data)
+    (folders["watch"] / "escape.jpg").symlink_to(outside)
+    system.environment["MAX_IMAGE_PIXELS"] = str(50_000_000)
+    worker = psutil.Process(system.worker().pid)
+    system.beat()
+    wait_for(lambda: len(pool_children(worker)) == 2, what="the worker's pool")
+    children = {child.pid for child in pool_children(worker)}
+
+    wait_for(lambda: all_final(len(corpus) + 1), timeout=90, what="every file to finish")
+
+    records = {image.name: image for image in Image.objects.all()}
+    assert sorted(records) == sorted([*corpus, "escape.jpg"])
+    for name, (data, reason) in corpus.items():
+        image = records[name]
+        kept = Path(image.original_path)
+        assert kept.read_bytes() == data, name
+        if reason is None:
+            assert image.status == Image.Status.DONE, (name, image.error)
+        else:
+            assert image.status == Image.Status.FAILED, name
+            assert reason in image.error, (name, image.error)
+            assert kept.is_relative_to(folders["media"] / "failed")
+            assert image.error in kept.with_name(kept.name + ".error.txt").read_text()
+    assert records["really-a-png.jpg"].format == "PNG"
+    link = records["escape.jpg"]
+    assert link.status == Image.Status.FAILED
+    assert "symbolic link" in link.error
+    assert Path(link.original_path).is_symlink()
+    assert outside.read_bytes() == photo(1)
+    archive_names = {Path(image.archive).name for image in records.values() if image.archive}
+    done = [name for name, (_, reason) in corpus.items() if reason is None]
+    assert len(archive_names) == len(done), "names alike after sanitising get distinct archives"
+    assert {child.pid for child in pool_children(worker)} == children, "no pool process died"
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_killing_the_worker_mid_batch_loses_nothing(system, folders):
+    system.environment["PARROTER_FAULT_DELAY"] = "0.4"
+    batch = drop_batch(folders["watch"], 12)
+    system.worker(app=FAULT_APP)
+    system.beat()
+    wait_for(lambda: count_done() >= 2, timeout=60, what="the first images")
+    system.kill("worker")  # SIGKILL to the worker and its pool, mid-batch
+    assert count_done() < len(batch), "the kill came too late to test anything"
+    system.worker(app=FAULT_APP)
+    wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch after a restart")
+    assert_each_done_once(batch, folders["media"])
+
+
+def test_killing_one_pool_process_loses_nothing(system, folders):
+    system.environment["PARROTER_FAULT_DELAY"] = "0.4"
+    batch = drop_batch(folders["watch"], 10)
+    worker = psutil.Process(system.worker(app=FAULT_APP).pid)
+    system.beat()
+    wait_for(
+        lambda: Image.objects.filter(status=Image.Status.PROCESSING).exists(),
+        what="an image in progress",
+    )
+    busy = Image.objects.filter(status=Image.Status.PROCESSING).first()
+    victim = int(busy.worker.rpartition(":")[2])
+    assert victim in {child.pid for child in pool_children(worker)}
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch after a child died")
+    assert_each_done_once(batch, folders["media"])
+    assert Image.objects.get(id=busy.id).attempts == 2
+
+
+def test_a_poison_file_fails_after_max_attempts_and_spares_the_rest(system, folders):
+    system.environment.update(
+        PARROTER_FAULT_POISON="poison", MAX_ATTEMPTS="2", PARROTER_FAULT_DELAY="0"
+    )
+    batch = drop_batch(folders["watch"], 6)
+    poison = photo(99)
+    (folders["watch"] / "poison.jpg").write_bytes(poison)
+    system.worker(app=FAULT_APP)
+    system.beat()
+    wait_for(lambda: all_final(len(batch) + 1), timeout=120, what="the batch and the poison")
+    image = Image.objects.get(name="poison.jpg")
+    assert image.status == Image.Status.FAILED
+    assert image.attempts == 2
+    assert "2 times" in image.error
+    assert Path(image.original_path).read_bytes() == poison
+    assert count_done() == len(batch)
+
+
+def test_a_redis_restart_mid_batch_loses_nothing(system, folders, redis_server):
+    system.environment["PARROTER_FAULT_DELAY"] = "0.3"
+    batch = drop_batch(folders["watch"], 12)
+    system.worker(app=FAULT_APP)
+    system.beat()
+    wait_for(lambda: count_done() >= 2, timeout=60, what="the first images")
+    redis_server.process.kill()  # no persistence: every queued message is gone
+    redis_server.process.wait()
+    time.sleep(1)
+    with start_bundled_redis(port=redis_server.port):
+        wait_for(lambda: all_final(len(batch)), timeout=150, what="the batch after Redis")
+    assert_each_done_once(batch, folders["media"])
+
+
+def test_two_sweeps_at_the_same_instant_claim_each_file_once(system, folders):
+    batch = drop_batch(folders["watch"], 40)
+    time.sleep(0.6)  # past SETTLE_SECONDS
+    sweeps = [system.manage("sweep", "--no-wait") for _ in range(2)]
+    outputs = [process.communicate(timeout=60)[0].decode() for process in sweeps]
+    assert [process.returncode for process in sweeps].count(0) >= 1, outputs
+    assert Image.objects.count() == len(batch)
+    assert sum(Sweep.objects.values_list("claimed", flat=True)) == len(batch)
+    system.worker()
+    wait_for(lambda: all_final(len(batch)), timeout=120, what="the claimed batch")
+    assert_each_done_once(batch, folders["media"])
+
+
+def test_racing_deliveries_of_one_image_make_one_archive(system, folders, redis_server):
+    batch = drop_batch(folders["watch"], 1)
+    time.sleep(0.6)
+    system.manage("sweep", "--no-wait").communicate(timeout=60)
+    image = Image.objects.get()
+    # The same message delivered six times to two workers, as a redelivery storm would.
+    with make_thumbnails.app.connection_for_write(redis_server.url) as connection:
+        for _ in range(6):
+            make_thumbnails.apply_async((image.id,), connection=connection)
+    system.worker("worker-a")
+    system.worker("worker-b")
+    wait_for(lambda: all_final(1), timeout=60, what="the image")
+    time.sleep(2)  # let the redundant deliveries run too
+    assert_each_done_once(batch, folders["media"])
+    assert Image.objects.get().attempts == 1
+
+
+def test_two_beats_by_mistake_still_process_each_file_once(system, folders):
+    batch = drop_batch(folders["watch"], 15)
+    system.worker()
+    system.beat("beat-a")
+    system.beat("beat-b")
+    wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch")
+    assert_each_done_once(batch, folders["media"])
+
+
+def test_a_file_written_slowly_is_taken_only_when_complete(system, folders):
+    system.environment["SETTLE_SECONDS"] = "1.5"
+    buffer = io.BytesIO()
+    PILImage.effect_noise((800, 800), 64).convert("RGB").save(buffer, "JPEG")
+    data = buffer.getvalue()
+    system.worker()
+    system.beat()
+    wait_for(lambda: Sweep.objects.exists(), what="beat's first sweep")
+    target = folders["watch"] / "slow.jpg"
+    chunks = [
+        data[start : start + len(data) // 6 + 1]
+        for start in range(0, len(data), len(data) // 6 + 1)
+    ]
+    with target.open("wb") as handle:
+        for chunk in chunks:  # about 3.5 s of writing: several sweeps see it growing
+            handle.write(chunk)
+            handle.flush()
+            time.sleep(0.6)
+    wait_for(lambda: all_final(1), timeout=60, what="the slow file")
+    assert_each_done_once({"slow.jpg": data}, folders["media"])
+    assert Sweep.objects.filter(unstable__gt=0).count() >= 2

@@ -1,0 +1,313 @@
+"""`manage.py run` (what `make run` runs), as real processes: Redis, web, worker and beat."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+from django.conf import settings
+from PIL import Image as PILImage
+
+from jobs.redis_server import RedisServer, free_port, start_bundled_redis
+
+pytestmark = pytest.mark.integration
+
+START_TIMEOUT = 60
+WORK_TIMEOUT = 60
+STOP_TIMEOUT = 90
+
+
+@dataclass
+class Run:
+    """One `manage.py run` process, its folders, and every descendant seen so far."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int
+    watch: Path
+    media: Path
+    database: Path
+    seen: dict[int, psutil.Process] = field(default_factory=dict)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is not None:
+            sys.stderr.write(f"--- manage.py run output ---\n{self.output()}\n")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def pid_of(self, name: str) -> int:
+        found = re.search(rf"started {name} \(pid (\d+)\)", self.output())
+        assert found is not None, f"no pid logged for {name}"
+        return int(found[1])
+
+    def collect_descendants(self) -> None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float) -> None:
+        """Poll check until true; fail with the output if the deadline or an exit comes first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.collect_descendants()
+            if check():
+                return
+            if self.process.poll() is not None:
+                pytest.fail(f"run exited ({self.process.returncode}) before {what}")
+            time.sleep(0.2)
+        pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+    def alive_descendants(self) -> list[psutil.Process]:
+        return [process for process in self.seen.values() if is_alive(process)]
+
+    def query(self, sql: str) -> list[tuple[object, ...]]:
+        with contextlib.closing(sqlite3.connect(self.database, timeout=10)) as connection:
+            return connection.execute(sql).fetchall()
+
+
+def is_alive(process: psutil.Process) -> bool:
+    try:
+        # Orphans are reaped by init; a zombie waiting for that is already dead.
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def login_page_answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/login/", timeout=2) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (320, 240), (30, 120, 200)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def run_env(tmp_path: Path, port: int, default_redis: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    env.update(
+        WATCH_FOLDER=str(tmp_path / "watch"),
+        MEDIA_ROOT=str(tmp_path / "media"),
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        PORT=str(port),
+        SWEEP_INTERVAL="1",
+        SETTLE_SECONDS="0.5",
+        WORKER_CONCURRENCY="1",
+        PARROTER_DEFAULT_REDIS=default_redis,
+        DJANGO_SUPERUSER_USERNAME="boss",
+        DJANGO_SUPERUSER_PASSWORD="correct-horse-battery",  # noqa: S106
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def start_run(tmp_path: Path) -> Iterator[Callable[[str], Run]]:
+    """Start `manage.py run`; whatever happens, nothing it started outlives the test."""
+    runs: list[Run] = []
+    logs: list[io.BufferedWriter] = []
+
+    def start(default_redis: str) -> Run:
+        port = free_port()
+        log = tmp_path / "run.log"
+        handle = open(log, "wb")  # noqa: SIM115
+        logs.append(handle)
+        # A session of its own, like a terminal's foreground job: signals come only from us.
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "run"],
+            cwd=settings.BASE_DIR,
+            env=run_env(tmp_path, port, default_redis),
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        run = Run(
+            process=process,
+            log=log,
+            port=port,
+            watch=tmp_path / "watch",
+            media=tmp_path / "media",
+            database=tmp_path / "db.sqlite3",
+        )
+        runs.append(run)
+        return run
+
+    yield start
+
+    for run in runs:
+        if run.process.poll() is None:
+            run.collect_descendants()
+            run.process.send_signal(signal.SIGTERM)
+            try:
+                run.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                run.process.kill()
+                run.process.wait()
+        for process in run.alive_descendants():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    for handle in logs:
+        handle.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    with start_bundled_redis() as server:
+        yield server
+
+
+def wait_until_up(run: Run) -> None:
+    run.wait_for("the admin login page", lambda: login_page_answers(run.port), START_TIMEOUT)
+    run.wait_for(
+        "web, worker and beat",
+        lambda: all(f"started {name} (pid" in run.output() for name in ("web", "worker", "beat")),
+        START_TIMEOUT,
+    )
+
+
+def stop_with(run: Run, signum: signal.Signals) -> int:
+    run.collect_descendants()
+    # To the whole process group, as a terminal's Ctrl-C: the children must not see it.
+    os.killpg(run.process.pid, signum)
+    return run.process.wait(STOP_TIMEOUT)
+
+
+def test_run_serves_admin_processes_a_dropped_image_and_stops_on_ctrl_c(
+    start_run: Callable[[str], Run],
+) -> None:
+    # Nothing answers at this "default" address, so run must start the bundled Redis.
+    with start_run(f"127.0.0.1:{free_port()}") as run:
+        wait_until_up(run)
+        output = run.output()
+        assert f"admin: http://127.0.0.1:{run.port}/admin/" in output
+        assert f"watching {run.watch}" in output
+        assert "started bundled Redis 6.2" in output
+        assert run.query("select username from auth_user where is_superuser") == [("boss",)]
+        found = re.search(r"started bundled Redis \S+ at \S+ \(pid (\d+)\)", output)
+        assert found is not None
+        assert int(found[1]) in run.seen
+
+        (run.watch / "holiday.jpg").write_bytes(jpeg_bytes())
+        run.wait_for(
+            "the archive", lambda: any((run.media / "archives").rglob("*.zip")), WORK_TIMEOUT
+        )
+        run.wait_for(
+            "the image to be done in the database",
+            lambda: run.query("select name, status from jobs_image") == [("holiday.jpg", "done")],
+            WORK_TIMEOUT,
+        )
+        assert not (run.watch / "holiday.jpg").exists()
+        # redis, web and its worker, the Celery worker and its pool, beat
+        assert len(run.seen) >= 6
+
+        assert stop_with(run, signal.SIGINT) == 0
+        assert run.alive_descendants() == []
+        output = run.output()
+        assert "stopping (SIGINT)" in output
+        assert "stopped bundled Redis" in output
+
+
+def test_run_stops_everything_and_fails_when_the_worker_dies(
+    start_run: Callable[[str], Run], own_redis: RedisServer
+) -> None:
+    with start_run(f"127.0.0.1:{own_redis.port}") as run:
+        wait_until_up(run)
+        worker = psutil.Process(run.pid_of("worker"))
+        run.wait_for("the worker's pool process", lambda: bool(worker.children()), START_TIMEOUT)
+        pool = worker.children()
+        run.collect_descendants()
+
+        # Killed outright, the worker cannot stop its pool: run must not leave it orphaned.
+        worker.kill()
+        code = run.process.wait(STOP_TIMEOUT)
+
+        assert code != 0
+        output = run.output()
+        assert "worker was killed by SIGKILL on its own; stopping the rest" in output
+        assert "CommandError: worker was killed by SIGKILL unexpectedly" in output
+        assert [process for process in pool if is_alive(process)] == []
+        assert run.alive_descendants() == []
+
+
+def test_run_reuses_a_running_redis_stops_on_sigterm_and_leaves_that_redis_alone(
+    start_run: Callable[[str], Run], own_redis: RedisServer
+) -> None:
+    with start_run(f"127.0.0.1:{own_redis.port}") as run:
+        wait_until_up(run)
+        assert f"using Redis 6.2.14 at redis://127.0.0.1:{own_redis.port}/0" in run.output()
+        assert own_redis.pid not in run.seen
+
+        assert stop_with(run, signal.SIGTERM) == 0
+        assert "stopping (SIGTERM)" in run.output()
+        assert run.alive_descendants() == []
+        with redis.Redis.from_url(own_redis.url) as client:
+            assert client.ping()
+
+
+def test_run_with_unreachable_redis_url_fails_fast_in_one_line(tmp_path: Path) -> None:
+    env = run_env(tmp_path, free_port(), "127.0.0.1:1")
+    env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "manage.py", "run"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 30
+    errors = [line for line in result.stderr.splitlines() if line.startswith("CommandError")]
+    assert len(errors) == 1, result.stderr
+    assert "REDIS_URL redis://127.0.0.1:" in errors[0]
+    assert "is not reachable" in errors[0]
+
+
+def test_run_with_its_port_taken_fails_fast_in_one_line(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "manage.py", "run"],
+            cwd=settings.BASE_DIR,
+            env=run_env(tmp_path, port, "127.0.0.1:1"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode != 0, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("CommandError")]
+    assert errors == [
+        f"CommandError: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "stop what uses it or choose another with PORT=... or --port"
+    ]
+    assert "bundled Redis" not in result.stdout + result.stderr
