@@ -182,15 +182,23 @@ def start_sweep(
 
 
 def run_sweep(
-    sweep: Sweep, folder: Path, sizes: list[str], exclude: Iterable[Path] = ()
+    sweep: Sweep,
+    folder: Path,
+    sizes: list[str],
+    exclude: Iterable[Path] = (),
+    requeue_after: float | None = None,
 ) -> SweepOutcome:
-    """Repair what a crash left, then claim every ready file. Returns image ids to queue."""
+    """Repair what a crash left, then claim every ready file. Returns image ids to queue.
+
+    Pending images queued more than `requeue_after` seconds ago (default REQUEUE_AFTER) are
+    assumed to have lost their message and are queued again.
+    """
     outcome = SweepOutcome(sweep)
     if not acquire_lock(sweep, folder):
         sweep.finish(Sweep.Status.SKIPPED)
         return outcome
     try:
-        requeued = reconcile(folder)
+        requeued = reconcile(folder, requeue_after)
         found = scan(folder, settings.SETTLE_SECONDS, exclude)
         claimed = claim(sweep, found.ready, sizes)
         sweep.seen = len(found.ready) + found.unstable
@@ -259,7 +267,7 @@ def claim(sweep: Sweep, ready: list[Candidate], sizes: list[str]) -> list[int]:
     )
 
 
-def reconcile(folder: Path) -> list[int]:
+def reconcile(folder: Path, requeue_after: float | None = None) -> list[int]:
     """Repair images under folder that a crash or a lost message left behind.
 
     Returns the ids to queue again. Images already final but whose original was never
@@ -289,7 +297,9 @@ def reconcile(folder: Path) -> list[int]:
         except OSError as exc:
             # One stuck original must not stop the sweep; it is tried again next time.
             logger.warning("cannot put away the original of image %s: %s", image.id, exc)
-    stale = now - timedelta(seconds=settings.REQUEUE_AFTER)
+    if requeue_after is None:
+        requeue_after = settings.REQUEUE_AFTER
+    stale = now - timedelta(seconds=requeue_after)
     lost = list(
         waiting.filter(status=Image.Status.PENDING, queued_at__lt=stale).values_list(
             "id", flat=True
@@ -339,6 +349,22 @@ def _retry_or_fail(image: Image) -> list[int]:
         status=Image.Status.PENDING, queued_at=timezone.now()
     )
     return [image.id] if retried else []
+
+
+def work_is_stalled(window: timedelta, beat_running: bool) -> bool:
+    """True when nothing started for `window` although work waits: a stuck worker.
+
+    Sweeps count as work: a running beat sends one every interval, and a live worker
+    records each one it runs.
+    """
+    since = timezone.now() - window
+    if Sweep.objects.filter(started_at__gte=since).exists():
+        return False
+    if Image.objects.filter(started_at__gte=since).exists():
+        return False
+    return beat_running or (
+        Image.objects.filter(status=Image.Status.PENDING, queued_at__lt=since).exists()
+    )
 
 
 # --- Where files go --------------------------------------------------------------------

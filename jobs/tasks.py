@@ -7,6 +7,8 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import kombu.exceptions
+import redis
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -20,6 +22,8 @@ from .sweep import run_sweep, start_sweep
 logger = logging.getLogger(__name__)
 
 SWEEP_TASK = "jobs.sweep_folder"
+# Seconds a just-queued message may spend in a worker's prefetch, outside the queue list.
+LOST_QUEUE_GRACE = 5
 
 
 class SweepArgumentsError(ValueError):
@@ -41,7 +45,15 @@ def sweep_folder(
     )
     if path is None:
         raise SweepArgumentsError(sweep.error)
-    outcome = run_sweep(sweep, path, labels, exclude=other_sweep_folders(path))
+    outcome = run_sweep(
+        sweep,
+        path,
+        labels,
+        exclude=other_sweep_folders(path),
+        # An empty queue while images wait means their messages are gone (Redis restarted
+        # without persistence): queue them again now rather than after REQUEUE_AFTER.
+        requeue_after=LOST_QUEUE_GRACE if queue_length() == 0 else None,
+    )
     transaction.on_commit(lambda: queue_images(outcome.to_queue))
     return {
         "sweep": sweep.id,
@@ -78,6 +90,17 @@ def queue_images(image_ids: Iterable[int]) -> None:
         for image_id in image_ids:
             make_thumbnails.apply_async((image_id,), producer=producer)
     logger.info("queued %d image(s)", len(image_ids))
+
+
+def queue_length(queue: str = "celery") -> int | None:
+    """Messages waiting in the broker queue, or None when the broker cannot be asked."""
+    try:
+        with sweep_folder.app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1)
+            return int(connection.default_channel.client.llen(queue))
+    except (OSError, AttributeError, redis.RedisError, kombu.exceptions.OperationalError):
+        logger.warning("cannot read the length of queue %r", queue, exc_info=True)
+        return None
 
 
 def other_sweep_folders(folder: Path) -> list[Path]:

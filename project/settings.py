@@ -232,6 +232,10 @@ IMAGE_TIME_LIMIT = envint("IMAGE_TIME_LIMIT", "150", minimum=2)
 MAX_ATTEMPTS = envint("MAX_ATTEMPTS", "3", minimum=1)
 # A queued image with no progress for this long is assumed lost with its message and requeued.
 REQUEUE_AFTER = envint("REQUEUE_AFTER", "60", minimum=1)
+# `make run` waits this long for a REDIS_URL that does not answer yet, then gives up.
+REDIS_WAIT = envfloat("REDIS_WAIT", "30")
+# A worker that starts nothing for this long while work waits is restarted by `make run`.
+STALL_SECONDS = envfloat("STALL_SECONDS", str(IMAGE_TIME_LIMIT + 60), minimum=1)
 WORKER_CONCURRENCY = envint("WORKER_CONCURRENCY", str(os.cpu_count() or 1), minimum=1)
 if IMAGE_SOFT_TIME_LIMIT >= IMAGE_TIME_LIMIT:
     raise ImproperlyConfigured("IMAGE_SOFT_TIME_LIMIT must be below IMAGE_TIME_LIMIT")

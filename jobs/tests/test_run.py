@@ -101,9 +101,9 @@ def login_page_answers(port: int) -> bool:
         return False
 
 
-def jpeg_bytes() -> bytes:
+def jpeg_bytes(seed: int = 0) -> bytes:
     buffer = io.BytesIO()
-    PILImage.new("RGB", (320, 240), (30, 120, 200)).save(buffer, "JPEG")
+    PILImage.new("RGB", (320, 240), (30, 120, seed * 9 % 256)).save(buffer, "JPEG")
     return buffer.getvalue()
 
 
@@ -126,21 +126,21 @@ def run_env(tmp_path: Path, port: int, default_redis: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def start_run(tmp_path: Path) -> Iterator[Callable[[str], Run]]:
+def start_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
     """Start `manage.py run`; whatever happens, nothing it started outlives the test."""
     runs: list[Run] = []
     logs: list[io.BufferedWriter] = []
 
-    def start(default_redis: str) -> Run:
+    def start(default_redis: str, *arguments: str, **environment: str) -> Run:
         port = free_port()
         log = tmp_path / "run.log"
         handle = open(log, "wb")  # noqa: SIM115
         logs.append(handle)
         # A session of its own, like a terminal's foreground job: signals come only from us.
         process = subprocess.Popen(
-            [sys.executable, "manage.py", "run"],
+            [sys.executable, "manage.py", "run", *arguments],
             cwd=settings.BASE_DIR,
-            env=run_env(tmp_path, port, default_redis),
+            env={**run_env(tmp_path, port, default_redis), **environment},
             stdin=subprocess.DEVNULL,
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -269,9 +269,12 @@ def test_run_reuses_a_running_redis_stops_on_sigterm_and_leaves_that_redis_alone
             assert client.ping()
 
 
-def test_run_with_unreachable_redis_url_fails_fast_in_one_line(tmp_path: Path) -> None:
+def test_run_with_unreachable_redis_url_gives_up_after_redis_wait_in_one_line(
+    tmp_path: Path,
+) -> None:
     env = run_env(tmp_path, free_port(), "127.0.0.1:1")
     env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    env["REDIS_WAIT"] = "2"
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "manage.py", "run"],
@@ -288,6 +291,7 @@ def test_run_with_unreachable_redis_url_fails_fast_in_one_line(tmp_path: Path) -
     assert len(errors) == 1, result.stderr
     assert "REDIS_URL redis://127.0.0.1:" in errors[0]
     assert "is not reachable" in errors[0]
+    assert "waiting for it" in result.stdout
 
 
 def test_run_with_its_port_taken_fails_fast_in_one_line(tmp_path: Path) -> None:
@@ -311,3 +315,85 @@ def test_run_with_its_port_taken_fails_fast_in_one_line(tmp_path: Path) -> None:
         "stop what uses it or choose another with PORT=... or --port"
     ]
     assert "bundled Redis" not in result.stdout + result.stderr
+
+
+def test_run_waits_for_a_redis_that_comes_up_late(start_run: Callable[..., Run]) -> None:
+    port = free_port()
+    with start_run("127.0.0.1:1", REDIS_URL=f"redis://127.0.0.1:{port}/0") as run:
+        run.wait_for("the wait notice", lambda: "waiting for it" in run.output(), START_TIMEOUT)
+        with start_bundled_redis(port):
+            wait_until_up(run)
+            (run.watch / "late.jpg").write_bytes(jpeg_bytes())
+            run.wait_for(
+                "the image",
+                lambda: run.query("select status from jobs_image") == [("done",)],
+                WORK_TIMEOUT,
+            )
+            assert stop_with(run, signal.SIGTERM) == 0
+
+
+def image_statuses(run: Run) -> dict[str, str]:
+    return dict(run.query("select name, status from jobs_image"))
+
+
+def test_killing_the_whole_system_mid_batch_then_starting_again_loses_nothing(
+    start_run: Callable[..., Run],
+) -> None:
+    batch = {f"{index:02}.jpg": jpeg_bytes(index) for index in range(12)}
+    slow = {"PARROTER_FAULT_DELAY": "0.4", "REQUEUE_AFTER": "3"}
+    arguments = ("--celery-app", "jobs.tests.fault_app")
+    # Nothing answers at the default address: the bundled Redis dies with the rest.
+    default_redis = f"127.0.0.1:{free_port()}"
+    with start_run(default_redis, *arguments, **slow) as run:
+        wait_until_up(run)
+        for name, data in batch.items():
+            (run.watch / name).write_bytes(data)
+        run.wait_for(
+            "the first images",
+            lambda: list(image_statuses(run).values()).count("done") >= 2,
+            WORK_TIMEOUT,
+        )
+        run.collect_descendants()
+        everything = [run.process.pid, *run.seen]
+        for pid in everything:  # pull the plug: web, beat, worker, pool, Redis, run itself
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        run.process.wait()
+        assert list(image_statuses(run).values()).count("done") < len(batch)
+    run.wait_for("the old processes to go", lambda: run.alive_descendants() == [], 30)
+
+    with start_run(default_redis, *arguments, **slow) as again:
+        wait_until_up(again)
+        again.wait_for(
+            "the whole batch",
+            lambda: sorted(image_statuses(again).items()) == [(n, "done") for n in sorted(batch)],
+            WORK_TIMEOUT * 2,
+        )
+        archives = list((again.media / "archives").rglob("*.zip"))
+        assert len(archives) == len(batch)
+        kept = {
+            path.name.split("-", 1)[1]: path
+            for path in (again.media / "originals").rglob("*")
+            if path.is_file()
+        }
+        assert {name: path.read_bytes() for name, path in kept.items()} == batch
+        assert not list(again.media.rglob("*.part"))
+        assert stop_with(again, signal.SIGTERM) == 0
+
+
+def test_run_restarts_a_worker_that_stops_taking_work(start_run: Callable[..., Run]) -> None:
+    with start_run(f"127.0.0.1:{free_port()}", STALL_SECONDS="4") as run:
+        wait_until_up(run)
+        stuck = run.pid_of("worker")
+        # Alive and connected, but taking nothing: what a worker that stopped consuming
+        # after a broker reconnect looks like from outside.
+        os.killpg(stuck, signal.SIGSTOP)
+        (run.watch / "waiting.jpg").write_bytes(jpeg_bytes())
+        run.wait_for("the watchdog", lambda: "restarting it" in run.output(), WORK_TIMEOUT)
+        run.wait_for(
+            "the image",
+            lambda: image_statuses(run) == {"waiting.jpg": "done"},
+            WORK_TIMEOUT,
+        )
+        assert not psutil.pid_exists(stuck) or not is_alive(psutil.Process(stuck))
+        assert stop_with(run, signal.SIGTERM) == 0

@@ -15,7 +15,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
@@ -26,8 +28,10 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from jobs.redis_server import RedisServer, RedisUnavailable, ensure_redis, redact, redis_version
+from jobs.sweep import work_is_stalled
 
 POLL_INTERVAL = 0.2
+REDIS_WAIT_NOTICE = 5.0
 # Seconds each child gets between SIGTERM and SIGKILL. The worker's warm shutdown lets the
 # images in hand finish; one killed mid-way is redelivered (acks_late) or repaired by a sweep.
 STOP_TIMEOUTS = {"beat": 10.0, "web": 15.0, "worker": 30.0}
@@ -97,6 +101,12 @@ class Child:
             waited += POLL_INTERVAL
         return self.exit_code() is not None
 
+    def restart(self, hurry: threading.Event) -> None:
+        self.terminate()
+        self.wait(STOP_TIMEOUTS.get(self.name, 10.0), hurry)
+        self.kill_group()
+        self.start()
+
     def kill_group(self) -> None:
         """SIGKILL whatever is left in the process's group: itself and any stragglers."""
         if self.process is None:
@@ -108,6 +118,33 @@ class Child:
             self.reader.join(timeout=2)
 
 
+class Watchdog:
+    """Spots a worker that is alive and connected but no longer takes any work.
+
+    Celery has known cases where a worker stops consuming after a broker reconnect. Work is
+    "waiting" while images are pending or beat keeps sending sweeps; if no sweep or image
+    has started for `window` seconds meanwhile, the worker is restarted.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.since = time.monotonic()
+        self.next_check = self.since + min(10.0, window / 2)
+
+    def worker_is_stuck(self, worker: Child, beat: Child | None) -> bool:
+        now = time.monotonic()
+        if now < self.next_check or now - self.since < self.window:
+            return False
+        self.next_check = now + min(10.0, self.window / 2)
+        beat_running = beat is not None and beat.exit_code() is None
+        return worker.exit_code() is None and work_is_stalled(
+            timedelta(seconds=self.window), beat_running
+        )
+
+    def restarted(self) -> None:
+        self.since = time.monotonic()
+
+
 class Command(BaseCommand):
     help = "Run Parroter in the foreground: migrate, Redis, web server, Celery worker and beat."
 
@@ -117,9 +154,20 @@ class Command(BaseCommand):
         )
         parser.add_argument("--no-web", action="store_true", help="Do not start the web server.")
         parser.add_argument("--no-beat", action="store_true", help="Do not start Celery beat.")
+        parser.add_argument(
+            "--celery-app",
+            default="project",
+            help="Celery app module for the worker and beat (default: project).",
+        )
 
     def handle(
-        self, *args: object, port: int, no_web: bool, no_beat: bool, **options: object
+        self,
+        *args: object,
+        port: int,
+        no_web: bool,
+        no_beat: bool,
+        celery_app: str,
+        **options: object,
     ) -> None:
         self.output_lock = threading.Lock()
         self.stopping = threading.Event()
@@ -127,7 +175,7 @@ class Command(BaseCommand):
         self.stop_signal = ""
         previous = {signum: signal.signal(signum, self.on_signal) for signum in STOP_SIGNALS}
         try:
-            self.run(port=port, web=not no_web, beat=not no_beat)
+            self.run(port=port, web=not no_web, beat=not no_beat, app=celery_app)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -144,14 +192,11 @@ class Command(BaseCommand):
             self.stdout.write(f"{name:<6} | {text}")
             self.stdout.flush()
 
-    def run(self, *, port: int, web: bool, beat: bool) -> None:
+    def run(self, *, port: int, web: bool, beat: bool, app: str) -> None:
         host = os.environ.get("DJANGO_BIND", "").strip() or "127.0.0.1"
         if web:
             check_port_free(host, port)
-        try:
-            redis_url, server = ensure_redis(os.environ)
-        except RedisUnavailable as exc:
-            raise CommandError(str(exc)) from None
+        redis_url, server = self.wait_for_redis(settings.REDIS_WAIT)
         tail_stop = threading.Event()
         tail = None
         try:
@@ -177,7 +222,7 @@ class Command(BaseCommand):
                         "DJANGO_SETTINGS_MODULE", "project.settings"
                     ),
                 }
-                commands = child_commands(host, port, Path(scratch), web=web, beat=beat)
+                commands = child_commands(host, port, Path(scratch), web=web, beat=beat, app=app)
                 children = [
                     Child(name, command, env, Path(settings.BASE_DIR), self.say)
                     for name, command in commands.items()
@@ -191,6 +236,22 @@ class Command(BaseCommand):
                     tail.join(timeout=2)
                 self.say("redis", f"stopped bundled Redis (pid {server.pid})")
 
+    def wait_for_redis(self, patience: float) -> tuple[str, RedisServer | None]:
+        """ensure_redis, retried for `patience` seconds: Redis may still be starting."""
+        deadline = time.monotonic() + patience
+        said = 0.0
+        while True:
+            try:
+                return ensure_redis(os.environ)
+            except RedisUnavailable as exc:
+                if time.monotonic() >= deadline or self.stopping.is_set():
+                    raise CommandError(str(exc)) from None
+                if time.monotonic() - said >= REDIS_WAIT_NOTICE:
+                    left = deadline - time.monotonic()
+                    self.say("run", f"{exc}; waiting for it ({left:.0f} s more)")
+                    said = time.monotonic()
+                self.stopping.wait(1)
+
     def supervise(
         self, children: list[Child], server: RedisServer | None, admin: str | None
     ) -> None:
@@ -203,10 +264,21 @@ class Command(BaseCommand):
                 self.say("run", f"admin: {admin}")
             self.say("run", f"watching {settings.WATCH_FOLDER}")
             self.say("run", "press Ctrl-C to stop")
+            watchdog = Watchdog(settings.STALL_SECONDS)
             while not self.stopping.wait(POLL_INTERVAL):
                 dead = first_dead(children, server)
                 if dead is not None:
                     break
+                by_name = {child.name: child for child in children}
+                worker = by_name.get("worker")
+                if worker is not None and watchdog.worker_is_stuck(worker, by_name.get("beat")):
+                    self.say(
+                        "run",
+                        f"the worker completed nothing for {settings.STALL_SECONDS} s while "
+                        "work waited (connected but not consuming?); restarting it",
+                    )
+                    worker.restart(self.hurry)
+                    watchdog.restarted()
         finally:
             if dead is not None:
                 self.say("run", f"{dead[0]} {describe_exit(dead[1])} on its own; stopping the rest")
@@ -276,7 +348,7 @@ class Command(BaseCommand):
 
 
 def child_commands(
-    host: str, port: int, scratch: Path, *, web: bool, beat: bool
+    host: str, port: int, scratch: Path, *, web: bool, beat: bool, app: str = "project"
 ) -> dict[str, list[str]]:
     """The command line of each child, by name, in start order."""
     python = sys.executable
@@ -293,14 +365,14 @@ def child_commands(
             "--no-control-socket",
         ]  # fmt: skip
     commands["worker"] = [
-        python, "-m", "celery", "-A", "project", "worker", "-l", "info",
+        python, "-m", "celery", "-A", app, "worker", "-l", "info",
         "--concurrency", str(settings.WORKER_CONCURRENCY),
     ]  # fmt: skip
     if beat:
         # The schedule lives in the database (DatabaseScheduler); the file is beat's
         # bookkeeping only, kept out of the project.
         commands["beat"] = [
-            python, "-m", "celery", "-A", "project", "beat", "-l", "info",
+            python, "-m", "celery", "-A", app, "beat", "-l", "info",
             "--pidfile=", "--schedule", str(scratch / "celerybeat-schedule"),
         ]  # fmt: skip
     return commands

@@ -1,0 +1,407 @@
+"""Benchmark of jobs.pipeline against the tutorial way, vipsthumbnail and the decode floor.
+
+    .venv/bin/python bench/pipeline.py            # real corpus in bench/.corpus/, 3 reps
+    .venv/bin/python bench/pipeline.py --smoke    # tiny generated corpus, 1 rep, seconds
+
+After a warm-up pass, each method runs over the whole corpus in turn, once per repetition,
+in one process (so one core): figures are comparable within a run, not across machines.
+"tutorial" is what the Pillow tutorial suggests: open, copy(), thumbnail() per size, save
+each to a temporary file, add them to a zip with the default DEFLATE. "decode floor" only
+decodes every image, JPEGs at the smallest draft scale that still covers the largest
+thumbnail: no thumbnail can be made faster with Pillow. "vipsthumbnail" (when installed)
+makes the thumbnails only, as JPEG, without a zip, one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageChops, ImageOps, ImageStat
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import corpus
+
+from jobs import pipeline
+
+logger = logging.getLogger("bench")
+
+HEADER = (
+    f"{'method':<15}{'images':>7}{'failed':>7}{'wall s':>9}{'img/s':>8}{'MP/s':>8}"
+    f"{'CPU s':>8}{'img/CPU s':>10}"
+)
+RUNNER = Callable[[Path, Path], "Path | None"]
+
+
+@dataclass
+class Tally:
+    images: int = 0
+    failed: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+    megapixels: float = 0.0
+    errors: set[str] = field(default_factory=set)
+
+    def line(self, name: str) -> str:
+        return (
+            f"{name:<15}{self.images:>7}{self.failed:>7}{self.wall:>9.2f}"
+            f"{self.images / self.wall:>8.1f}{self.megapixels / self.wall:>8.1f}"
+            f"{self.cpu:>8.2f}{self.images / self.cpu:>10.2f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny generated corpus, 1 rep")
+    parser.add_argument("--reps", type=int, default=3, help="measured passes (default 3)")
+    parser.add_argument("--sizes", default="128x128,256x256,512x512")
+    parser.add_argument("--no-vips", action="store_true", help="leave vipsthumbnail out")
+    parser.add_argument("--measure-memory", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="pipeline", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    sizes = pipeline.parse_sizes(args.sizes)
+    if args.measure_memory:
+        return _measure_memory_here(args.measure_memory, sizes, args.method)
+
+    built = corpus.build(smoke=args.smoke)
+    reps = 1 if args.smoke else args.reps
+    files = list(built.files)
+    megapixels = {path: _megapixels(path) for path in files}
+    out = Path(tempfile.mkdtemp(prefix="parroter-bench-"))
+    try:
+        runners: dict[str, RUNNER] = {
+            "tutorial": lambda path, folder: tutorial(path, folder, sizes),
+            "pipeline": lambda path, folder: run_pipeline(path, folder, sizes),
+            "decode floor": lambda path, folder: decode_floor(path, sizes),
+        }
+        vips = None if args.no_vips else shutil.which("vipsthumbnail")
+        tallies = {name: Tally() for name in [*runners, *(["vipsthumbnail"] if vips else [])]}
+        logger.info(
+            "corpus: %d files, %.0f MP, from %s",
+            len(files),
+            sum(megapixels.values()),
+            ", ".join(built.sources),
+        )
+        logger.info("warm-up pass")
+        for runner in runners.values():
+            _run(runner, files, megapixels, out, Tally())
+        if vips:
+            _run_vips(vips, files, megapixels, out, sizes, Tally())
+        for rep in range(reps):
+            logger.info("pass %d of %d", rep + 1, reps)
+            for name, runner in runners.items():
+                _run(runner, files, megapixels, out, tallies[name])
+            if vips:
+                _run_vips(vips, files, megapixels, out, sizes, tallies["vipsthumbnail"])
+        quality = _quality(files, out, sizes)
+        memory = {
+            method: _measure_memory(built.big_jpeg, sizes, method)
+            for method in ("pipeline", "tutorial")
+        }
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        if args.smoke:
+            shutil.rmtree(built.files[0].parent, ignore_errors=True)
+
+    _report(built, files, megapixels, sizes, reps, tallies, quality, memory)
+    return 0
+
+
+# --- the methods ------------------------------------------------------------------------
+
+
+def tutorial(path: Path, out: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -> Path:
+    """The Pillow tutorial's way, as most code does it."""
+    destination = out / f"{path.stem}.tutorial.zip"
+    with (
+        Image.open(path) as image,
+        tempfile.TemporaryDirectory(dir=out) as temp,
+        zipfile.ZipFile(destination, "w", zipfile.ZIP_DEFLATED) as archive,
+    ):
+        archive.write(path, path.name)
+        for size in sizes:
+            thumb = image.copy()
+            thumb.thumbnail((size.width, size.height))
+            target = Path(temp) / f"{path.stem}_{size.label}{path.suffix}"
+            thumb.save(target)
+            archive.write(target, target.name)
+    return destination
+
+
+def run_pipeline(path: Path, out: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -> Path:
+    destination = out / f"{path.stem}.zip"
+    pipeline.build_archive(path.read_bytes(), path.name, destination, sizes)
+    return destination
+
+
+def decode_floor(path: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -> None:
+    """Only decode: JPEGs at the smallest draft scale covering the largest thumbnail."""
+    with Image.open(path) as image:
+        if image.format in ("JPEG", "MPO"):
+            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            width, height = image.size[::-1] if turned else image.size
+            largest = max(size.fit(width, height) for size in sizes)
+            image.draft(None, largest[::-1] if turned else largest)
+        image.load()
+
+
+def _run(runner: RUNNER, files, megapixels, out: Path, tally: Tally) -> None:
+    wall, cpu = time.perf_counter(), time.process_time()
+    for path in files:
+        try:
+            runner(path, out)
+        except Exception as exc:  # a bench counts failures, it does not stop
+            tally.failed += 1
+            tally.errors.add(f"{path.name}: {type(exc).__name__}: {exc}"[:160])
+        else:
+            tally.images += 1
+            tally.megapixels += megapixels[path]
+    tally.wall += time.perf_counter() - wall
+    tally.cpu += time.process_time() - cpu
+    for leftover in out.glob("*.zip"):
+        leftover.unlink()
+
+
+def _run_vips(vips: str, files, megapixels, out: Path, sizes, tally: Tally) -> None:
+    environment = {**os.environ, "VIPS_CONCURRENCY": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter()
+    made = 0
+    for size in sizes:
+        result = subprocess.run(
+            [vips, "--size", f"{size.label}>", "-o", f"{out}/%s_{size.label}.jpg[Q=85]"]
+            + [str(path) for path in files],
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode:
+            tally.errors.add(result.stderr.strip().splitlines()[0][:160])
+        made += len(list(out.glob(f"*_{size.label}.jpg")))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tally.wall += time.perf_counter() - wall
+    tally.cpu += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    done = [path for path in files if (out / f"{path.stem}_{sizes[-1].label}.jpg").exists()]
+    tally.images += len(done)
+    tally.failed += len(files) - len(done)
+    tally.megapixels += sum(megapixels[path] for path in done)
+    for leftover in out.glob("*.jpg"):
+        leftover.unlink()
+
+
+# --- quality ----------------------------------------------------------------------------
+
+
+@dataclass
+class Quality:
+    differences: list[float] = field(default_factory=list)
+    misoriented: int = 0
+    failed: int = 0
+
+    def line(self, name: str) -> str:
+        mean = sum(self.differences) / len(self.differences) if self.differences else float("nan")
+        worst = max(self.differences, default=float("nan"))
+        return (
+            f"  {name:<10} mean abs diff {mean:5.2f} (worst {worst:5.2f}) over "
+            f"{len(self.differences)} thumbnails; wrongly oriented {self.misoriented}, "
+            f"failed {self.failed}"
+        )
+
+
+def _quality(files: list[Path], out: Path, sizes) -> dict[str, Quality]:
+    """Mean absolute difference (0-255) to a full decode + Lanczos reference, per method."""
+    results = {"tutorial": Quality(), "pipeline": Quality()}
+    for path in files:
+        references = _references(path, sizes)
+        if references is None:
+            continue
+        for name, runner in (("tutorial", tutorial), ("pipeline", run_pipeline)):
+            try:
+                destination = runner(path, out, sizes)
+                with zipfile.ZipFile(destination) as archive:
+                    members = archive.namelist()[1:]
+                    thumbs = [Image.open(io.BytesIO(archive.read(m))) for m in members]
+                destination.unlink()
+            except Exception:
+                results[name].failed += 1
+                continue
+            by_label = {
+                m.rsplit("_", 1)[1].split(".")[0]: t for m, t in zip(members, thumbs, strict=True)
+            }
+            for size, reference in zip(sizes, references, strict=True):
+                thumb = _comparable(by_label[size.label])
+                if thumb.size != reference.size:
+                    if (
+                        thumb.size[::-1] == reference.size
+                        or abs(thumb.width / thumb.height - reference.width / reference.height)
+                        > 0.1
+                    ):
+                        results[name].misoriented += 1
+                        continue
+                    thumb = thumb.resize(reference.size, Image.Resampling.LANCZOS)
+                difference = ImageChops.difference(thumb, reference)
+                results[name].differences.append(sum(ImageStat.Stat(difference).mean) / 3)
+    return results
+
+
+def _references(path: Path, sizes) -> list[Image.Image] | None:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            upright = _comparable(ImageOps.exif_transpose(image))
+    except Exception:
+        return None
+    return [upright.resize(size.fit(*upright.size), Image.Resampling.LANCZOS) for size in sizes]
+
+
+def _comparable(image: Image.Image) -> Image.Image:
+    """RGB as a person sees it: alpha laid on white, 16-bit grey scaled to 8 bits."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# --- memory -----------------------------------------------------------------------------
+
+
+def _measure_memory(big: Path, sizes, method: str) -> dict[str, float]:
+    """Peak RSS of a fresh process making one archive of the big JPEG."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--measure-memory",
+            str(big),
+            "--method",
+            method,
+            "--sizes",
+            ",".join(size.label for size in sizes),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode:
+        logger.warning("memory measurement of %s failed: %s", method, result.stderr[-400:])
+        return {}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _measure_memory_here(big: Path, sizes, method: str) -> int:
+    Image.MAX_IMAGE_PIXELS = None
+    baseline = _peak_rss_mb()
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        if method == "tutorial":
+            tutorial(big, Path(folder), sizes)
+        else:
+            run_pipeline(big, Path(folder), sizes)
+        seconds = time.perf_counter() - started
+    peak = _peak_rss_mb()
+    with Image.open(big) as image:
+        megapixels = image.width * image.height / 1e6
+    sys.stdout.write(
+        json.dumps(
+            {
+                "peak_mb": peak,
+                "baseline_mb": baseline,
+                "megapixels": megapixels,
+                "file_mb": big.stat().st_size / 1e6,
+                "seconds": seconds,
+            }
+        )
+        + "\n"
+    )
+    return 0
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM starts afresh at exec; ru_maxrss may not."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the report -------------------------------------------------------------------------
+
+
+def _megapixels(path: Path) -> float:
+    with Image.open(path) as image:
+        return image.width * image.height / 1e6
+
+
+def _report(built, files, megapixels, sizes, reps, tallies, quality, memory) -> None:
+    write = sys.stdout.write
+    write(
+        f"Parroter pipeline benchmark: {len(files)} files, "
+        f"{sum(megapixels.values()):.0f} MP, sizes {','.join(s.label for s in sizes)}, "
+        f"{reps} measured pass(es) after a warm-up, one process\n"
+    )
+    write(f"corpus: {', '.join(built.sources)}\n\n")
+    write(HEADER + "\n")
+    for name, tally in tallies.items():
+        if tally.images:
+            write(tally.line(name) + "\n")
+    pipe, tut, floor = tallies["pipeline"], tallies["tutorial"], tallies["decode floor"]
+    write("\n")
+    write(
+        f"pipeline / tutorial      {pipe.images / pipe.wall / (tut.images / tut.wall):5.2f}x "
+        f"wall, {pipe.images / pipe.cpu / (tut.images / tut.cpu):5.2f}x per core "
+        "(target >= 2.5x per core)\n"
+    )
+    write(
+        f"pipeline / decode floor  {pipe.images / pipe.wall / (floor.images / floor.wall):5.2f} "
+        f"wall, {pipe.images / pipe.cpu / (floor.images / floor.cpu):5.2f} per core "
+        "(target >= 0.75)\n"
+    )
+    if "vipsthumbnail" in tallies and tallies["vipsthumbnail"].images:
+        vips = tallies["vipsthumbnail"]
+        write(
+            f"pipeline / vipsthumbnail {pipe.images / pipe.cpu / (vips.images / vips.cpu):5.2f} "
+            "per core (vips: thumbnails only, no zip)\n"
+        )
+    for name, tally in tallies.items():
+        for error in sorted(tally.errors)[:5]:
+            write(f"  {name} failure: {error}\n")
+    write("\nquality vs full decode + Lanczos reference (0-255 levels):\n")
+    for name, result in quality.items():
+        write(result.line(name) + "\n")
+    write("\nmemory, one archive of the big JPEG in a fresh process (target < 300 MB):\n")
+    for name, figures in memory.items():
+        if figures:
+            write(
+                f"  {name:<10} {figures['megapixels']:.0f} MP JPEG ({figures['file_mb']:.0f} MB): "
+                f"peak RSS {figures['peak_mb']:.0f} MB (interpreter + imports "
+                f"{figures['baseline_mb']:.0f} MB), {figures['seconds']:.2f} s\n"
+            )
+        else:
+            write(f"  {name:<10} measurement failed\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
