@@ -338,7 +338,10 @@ def build_archive(
 def write_zip_atomically(destination: Path, members: Iterable[tuple[str, bytes]]) -> int:
     """Write (name, bytes) pairs as a stored zip at destination, atomically. Returns its size."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=".", suffix=".zip.part")
+    # Named after the destination, so that one left by a killed process can be found.
+    fd, temp_name = tempfile.mkstemp(
+        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
             # Images are already compressed: DEFLATE would cost time and save nothing.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import glob
 import logging
 import os
 import shutil
@@ -331,6 +332,7 @@ def _is_abandoned(image: Image, now: datetime) -> bool:
 
 
 def _retry_or_fail(image: Image) -> list[int]:
+    discard_partial_archives(image)
     if image.attempts >= settings.MAX_ATTEMPTS:
         reason = (
             f"processing stopped without a result {image.attempts} times (worker killed or "
@@ -374,6 +376,14 @@ def archive_path(image: Image) -> Path:
     """Where an image's zip lives: unique per image, the same on every try."""
     day = timezone.localtime(image.queued_at).strftime("%Y/%m/%d")
     return Path(settings.MEDIA_ROOT) / "archives" / day / f"{image.id}-{safe_stem(image.name)}.zip"
+
+
+def discard_partial_archives(image: Image) -> None:
+    """Remove temporary zips a dead run of this image left (only it writes under this name)."""
+    destination = archive_path(image)
+    for partial in destination.parent.glob(f".{glob.escape(destination.name)}.*.part"):
+        partial.unlink(missing_ok=True)
+        logger.info("removed %s, left by a run that died", partial)
 
 
 def kept_path(image: Image) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,7 @@ def test_reconcile_fails_a_poison_file_after_max_attempts(folders, drop, setting
     image = claim_one(folders, drop)
     Image.objects.filter(id=image.id).update(attempts=1)
     Image.start(image.id, "elsewhere:1", "task")
-    Image.objects.filter(id=image.id).update(started_at=timezone.now() - timezone.timedelta(days=1))
+    Image.objects.filter(id=image.id).update(started_at=timezone.now() - timedelta(days=1))
     run(folders["watch"])
     image.refresh_from_db()
     assert image.status == Image.Status.FAILED
@@ -193,7 +194,7 @@ def test_reconcile_requeues_pending_images_whose_message_was_lost(folders, drop,
     image = claim_one(folders, drop)
     assert run(folders["watch"]).to_queue == []
     Image.objects.filter(id=image.id).update(
-        queued_at=timezone.now() - timezone.timedelta(seconds=settings.REQUEUE_AFTER + 1)
+        queued_at=timezone.now() - timedelta(seconds=settings.REQUEUE_AFTER + 1)
     )
     assert run(folders["watch"]).to_queue == [image.id]
 
@@ -236,3 +237,18 @@ def test_kept_path_truncates_very_long_names(folders, drop):
     path = sweep.kept_path(image)
     assert len(path.name.encode()) <= 255
     assert path.suffix == ".jpg"
+
+
+def test_reconcile_removes_the_partial_archive_of_a_dead_run(folders, drop):
+    image = claim_one(folders, drop)
+    Image.start(image.id, "elsewhere:1", "task")
+    Image.objects.filter(id=image.id).update(started_at=timezone.now() - timedelta(days=1))
+    destination = sweep.archive_path(image)
+    destination.parent.mkdir(parents=True)
+    partial = destination.parent / f".{destination.name}.k2j3h4.part"
+    partial.write_bytes(b"half a zip")
+    other = destination.parent / ".99-other.zip.abc.part"
+    other.write_bytes(b"someone else's")
+    assert run(folders["watch"]).to_queue == [image.id]
+    assert not partial.exists()
+    assert other.exists()
