@@ -24,12 +24,18 @@ from .sweep import archive_path, put_original_away, this_worker
 logger = logging.getLogger(__name__)
 
 
-def process_image(image_id: int, task_id: str = "") -> str:
+def process_image(
+    image_id: int,
+    task_id: str = "",
+    *,
+    time_limit_errors: tuple[type[BaseException], ...] = (),
+) -> str:
     """Make the archive for one pending image. Returns the status it ended in.
 
     Safe to call twice for the same image (a redelivered message): only one call moves it
     from pending to processing; the others return "skipped" after finishing any leftover
-    move of the original.
+    move of the original. `time_limit_errors` are what the caller's time limit raises
+    inside the run; the image then fails with that reason.
     """
     worker = this_worker()
     if not Image.start(image_id, worker, task_id):
@@ -40,6 +46,12 @@ def process_image(image_id: int, task_id: str = "") -> str:
     image = Image.objects.get(id=image_id)
     try:
         return _process(image, worker)
+    except time_limit_errors:
+        return fail(
+            image,
+            f"took longer than the {settings.IMAGE_SOFT_TIME_LIMIT} s time limit per image",
+            worker,
+        )
     except pipeline.ImageRejected as exc:
         return fail(image, str(exc), worker)
     except OSError as exc:
@@ -63,14 +75,6 @@ def fail(image: Image, reason: str, worker: str | None = None) -> str:
         put_original_away(image)
         return Image.Status.FAILED
     return "skipped"
-
-
-def give_up(image_id: int, reason: str) -> str:
-    """Fail an image from outside its run (a time limit hit it)."""
-    image = Image.objects.filter(id=image_id).first()
-    if image is None:
-        return "skipped"
-    return fail(image, reason, this_worker())
 
 
 def _process(image: Image, worker: str) -> str:
@@ -148,11 +152,16 @@ def read_original(path: Path) -> bytes:
 
 
 def is_allowed_source(path: Path) -> bool:
-    """True when path lies in a watch root or the upload area (its last part unresolved)."""
+    """True when path lies in a watch root, the upload area, or where we keep originals.
+
+    Kept originals (originals/, failed/) are written only by us; reading them again is how
+    an image is reprocessed. The last part of the path is left unresolved.
+    """
     if not path.is_absolute():
         return False
     parent = path.parent.resolve()
-    roots = [*settings.WATCH_ROOTS, Path(settings.MEDIA_ROOT) / "uploads"]
+    media = Path(settings.MEDIA_ROOT)
+    roots = [*settings.WATCH_ROOTS, media / "uploads", media / "originals", media / "failed"]
     return any(parent.is_relative_to(Path(root).resolve()) for root in roots)
 
 

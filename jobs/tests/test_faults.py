@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import sqlite3
 import struct
 import time
 import zipfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from django.db import connection
 from PIL import Image as PILImage
 
 from jobs.models import Image, Sweep
@@ -259,3 +261,35 @@ def test_a_file_written_slowly_is_taken_only_when_complete(system, folders):
     wait_for(lambda: all_final(1), timeout=60, what="the slow file")
     assert_each_done_once({"slow.jpg": data}, folders["media"])
     assert Sweep.objects.filter(unstable__gt=0).count() >= 2
+
+
+def test_an_image_over_the_time_limit_fails_with_that_reason(system, folders):
+    system.environment.update(
+        PARROTER_FAULT_DELAY="2.5", IMAGE_SOFT_TIME_LIMIT="1", IMAGE_TIME_LIMIT="5"
+    )
+    data = photo(1)
+    (folders["watch"] / "slow.jpg").write_bytes(data)
+    system.worker(app=FAULT_APP)
+    system.beat()
+    wait_for(lambda: all_final(1), timeout=60, what="the slow image")
+    image = Image.objects.get()
+    assert image.status == Image.Status.FAILED
+    assert "time limit" in image.error
+    assert Path(image.original_path).read_bytes() == data
+    assert not list(folders["media"].rglob("*.part"))
+
+
+def test_a_busy_sqlite_database_delays_but_loses_nothing(system, folders):
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's single writer lock is what is under test")
+    batch = drop_batch(folders["watch"], 10)
+    system.worker()
+    system.beat()
+    wait_for(lambda: count_done() >= 1, timeout=60, what="the first image")
+    # Another program holds the write lock for a while, as a long admin action would.
+    with sqlite3.connect(connection.settings_dict["NAME"], timeout=30) as blocker:
+        blocker.execute("BEGIN IMMEDIATE")
+        time.sleep(4)
+        blocker.rollback()
+    wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch")
+    assert_each_done_once(batch, folders["media"])
