@@ -45,10 +45,19 @@ class Sweep(models.Model):
         default=0, help_text="Images whose work was lost (dead worker, lost message) and redone."
     )
     error = models.TextField(blank=True)
+    requested_by = models.ForeignKey(
+        "auth.User",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Who uploaded the files of an upload sweep.",
+    )
 
     class Meta:
         ordering = ["-started_at", "-id"]
         indexes = [models.Index(fields=["folder", "-started_at"])]
+        permissions = [("sweep_now", "Can sweep a folder now")]
 
     def __str__(self) -> str:
         return f"sweep #{self.pk} of {self.folder}"
@@ -124,6 +133,7 @@ class Image(models.Model):
 
     class Meta:
         ordering = ["-queued_at", "-id"]
+        permissions = [("reprocess_image", "Can reprocess images")]
         constraints = [
             # One owner per file waiting in a folder: the claim of overlapping sweeps.
             models.UniqueConstraint(

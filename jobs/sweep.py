@@ -22,6 +22,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from .models import Image, Sweep, SweepLock
@@ -209,6 +210,10 @@ def run_sweep(
         sweep.requeued = len(requeued)
         sweep.finish(Sweep.Status.DONE)
         outcome.to_queue = requeued + claimed
+    except Exception as exc:
+        # Recorded for the admin, then raised for Celery's result row and the logs.
+        sweep.finish(Sweep.Status.FAILED, f"sweep stopped: {exc!r}")
+        raise
     finally:
         release_lock(sweep, folder)
     return outcome
@@ -269,14 +274,37 @@ def claim(sweep: Sweep, ready: list[Candidate], sizes: list[str]) -> list[int]:
 
 
 def reconcile(folder: Path, requeue_after: float | None = None) -> list[int]:
-    """Repair images under folder that a crash or a lost message left behind.
+    """Repair images waiting under folder that a crash or a lost message left behind.
 
     Returns the ids to queue again. Images already final but whose original was never
     moved are put away now; work on a dead worker is retried until MAX_ATTEMPTS.
     """
     prefix = str(folder).rstrip("/") + "/"
+    return _repair(
+        Image.objects.filter(in_folder=True, source_path__startswith=prefix), requeue_after
+    )
+
+
+def recover_unswept(requeue_after: float | None = None) -> list[int]:
+    """The same repair for images no sweep looks after: uploads and reprocessing.
+
+    Their originals are read from MEDIA_ROOT (uploads/, or originals/ and failed/ when an
+    image is processed again), a place no sweep lists.
+    """
+    prefix = str(settings.MEDIA_ROOT).rstrip("/") + "/"
+    from_media = Image.objects.filter(source_path__startswith=prefix)
+    waiting = _repair(from_media.filter(in_folder=True), requeue_after)
+    again = _repair(
+        from_media.filter(
+            in_folder=False, status__in=(Image.Status.PENDING, Image.Status.PROCESSING)
+        ),
+        requeue_after,
+    )
+    return waiting + again
+
+
+def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> list[int]:
     now = timezone.now()
-    waiting = Image.objects.filter(in_folder=True, source_path__startswith=prefix)
     requeue: list[int] = []
     for image in waiting.exclude(status=Image.Status.PENDING).only(
         "id",

@@ -17,7 +17,7 @@ from django_celery_beat.models import PeriodicTask
 
 from . import processing
 from .models import Sweep
-from .sweep import run_sweep, start_sweep
+from .sweep import recover_unswept, run_sweep, start_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ def sweep_folder(
         "requeued": sweep.requeued,
         "unstable": sweep.unstable,
     }
+
+
+@shared_task(name="jobs.recover")
+def recover() -> dict[str, int]:
+    """Repair uploads and reprocessed images that a dead worker or a lost message left."""
+    image_ids = recover_unswept(LOST_QUEUE_GRACE if queue_length() == 0 else None)
+    transaction.on_commit(lambda: queue_images(image_ids))
+    return {"requeued": len(image_ids)}
 
 
 @shared_task(

@@ -1,23 +1,415 @@
-"""Presentation only: staff-gated file downloads."""
+"""Presentation and dispatch: the upload page, JSON status, and files served from the zips.
+
+Nothing under MEDIA_ROOT is public. A signed-in person sees the images they uploaded;
+staff with the view permission see every image. Anything else is a 404, so ids of other
+people's images tell nothing.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+import mimetypes
+import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
-from django.contrib.admin.views.decorators import staff_member_required
-from django.http import FileResponse, Http404, HttpRequest
-from django.shortcuts import get_object_or_404
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import (
+    FileResponse,
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    JsonResponse,
+)
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
 
-from .models import Image
+from . import intake
+from .forms import UploadForm, default_sizes, upload_max_bytes, upload_max_files
+from .models import Image, Sweep
+from .pipeline import EXTENSIONS, safe_stem
+from .tasks import queue_images
+
+logger = logging.getLogger(__name__)
+
+LOGIN_URL = "jobs:login"
+RECENT_UPLOADS = 30
+# Finished files do not change under a URL that carries their version; cache them privately.
+FILE_CACHE = "private, max-age=86400"
 
 
-@staff_member_required
-def download_archive(request: HttpRequest, image_id: int) -> FileResponse:
-    """The zip of one image; MEDIA_ROOT is never served publicly."""
-    image = get_object_or_404(Image, id=image_id, status=Image.Status.DONE)
+# --- Who sees what ----------------------------------------------------------------------
+
+
+def sees_everything(user: AbstractBaseUser | AnonymousUser) -> bool:
+    return bool(user.is_active and user.is_staff and user.has_perm("jobs.view_image"))
+
+
+def visible_images(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Image]:
+    if sees_everything(user):
+        return Image.objects.all()
+    if not user.is_authenticated:
+        return Image.objects.none()
+    return Image.objects.filter(uploaded_by=user)
+
+
+def visible_sweeps(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Sweep]:
+    if sees_everything(user):
+        return Sweep.objects.all()
+    if not user.is_authenticated:
+        return Sweep.objects.none()
+    return Sweep.objects.filter(trigger=Sweep.Trigger.UPLOAD, requested_by=user)
+
+
+def api_login_required(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
+    """Like login_required, but a script gets a 401 in JSON rather than a login page."""
+
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if not request.user.is_authenticated:
+            return JsonResponse({"error": "authentication required"}, status=401)
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+# --- Where an image's zip is ------------------------------------------------------------
+
+
+def archive_holder(image: Image) -> Image | None:
+    """The image whose archive holds this image's zip: itself, or the first of a duplicate.
+
+    An image being reprocessed, or whose reprocess failed, still has its earlier archive.
+    """
+    if image.status == Image.Status.DUPLICATE:
+        first = image.duplicate_of
+        if first and first.status == Image.Status.DONE and first.sizes_key == image.sizes_key:
+            return first
+        return None
+    return image if image.archive else None
+
+
+def archive_file(image: Image) -> Path | None:
     media_root = Path(settings.MEDIA_ROOT).resolve()
     path = (media_root / image.archive).resolve()
     if not image.archive or not path.is_relative_to(media_root) or not path.is_file():
+        return None
+    return path
+
+
+def thumbnail_member(names: list[str], label: str) -> str | None:
+    """The zip member holding the thumbnail of size `label` (never the original)."""
+    endings = tuple(f"_{label}{extension}" for extension in set(EXTENSIONS.values()))
+    return next((name for name in names[1:] if name.endswith(endings)), None)
+
+
+def sorted_thumbnails(thumbnails: dict[str, list[int]]) -> list[tuple[str, int, int]]:
+    """(label, width, height) from the smallest to the largest."""
+    rows = [(label, size[0], size[1]) for label, size in thumbnails.items()]
+    return sorted(rows, key=lambda row: (row[1] * row[2], row[0]))
+
+
+def version(image: Image) -> str:
+    stamp = image.finished_at.timestamp() if image.finished_at else 0
+    return f"{image.archive_size or 0}-{stamp:.0f}"
+
+
+def thumbnail_url(image: Image, label: str) -> str:
+    return reverse("jobs:thumbnail", args=[image.id, label]) + f"?v={version(image)}"
+
+
+PREVIEW_EDGE = 48
+
+
+def preview_url(image: Image) -> str | None:
+    """The smallest thumbnail that still makes a visible preview (or the largest there is)."""
+    holder = archive_holder(image)
+    if holder is None or not holder.thumbnails:
+        return None
+    made = sorted_thumbnails(holder.thumbnails)
+    big_enough = [row for row in made if max(row[1], row[2]) >= PREVIEW_EDGE]
+    label = (big_enough[0] if big_enough else made[-1])[0]
+    return reverse("jobs:thumbnail", args=[image.id, label]) + f"?v={version(holder)}"
+
+
+@login_required(login_url=LOGIN_URL)
+@require_GET
+def download_archive(request: HttpRequest, image_id: int) -> HttpResponseBase:
+    """The zip of one image. For a duplicate, the first one's zip under this image's name."""
+    image = get_object_or_404(
+        visible_images(request.user).select_related("duplicate_of"), id=image_id
+    )
+    holder = archive_holder(image)
+    path = archive_file(holder) if holder else None
+    if path is None:
         raise Http404("archive not found")
-    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name)
+    filename = f"{image.id}-{safe_stem(image.name)}.zip"
+    if holder.id == image.id:
+        return FileResponse(path.open("rb"), as_attachment=True, filename=filename)
+    return FileResponse(
+        renamed_zip(path, safe_stem(holder.name), safe_stem(image.name)),
+        as_attachment=True,
+        filename=filename,
+    )
+
+
+def renamed_zip(path: Path, old_stem: str, new_stem: str) -> Any:
+    """A copy of a zip whose members are named after another image (for duplicates).
+
+    The first upload of some content may be another person's: its name stays theirs.
+    """
+    spool = tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024)  # noqa: SIM115
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            name = info.filename
+            if name.startswith(old_stem):
+                name = new_stem + name[len(old_stem) :]
+            out.writestr(name, source.read(info))
+    spool.seek(0)
+    return spool
+
+
+@login_required(login_url=LOGIN_URL)
+@require_GET
+def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
+    """One thumbnail, read from the image's zip."""
+    image = get_object_or_404(
+        visible_images(request.user).select_related("duplicate_of"), id=image_id
+    )
+    holder = archive_holder(image)
+    path = archive_file(holder) if holder else None
+    if path is None:
+        raise Http404("no archive")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = thumbnail_member(archive.namelist(), label)
+            if member is None:
+                raise Http404("no thumbnail of that size")
+            data = archive.read(member)
+    except (zipfile.BadZipFile, OSError) as exc:
+        logger.warning("cannot read %s: %s", path, exc)
+        raise Http404("archive unreadable") from None
+    response = HttpResponse(data, content_type=mimetypes.guess_type(member)[0] or "image/png")
+    response["Cache-Control"] = FILE_CACHE
+    return response
+
+
+def zip_listing(image: Image) -> list[tuple[str, int]] | None:
+    """(member name, bytes) of an image's zip, or None when there is none."""
+    holder = archive_holder(image)
+    path = archive_file(holder) if holder else None
+    if path is None:
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [(info.filename, info.file_size) for info in archive.infolist()]
+    except (zipfile.BadZipFile, OSError) as exc:
+        logger.warning("cannot read %s: %s", path, exc)
+        return None
+
+
+# --- JSON ---------------------------------------------------------------------------------
+
+
+PROGRESS = {
+    Image.Status.PENDING: 0,
+    Image.Status.PROCESSING: 50,
+    Image.Status.DONE: 100,
+    Image.Status.FAILED: 100,
+    Image.Status.DUPLICATE: 100,
+}
+
+
+def iso(value: Any) -> str | None:
+    return value.isoformat() if value else None
+
+
+def image_data(image: Image, staff: bool) -> dict[str, Any]:
+    holder = archive_holder(image)
+    thumbnails = sorted_thumbnails(holder.thumbnails) if holder else []
+    data: dict[str, Any] = {
+        "id": image.id,
+        "name": image.name,
+        "source": image.source,
+        "status": image.status,
+        "status_label": image.get_status_display(),
+        "final": image.is_final,
+        "progress": PROGRESS.get(image.status, 0),
+        "sizes": image.sizes,
+        "width": image.width,
+        "height": image.height,
+        "format": image.format,
+        "file_size": image.file_size,
+        "archive_size": holder.archive_size if holder else None,
+        "archive_url": reverse("jobs:archive", args=[image.id]) if holder else None,
+        "preview_url": preview_url(image),
+        "thumbnails": [
+            {"size": label, "width": width, "height": height, "url": thumbnail_url(image, label)}
+            for label, width, height in thumbnails
+        ],
+        "is_duplicate": image.status == Image.Status.DUPLICATE,
+        "error": image.error,
+        "queued_at": iso(image.queued_at),
+        "started_at": iso(image.started_at),
+        "finished_at": iso(image.finished_at),
+        "seconds": image.duration.total_seconds() if image.duration else None,
+        "status_url": reverse("jobs:image-status", args=[image.id]),
+    }
+    if staff:
+        data["admin_url"] = reverse("admin:jobs_image_change", args=[image.id])
+        data["duplicate_of"] = image.duplicate_of_id
+        data["folder"] = image.folder
+        data["attempts"] = image.attempts
+    return data
+
+
+def sweep_data(sweep: Sweep, images: list[Image], staff: bool) -> dict[str, Any]:
+    counts = dict.fromkeys(Image.Status.values, 0)
+    for image in images:
+        counts[image.status] += 1
+    finished = sum(counts[status] for status in Image.FINAL_STATUSES)
+    over = sweep.status != Sweep.Status.RUNNING and finished == len(images)
+    data: dict[str, Any] = {
+        "id": sweep.id,
+        "status": sweep.status,
+        "status_label": sweep.get_status_display(),
+        "trigger": sweep.trigger,
+        "sizes": sweep.sizes,
+        "started_at": iso(sweep.started_at),
+        "finished_at": iso(sweep.finished_at),
+        "seen": sweep.seen,
+        "claimed": sweep.claimed,
+        "unstable": sweep.unstable,
+        "ignored": sweep.ignored,
+        "requeued": sweep.requeued,
+        "error": sweep.error,
+        "counts": counts,
+        "total": len(images),
+        "finished": finished,
+        "progress": round(100 * finished / len(images)) if images else (100 if over else 0),
+        "over": over,
+        "images": [image_data(image, staff) for image in images],
+    }
+    if staff:
+        data["folder"] = sweep.folder
+        data["schedule_name"] = sweep.schedule_name
+        data["admin_url"] = reverse("admin:jobs_sweep_change", args=[sweep.id])
+        data["images_admin_url"] = (
+            reverse("admin:jobs_image_changelist") + f"?sweep__id__exact={sweep.id}"
+        )
+    return data
+
+
+def nudge(images: list[Image]) -> None:
+    """Queue again any upload whose message was lost (the upload area is never swept)."""
+    lost = intake.lost_uploads(images)
+    if lost:
+        logger.warning("queueing %d upload(s) again: their message seems lost", len(lost))
+        queue_images(lost)
+
+
+@api_login_required
+@require_GET
+def image_status(request: HttpRequest, image_id: int) -> JsonResponse:
+    image = get_object_or_404(
+        visible_images(request.user).select_related("duplicate_of"), id=image_id
+    )
+    nudge([image])
+    return JsonResponse(image_data(image, sees_everything(request.user)))
+
+
+@api_login_required
+@require_GET
+def sweep_status(request: HttpRequest, sweep_id: int) -> JsonResponse:
+    sweep = get_object_or_404(visible_sweeps(request.user), id=sweep_id)
+    images = list(
+        visible_images(request.user)
+        .filter(sweep=sweep)
+        .select_related("duplicate_of")
+        .order_by("id")
+    )
+    nudge(images)
+    return JsonResponse(sweep_data(sweep, images, sees_everything(request.user)))
+
+
+@api_login_required
+@require_GET
+def sweep_by_task(request: HttpRequest, task_id: str) -> JsonResponse:
+    """The sweep a `jobs.sweep_folder` task made, once a worker has started it (staff)."""
+    if not sees_everything(request.user):
+        raise Http404
+    sweep = Sweep.objects.filter(task_id=task_id).first()
+    if sweep is None:
+        return JsonResponse({"id": None, "status": "queued", "over": False, "images": []})
+    images = list(sweep.images.select_related("duplicate_of").order_by("id"))
+    return JsonResponse(sweep_data(sweep, images, True))
+
+
+# --- The upload page --------------------------------------------------------------------
+
+
+@login_required(login_url=LOGIN_URL)
+@require_GET
+def upload_page(request: HttpRequest) -> HttpResponse:
+    recent = list(
+        Image.objects.filter(uploaded_by=request.user)
+        .select_related("duplicate_of")
+        .order_by("-queued_at", "-id")[:RECENT_UPLOADS]
+    )
+    return render(
+        request,
+        "jobs/upload.html",
+        {
+            "form": UploadForm(initial={"sizes": default_sizes()}),
+            "recent": [image_data(image, False) for image in recent],
+            "max_files": upload_max_files(),
+            "max_bytes": upload_max_bytes(),
+            "max_pixels": settings.MAX_IMAGE_PIXELS,
+            "staff": sees_everything(request.user),
+        },
+    )
+
+
+@api_login_required
+@require_POST
+def upload(request: HttpRequest) -> JsonResponse:
+    """Take uploaded images (multipart, field `images`, plus `sizes`) and queue them."""
+    limit = upload_max_files() * upload_max_bytes() + 1024 * 1024
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > limit:
+        return JsonResponse(
+            {"errors": {"images": [f"The upload is too large ({length:,} bytes)."]}}, status=413
+        )
+    form = UploadForm(request.POST, request.FILES)
+    if not form.is_valid():
+        rejected = form.cleaned_data.get("rejected", []) if hasattr(form, "cleaned_data") else []
+        return JsonResponse(
+            {"errors": form.errors.get_json_data(), "rejected": rejected}, status=400
+        )
+    with transaction.atomic():
+        sweep, ids = intake.claim_uploads(
+            form.cleaned_data["accepted"], form.cleaned_data["sizes"], request.user
+        )
+        # Robust: with the broker down the upload still stands; its status page requeues it.
+        transaction.on_commit(lambda: queue_images(ids), robust=True)
+    images = list(Image.objects.filter(id__in=ids).order_by("id"))
+    return JsonResponse(
+        {
+            "sweep": sweep_data(sweep, images, sees_everything(request.user)),
+            "status_url": reverse("jobs:sweep-status", args=[sweep.id]),
+            "rejected": form.cleaned_data["rejected"],
+        },
+        status=201,
+    )

@@ -200,7 +200,7 @@ STATIC_ROOT = (
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG
 
-LOGIN_URL = "admin:login"
+LOGIN_URL = "jobs:login"
 
 # --- Parroter ---------------------------------------------------------------------------
 
@@ -232,6 +232,9 @@ IMAGE_TIME_LIMIT = envint("IMAGE_TIME_LIMIT", "150", minimum=2)
 MAX_ATTEMPTS = envint("MAX_ATTEMPTS", "3", minimum=1)
 # A queued image with no progress for this long is assumed lost with its message and requeued.
 REQUEUE_AFTER = envint("REQUEUE_AFTER", "60", minimum=1)
+RECOVER_INTERVAL = max(SWEEP_INTERVAL, 10.0)
+UPLOAD_MAX_FILES = envint("UPLOAD_MAX_FILES", "20", minimum=1)
+UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", str(MAX_IMAGE_BYTES), minimum=1)
 # `make run` waits this long for a REDIS_URL that does not answer yet, then gives up.
 REDIS_WAIT = envfloat("REDIS_WAIT", "30")
 # A worker that starts nothing for this long while work waits is restarted by `make run`.
@@ -265,7 +268,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CONCURRENCY = WORKER_CONCURRENCY
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_TIMEZONE = TIME_ZONE
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler, plus marking settings-owned rows (jobs/beat.py).
+CELERY_BEAT_SCHEDULER = "jobs.beat:Scheduler"
 # Settings-owned schedules. Beat writes these rows on every start; see the README for how
 # they live beside the periodic tasks made in the admin.
 CELERY_BEAT_SCHEDULE = {
@@ -275,6 +279,13 @@ CELERY_BEAT_SCHEDULE = {
         "kwargs": {"folder": str(WATCH_FOLDER), "sizes": THUMBNAIL_SIZES},
         # A sweep that could not start before the next one is due is worthless.
         "options": {"expires": SWEEP_INTERVAL * 0.9},
+    },
+    # Uploads and reprocessed images are read from MEDIA_ROOT, which no sweep lists: this
+    # repairs them after a dead worker or a lost message, as a sweep does for its folder.
+    "recover-uploads-and-reprocessing": {
+        "task": "jobs.recover",
+        "schedule": RECOVER_INTERVAL,
+        "options": {"expires": RECOVER_INTERVAL * 0.9},
     },
 }
 

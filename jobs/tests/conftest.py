@@ -11,6 +11,7 @@ import pytest
 from PIL import Image as PILImage
 
 from jobs.redis_server import start_bundled_redis
+from project.celery import app as celery_app
 
 from .processes import Processes, database_url
 
@@ -83,3 +84,23 @@ def system(transactional_db, folders, redis_server, tmp_path, request):
     processes.stop_all()
     # Shown by pytest only when the test fails.
     request.node.add_report_section("teardown", "celery logs", processes.logs())
+
+
+@pytest.fixture
+def broker(redis_server):
+    """Point this process's Celery app at the test Redis, so that views really send."""
+    app = celery_app
+
+    def forget_connections() -> None:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        app._pool = None
+        if "amqp" in app.__dict__:
+            app.amqp._producer_pool = None
+
+    previous = app.conf.broker_url
+    forget_connections()
+    app.conf.broker_url = redis_server.url
+    yield redis_server
+    forget_connections()
+    app.conf.broker_url = previous

@@ -252,3 +252,43 @@ def test_reconcile_removes_the_partial_archive_of_a_dead_run(folders, drop):
     assert run(folders["watch"]).to_queue == [image.id]
     assert not partial.exists()
     assert other.exists()
+
+
+def test_recover_unswept_requeues_an_upload_whose_worker_died(folders):
+    upload = folders["media"] / "uploads" / "x" / "up.jpg"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"image bytes")
+    image = Image.objects.create(
+        source=Image.Source.UPLOAD,
+        folder=str(upload.parent),
+        name="up.jpg",
+        source_path=str(upload),
+        file_size=11,
+        mtime_ns=0,
+        sizes=["64x64"],
+        sizes_key="64x64",
+    )
+    Image.start(image.id, "elsewhere:1", "task")
+    Image.objects.filter(id=image.id).update(started_at=timezone.now() - timedelta(days=1))
+    assert sweep.recover_unswept() == [image.id]
+    assert Image.objects.get(id=image.id).status == Image.Status.PENDING
+
+
+def test_recover_unswept_requeues_a_lost_reprocess_and_leaves_fresh_work(folders, drop, settings):
+    kept = folders["media"] / "originals" / "a.jpg"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"image bytes")
+    common = {"file_size": 11, "mtime_ns": 0, "sizes": ["64x64"], "sizes_key": "64x64"}
+    lost = Image.objects.create(
+        name="a.jpg",
+        folder="/gone",
+        source_path=str(kept),
+        original_path=str(kept),
+        in_folder=False,
+        queued_at=timezone.now() - timedelta(seconds=settings.REQUEUE_AFTER + 5),
+        **common,
+    )
+    Image.objects.create(
+        name="b.jpg", folder="/gone", source_path=str(kept), in_folder=False, **common
+    )
+    assert sweep.recover_unswept() == [lost.id]

@@ -1,0 +1,88 @@
+"""Periodic tasks from settings and from the admin, living side by side without a fight.
+
+The rule: a periodic task whose name is in `CELERY_BEAT_SCHEDULE` (or Celery's own
+`celery.backend_cleanup`) belongs to the settings. django-celery-beat rewrites such a row on
+every beat start, so the admin shows it read-only (it may only be switched off or on).
+`Scheduler` below marks those rows when beat starts; a marked row whose entry has since left
+the settings is disabled and unmarked, and from then on is an ordinary admin-made task.
+Every other row belongs to the admin, and beat never touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.utils import timezone
+from django_celery_beat.models import PeriodicTask, PeriodicTasks
+from django_celery_beat.schedulers import DatabaseScheduler
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_MARK = "Defined in settings (CELERY_BEAT_SCHEDULE): edits made here are overwritten"
+CLEANUP_TASK = "celery.backend_cleanup"
+
+
+def settings_owned_names() -> set[str]:
+    """Names of the periodic tasks the settings (and Celery itself) write on beat start."""
+    names = set(getattr(settings, "CELERY_BEAT_SCHEDULE", {}) or {})
+    if getattr(settings, "CELERY_RESULT_EXPIRES", None):
+        names.add(CLEANUP_TASK)
+    return names
+
+
+def is_settings_owned(task: PeriodicTask) -> bool:
+    return task.name in settings_owned_names()
+
+
+def retire_removed_entries(owned: set[str]) -> list[str]:
+    """Mark settings-owned rows; disable marked rows whose settings entry is gone."""
+    mark = f"{SETTINGS_MARK} when beat starts. Change it through the environment."
+    PeriodicTask.objects.filter(name__in=owned).exclude(description=mark).update(description=mark)
+    retired = list(
+        PeriodicTask.objects.filter(description__startswith=SETTINGS_MARK)
+        .exclude(name__in=owned)
+        .values_list("name", flat=True)
+    )
+    if retired:
+        note = (
+            "Was defined in settings (CELERY_BEAT_SCHEDULE) until its entry was removed; "
+            f"disabled when beat started on {timezone.localtime():%Y-%m-%d %H:%M}. "
+            "It is now an ordinary periodic task: enable or delete it here."
+        )
+        PeriodicTask.objects.filter(name__in=retired).update(
+            enabled=False, description=note, last_run_at=None
+        )
+        PeriodicTasks.update_changed()
+        logger.warning("disabled periodic tasks removed from settings: %s", ", ".join(retired))
+    return retired
+
+
+class Scheduler(DatabaseScheduler):
+    """django-celery-beat's DatabaseScheduler, plus the settings/admin ownership rule."""
+
+    def setup_schedule(self) -> None:
+        super().setup_schedule()
+        retire_removed_entries(settings_owned_names())
+
+
+def next_run(task: PeriodicTask, now: datetime | None = None) -> datetime | None:
+    """When beat will next send this task, as far as the row tells; None if never."""
+    if not task.enabled or (task.one_off and task.total_run_count):
+        return None
+    now = now or timezone.now()
+    if task.clocked_id:
+        return task.clocked.clocked_time
+    if task.start_time and task.start_time > now:
+        return task.start_time
+    if task.last_run_at is None and task.interval_id:
+        return now  # an interval task that never ran is due at once
+    try:
+        # A crontab or solar task that never ran waits for its next slot from now.
+        remaining = task.schedule.remaining_estimate(task.last_run_at or now)
+    except (ValueError, TypeError, AttributeError) as exc:
+        logger.warning("cannot tell the next run of %s: %s", task.name, exc)
+        return None
+    when = now + max(remaining, timedelta(0))
+    return (when + timedelta(microseconds=500_000)).replace(microsecond=0)  # to the second

@@ -1,0 +1,223 @@
+"""Forms that turn what a person types into valid sweep arguments, with readable errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from django.template.defaultfilters import filesizeformat
+from django_celery_beat.admin import PeriodicTaskForm
+from django_celery_beat.models import PeriodicTask
+
+from . import pipeline
+from .sweep import FolderRejected, resolve_folder, resolve_sizes
+from .tasks import SWEEP_TASK
+
+SIZES_HELP = "Bounding boxes like 128x128, separated by commas or spaces. Never upscaled."
+
+
+def default_sizes() -> str:
+    return ", ".join(settings.THUMBNAIL_SIZES)
+
+
+def upload_max_files() -> int:
+    return settings.UPLOAD_MAX_FILES
+
+
+def upload_max_bytes() -> int:
+    return settings.UPLOAD_MAX_BYTES
+
+
+class SizesField(forms.CharField):
+    """Size labels, parsed and normalised ("128x128, 64X64" -> ["128x128", "64x64"])."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("help_text", SIZES_HELP)
+        kwargs.setdefault("widget", forms.TextInput(attrs={"size": 50, "spellcheck": "false"}))
+        super().__init__(**kwargs)
+
+    def to_python(self, value: Any) -> list[str] | None:
+        text = super().to_python(value)
+        if not text:
+            return None
+        try:
+            return resolve_sizes(text.replace(";", ",").replace(" ", ","))
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def prepare_value(self, value: Any) -> Any:
+        return ", ".join(value) if isinstance(value, list | tuple) else value
+
+
+def clean_folder(value: str) -> str:
+    """A folder a sweep may work in, or a ValidationError saying why not."""
+    if not value or not value.strip():
+        raise forms.ValidationError("Give the absolute path of the folder to sweep.")
+    try:
+        return str(resolve_folder(value.strip()))
+    except FolderRejected as exc:
+        raise forms.ValidationError(str(exc)) from None
+
+
+class SizesForm(forms.Form):
+    sizes = SizesField(initial=default_sizes)
+
+
+class SweepNowForm(forms.Form):
+    folder = forms.CharField(
+        max_length=1024,
+        widget=forms.TextInput(attrs={"size": 70, "list": "known-folders"}),
+        help_text="An absolute folder under WATCH_FOLDER or WATCH_ROOTS.",
+    )
+    sizes = SizesField()
+
+    def clean_folder(self) -> str:
+        return clean_folder(self.cleaned_data["folder"])
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleImageField(forms.FileField):
+    """Several image files, each checked by its content: type, bytes and pixel count."""
+
+    widget = MultipleFileInput
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("widget", MultipleFileInput(attrs={"accept": "image/*"}))
+        super().__init__(**kwargs)
+
+    def clean(self, data: Any, initial: Any = None) -> list[UploadedFile]:
+        files = [item for item in (data if isinstance(data, list | tuple) else [data]) if item]
+        if not files:
+            raise forms.ValidationError("Choose at least one image.")
+        if len(files) > upload_max_files():
+            raise forms.ValidationError(
+                f"{len(files)} files chosen; at most {upload_max_files()} per upload."
+            )
+        return files
+
+
+def check_upload(upload: UploadedFile) -> str:
+    """Why an uploaded file cannot be taken (empty when it can): size, type, pixels."""
+    limit = upload_max_bytes()
+    if upload.size > limit:
+        return f"{filesizeformat(upload.size)}, over the limit of {filesizeformat(limit)} per file"
+    upload.seek(0)
+    data = upload.read()
+    upload.seek(0)
+    limits = pipeline.Limits(max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=limit)
+    try:
+        with pipeline.open_image(data, limits):
+            pass
+    except pipeline.ImageRejected as exc:
+        return str(exc)
+    return ""
+
+
+class UploadForm(forms.Form):
+    images = MultipleImageField(label="Images")
+    sizes = SizesField(initial=default_sizes)
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if "sizes" in data and not data["sizes"]:
+            data["sizes"] = list(settings.THUMBNAIL_SIZES)
+        accepted, rejected = [], []
+        for upload in data.get("images") or []:
+            reason = check_upload(upload)
+            if reason:
+                rejected.append({"name": upload.name, "error": reason})
+            else:
+                accepted.append(upload)
+        data["accepted"] = accepted
+        data["rejected"] = rejected
+        if "images" in data and not accepted:
+            self.add_error("images", "None of the chosen files can be taken (see each reason).")
+        return data
+
+
+class SweepTaskForm(PeriodicTaskForm):
+    """A periodic task; for `jobs.sweep_folder` the kwargs come from folder and sizes fields."""
+
+    folder = forms.CharField(
+        required=False,
+        max_length=1024,
+        widget=forms.TextInput(attrs={"size": 70, "spellcheck": "false"}),
+        help_text="Absolute path of the folder to sweep; under WATCH_FOLDER or WATCH_ROOTS, "
+        "outside MEDIA_ROOT, readable and writable (originals are moved out of it).",
+    )
+    sizes = SizesField(required=False)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "kwargs" not in self.fields:
+            return  # a read-only view (a settings-owned row)
+        self.fields["kwargs"].required = False
+        self.fields["kwargs"].help_text = (
+            "JSON keyword arguments. For jobs.sweep_folder they are written from the folder "
+            "and sizes fields above."
+        )
+        if self.instance.pk is None:
+            self.initial.setdefault("regtask", SWEEP_TASK)
+            self.initial.setdefault("sizes", default_sizes())
+        elif self.instance.task == SWEEP_TASK:
+            try:
+                kwargs = json.loads(self.instance.kwargs or "{}")
+            except ValueError:
+                kwargs = {}
+            if isinstance(kwargs, dict):
+                self.initial.setdefault("folder", kwargs.get("folder") or "")
+                sizes = kwargs.get("sizes")
+                if isinstance(sizes, list):
+                    self.initial.setdefault("sizes", ", ".join(map(str, sizes)))
+                elif isinstance(sizes, str):
+                    self.initial.setdefault("sizes", sizes)
+
+    def is_sweep(self) -> bool:
+        return SWEEP_TASK in (self.data.get("regtask"), self.data.get("task"))
+
+    def clean_kwargs(self) -> str:
+        value = self.cleaned_data.get("kwargs") or ""
+        if self.is_sweep() or not value.strip():
+            return value.strip() or "{}"  # written from folder and sizes in clean()
+        return super().clean_kwargs()
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if data.get("task") != SWEEP_TASK:
+            return data
+        folder = data.get("folder") or ""
+        try:
+            folder = clean_folder(folder)
+        except forms.ValidationError as exc:
+            self.add_error("folder", exc)
+            return data
+        clash = (
+            PeriodicTask.objects.filter(task=SWEEP_TASK, enabled=True)
+            .exclude(pk=self.instance.pk)
+            .only("name", "kwargs")
+        )
+        for other in clash:
+            try:
+                other_folder = json.loads(other.kwargs or "{}").get("folder")
+            except (ValueError, AttributeError):
+                continue
+            if other_folder and Path(other_folder).resolve() == Path(folder):
+                self.add_error(
+                    "folder",
+                    f"{folder} is already swept by the periodic task “{other.name}”; "
+                    "change that one instead (two schedules would race for the same files).",
+                )
+                return data
+        sizes = data.get("sizes") or list(settings.THUMBNAIL_SIZES)
+        data["folder"] = folder
+        data["sizes"] = sizes
+        data["kwargs"] = json.dumps({"folder": folder, "sizes": sizes})
+        self.instance.kwargs = data["kwargs"]
+        return data

@@ -1,0 +1,425 @@
+"""The admin: image and sweep pages, actions, the periodic-task form, the dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import redis
+from django.urls import reverse
+from django.utils import timezone
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
+
+from jobs import beat, processing, stats
+from jobs.models import Image, Sweep
+from jobs.sweep import run_sweep, start_sweep
+
+from .conftest import image_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def sweep_inline(folder: Path, sizes: list[str]) -> list[Image]:
+    sweep, path, labels = start_sweep(str(folder), sizes, trigger=Sweep.Trigger.MANUAL)
+    outcome = run_sweep(sweep, path, labels)
+    for image_id in outcome.to_queue:
+        processing.process_image(image_id)
+    return list(Image.objects.filter(id__in=outcome.to_queue).order_by("name"))
+
+
+@pytest.fixture
+def processed(folders, drop) -> dict[str, Image]:
+    drop(folders["watch"], "photo.jpg", image_bytes((400, 300)))
+    drop(folders["watch"], "broken.jpg", b"not an image")
+    images = sweep_inline(folders["watch"], ["64x64", "32x32"])
+    return {image.name: image for image in images}
+
+
+@pytest.fixture
+def every_second() -> IntervalSchedule:
+    return IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
+
+
+def test_image_changelist_shows_previews_badges_sizes_and_facets(admin_client, processed):
+    page = admin_client.get(reverse("admin:jobs_image_changelist")).content.decode()
+    photo = processed["photo.jpg"]
+    assert f'src="/images/{photo.id}/thumbnails/64x64/?v=' in page
+    assert "parroter-badge" in page
+    assert "32×24, 64×48" in page
+    assert "400×300" in page
+    assert re.search(r"done\s*\(1\)", page)  # filter facets count
+    assert re.search(r"failed\s*\(1\)", page)
+
+
+def test_image_changelist_searches_by_hash(admin_client, processed):
+    photo = processed["photo.jpg"]
+    url = reverse("admin:jobs_image_changelist") + f"?q={photo.sha256}"
+    page = admin_client.get(url).content.decode()
+    assert "photo.jpg" in page
+    assert "broken.jpg" not in page
+
+
+def test_image_change_page_shows_thumbnails_zip_download_and_links(admin_client, processed):
+    photo = processed["photo.jpg"]
+    page = admin_client.get(reverse("admin:jobs_image_change", args=[photo.id])).content.decode()
+    assert page.count('class="parroter-gallery"') == 1
+    assert f"/images/{photo.id}/thumbnails/64x64/" in page
+    assert "<code>photo_64x64.jpg</code>" in page
+    assert reverse("jobs:archive", args=[photo.id]) in page
+    assert reverse("admin:jobs_sweep_change", args=[photo.sweep_id]) in page
+    assert "Reprocess…" in page
+
+
+def test_image_change_page_shows_a_failure_in_full(admin_client, processed):
+    broken = processed["broken.jpg"]
+    page = admin_client.get(reverse("admin:jobs_image_change", args=[broken.id])).content.decode()
+    assert '<pre class="parroter-error">' in page
+    assert "not an image" in page
+
+
+def test_thumbnails_are_served_to_staff_only(client, admin_client, processed, django_user_model):
+    url = reverse("jobs:thumbnail", args=[processed["photo.jpg"].id, "64x64"])
+    assert admin_client.get(url).status_code == 200
+    assert client.get(url).status_code == 302
+    client.force_login(django_user_model.objects.create_user("eve"))
+    assert client.get(url).status_code == 404
+
+
+def test_reprocess_makes_new_sizes_from_the_kept_original(admin_client, processed, folders):
+    photo = processed["photo.jpg"]
+    old_archive = photo.archive
+    url = reverse("admin:jobs_image_reprocess")
+    page = admin_client.get(url + f"?ids={photo.id}").content.decode()
+    assert 'value="64x64, 32x32"' in page
+
+    response = admin_client.post(url, {"ids": str(photo.id), "sizes": "100x100"})
+    assert response.status_code == 302
+    photo.refresh_from_db()
+    assert photo.status == Image.Status.PENDING
+    assert photo.archive == old_archive  # the old zip stays recorded until the new one is
+    assert (folders["media"] / old_archive).is_file()
+
+    assert processing.process_image(photo.id) == Image.Status.DONE
+    photo.refresh_from_db()
+    assert photo.thumbnails == {"100x100": [100, 75]}
+    assert photo.sizes == ["100x100"]
+    assert Path(photo.original_path).is_file()
+    assert Path(photo.original_path).parent.parent.parent.parent.name == "originals"
+
+
+def test_retry_failed_reprocesses_only_failed_images(admin_client, processed, settings):
+    broken, photo = processed["broken.jpg"], processed["photo.jpg"]
+    # A fixed file: the kept original is replaced by a good image before the retry.
+    Path(broken.original_path).write_bytes(image_bytes((50, 40)))
+    response = admin_client.post(
+        reverse("admin:jobs_image_changelist"),
+        {"action": "retry_failed", "_selected_action": [broken.id, photo.id]},
+    )
+    assert response.status_code == 302
+    assert Image.objects.get(id=photo.id).status == Image.Status.DONE
+    broken.refresh_from_db()
+    assert broken.status == Image.Status.PENDING
+    assert not Path(broken.original_path + ".error.txt").exists()
+
+    assert processing.process_image(broken.id) == Image.Status.DONE
+    broken.refresh_from_db()
+    assert "/originals/" in broken.original_path
+    assert Path(broken.original_path).is_file()
+
+
+def test_reprocess_leaves_images_in_progress_alone_with_a_reason(admin_client, folders, drop):
+    drop(folders["watch"], "waiting.jpg")
+    sweep, path, labels = start_sweep(None, None, trigger=Sweep.Trigger.MANUAL)
+    run_sweep(sweep, path, labels)
+    image = Image.objects.get()
+    response = admin_client.post(
+        reverse("admin:jobs_image_reprocess"), {"ids": str(image.id), "sizes": "10x10"}, follow=True
+    )
+    assert "still being processed" in response.content.decode()
+    assert Image.objects.get().status == Image.Status.PENDING
+    assert Image.objects.get().sizes != ["10x10"]
+
+
+def test_delete_selected_asks_first_then_removes_records_and_archives(
+    admin_client, processed, folders
+):
+    photo = processed["photo.jpg"]
+    archive = folders["media"] / photo.archive
+    changelist = reverse("admin:jobs_image_changelist")
+    confirm = admin_client.post(
+        changelist, {"action": "delete_selected", "_selected_action": [photo.id]}
+    )
+    assert confirm.status_code == 200
+    assert "Their zip archives are deleted" in confirm.content.decode()
+    assert archive.is_file()
+
+    with_commit = admin_client.post(
+        changelist,
+        {"action": "delete_selected", "_selected_action": [photo.id], "post": "yes"},
+    )
+    assert with_commit.status_code == 302
+    assert not Image.objects.filter(id=photo.id).exists()
+
+
+def test_delete_removes_the_archive_once_committed(
+    admin_client, processed, folders, django_capture_on_commit_callbacks
+):
+    photo = processed["photo.jpg"]
+    archive = folders["media"] / photo.archive
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post(
+            reverse("admin:jobs_image_changelist"),
+            {"action": "delete_selected", "_selected_action": [photo.id], "post": "yes"},
+        )
+    assert not archive.exists()
+    assert Path(photo.original_path).is_file()  # originals are kept
+
+
+def test_sweep_changelist_links_images_and_offers_sweep_now(admin_client, processed):
+    page = admin_client.get(reverse("admin:jobs_sweep_changelist")).content.decode()
+    sweep = processed["photo.jpg"].sweep
+    assert f"?sweep__id__exact={sweep.id}" in page
+    assert reverse("admin:jobs_sweep_now") in page
+
+
+def test_sweep_now_rejects_a_folder_outside_the_roots(admin_client, folders):
+    response = admin_client.post(
+        reverse("admin:jobs_sweep_now"), {"folder": "/etc", "sizes": "64x64"}
+    )
+    assert response.status_code == 200
+    assert "outside the allowed WATCH_ROOTS" in response.content.decode()
+
+
+def test_sweep_now_prefills_defaults_and_sends_a_sweep(admin_client, folders, broker):
+    form = admin_client.get(reverse("admin:jobs_sweep_now")).content.decode()
+    assert str(folders["watch"]) in form
+    assert "128x128, 256x256, 512x512" in form
+
+    response = admin_client.post(
+        reverse("admin:jobs_sweep_now"), {"folder": str(folders["other"]), "sizes": "64x64"}
+    )
+    assert response.status_code == 302
+    task_id = response.url.rstrip("/").rsplit("/", 1)[1]
+    assert redis.Redis.from_url(broker.url).llen("celery") == 1
+    status = admin_client.get(reverse("jobs:sweep-by-task", args=[task_id])).json()
+    assert status == {"id": None, "status": "queued", "over": False, "images": []}
+    assert "Waiting for a worker" in admin_client.get(response.url).content.decode()
+
+
+def test_periodic_task_form_writes_sweep_kwargs(admin_client, folders, every_second):
+    response = admin_client.post(
+        reverse("admin:django_celery_beat_periodictask_add"),
+        {
+            "name": "second folder",
+            "regtask": "jobs.sweep_folder",
+            "task": "",
+            "enabled": "on",
+            "folder": str(folders["other"]),
+            "sizes": "40x30 20x20",
+            "interval": every_second.id,
+            "args": "[]",
+            "kwargs": "",
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[:3000]
+    task = PeriodicTask.objects.get(name="second folder")
+    assert task.task == "jobs.sweep_folder"
+    assert json.loads(task.kwargs) == {"folder": str(folders["other"]), "sizes": ["40x30", "20x20"]}
+
+
+@pytest.mark.parametrize(
+    ("folder", "message"),
+    [
+        ("", "Give the absolute path"),
+        ("relative/path", "must be an absolute path"),
+        ("/etc", "outside the allowed WATCH_ROOTS"),
+        ("{media}", "overlaps MEDIA_ROOT"),
+        ("{root}/missing", "does not exist"),
+    ],
+)
+def test_periodic_task_form_rejects_bad_folders(
+    admin_client, folders, every_second, folder, message
+):
+    folder = folder.format(media=folders["media"], root=folders["root"])
+    response = admin_client.post(
+        reverse("admin:django_celery_beat_periodictask_add"),
+        {
+            "name": "bad",
+            "regtask": "jobs.sweep_folder",
+            "folder": folder,
+            "sizes": "64x64",
+            "interval": every_second.id,
+            "args": "[]",
+        },
+    )
+    assert response.status_code == 200
+    assert message in response.content.decode()
+    assert not PeriodicTask.objects.filter(name="bad").exists()
+
+
+def test_periodic_task_form_rejects_bad_sizes_and_a_folder_already_swept(
+    admin_client, folders, every_second
+):
+    PeriodicTask.objects.create(
+        name="existing",
+        task="jobs.sweep_folder",
+        interval=every_second,
+        kwargs=json.dumps({"folder": str(folders["other"])}),
+    )
+    response = admin_client.post(
+        reverse("admin:django_celery_beat_periodictask_add"),
+        {
+            "name": "bad",
+            "regtask": "jobs.sweep_folder",
+            "folder": str(folders["other"]),
+            "sizes": "64by64",
+            "interval": every_second.id,
+            "args": "[]",
+        },
+    )
+    page = response.content.decode()
+    assert "not a size like 128x128" in page
+    assert "already swept by the periodic task" in page
+
+
+def test_periodic_task_change_form_shows_folder_and_sizes_from_kwargs(
+    admin_client, folders, every_second
+):
+    task = PeriodicTask.objects.create(
+        name="mine",
+        task="jobs.sweep_folder",
+        interval=every_second,
+        kwargs=json.dumps({"folder": str(folders["other"]), "sizes": ["40x30"]}),
+    )
+    page = admin_client.get(
+        reverse("admin:django_celery_beat_periodictask_change", args=[task.id])
+    ).content.decode()
+    assert f'value="{folders["other"]}"' in page
+    assert 'value="40x30"' in page
+
+
+def test_periodic_task_list_shows_owner_next_run_and_last_sweep(
+    admin_client, folders, every_second
+):
+    PeriodicTask.objects.create(
+        name="sweep-watch-folder",
+        task="jobs.sweep_folder",
+        interval=every_second,
+        kwargs=json.dumps({"folder": str(folders["watch"])}),
+    )
+    PeriodicTask.objects.create(
+        name="mine",
+        task="jobs.sweep_folder",
+        interval=every_second,
+        kwargs=json.dumps({"folder": str(folders["other"]), "sizes": ["40x30"]}),
+        last_run_at=timezone.now(),
+    )
+    Sweep.objects.create(
+        trigger=Sweep.Trigger.SCHEDULE, schedule_name="mine", folder="x", status="done", claimed=3
+    )
+    page = admin_client.get(reverse("admin:django_celery_beat_periodictask_changelist"))
+    text = page.content.decode()
+    assert ">settings</span>" in text
+    assert ">admin</span>" in text
+    assert "next run (utc)" in text.lower()
+    assert "3 claimed" in text
+    assert "40x30" in text
+
+
+def test_settings_owned_periodic_task_is_read_only(admin_client, folders, every_second):
+    task = PeriodicTask.objects.create(
+        name="sweep-watch-folder", task="jobs.sweep_folder", interval=every_second
+    )
+    url = reverse("admin:django_celery_beat_periodictask_change", args=[task.id])
+    page = admin_client.get(url).content.decode()
+    assert 'name="_save"' not in page
+    assert ">settings</span>" in page
+    assert admin_client.post(url, {"name": "renamed"}).status_code == 403
+    delete = reverse("admin:django_celery_beat_periodictask_delete", args=[task.id])
+    assert admin_client.post(delete, {"post": "yes"}).status_code == 403
+
+
+def test_retire_removed_entries_disables_rows_that_left_the_settings(every_second):
+    PeriodicTask.objects.create(name="kept", task="jobs.sweep_folder", interval=every_second)
+    PeriodicTask.objects.create(name="gone", task="jobs.sweep_folder", interval=every_second)
+    PeriodicTask.objects.create(name="admin-made", task="jobs.sweep_folder", interval=every_second)
+    assert beat.retire_removed_entries({"kept", "gone"}) == []
+
+    assert beat.retire_removed_entries({"kept"}) == ["gone"]
+
+    gone = PeriodicTask.objects.get(name="gone")
+    assert not gone.enabled
+    assert "until its entry was removed" in gone.description
+    assert PeriodicTask.objects.get(name="kept").enabled
+    assert PeriodicTask.objects.get(name="admin-made").enabled
+    assert PeriodicTask.objects.get(name="admin-made").description == ""
+    # Once retired it is an ordinary task: enabling it again sticks.
+    PeriodicTask.objects.filter(name="gone").update(enabled=True)
+    assert beat.retire_removed_entries({"kept"}) == []
+
+
+def test_next_run_of_an_interval_task_follows_its_last_run(every_second):
+    now = timezone.now()
+    task = PeriodicTask.objects.create(
+        name="t", task="jobs.sweep_folder", interval=every_second, last_run_at=now
+    )
+    when = beat.next_run(task, now)
+    assert now <= when <= now + timezone.timedelta(seconds=1.5)
+    task.enabled = False
+    assert beat.next_run(task, now) is None
+
+
+def test_next_run_of_a_crontab_task_that_never_ran_is_its_next_slot():
+    four = CrontabSchedule.objects.create(minute="0", hour="4")
+    task = PeriodicTask.objects.create(name="nightly", task="celery.backend_cleanup", crontab=four)
+    when = timezone.localtime(beat.next_run(task))
+    assert (when.hour, when.minute) == (4, 0)
+    assert when > timezone.now()
+
+
+def test_dashboard_shows_chart_figures_and_tolerates_redis_down(admin_client, processed):
+    response = admin_client.get(reverse("dashboard"))
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert '<svg id="hourly-chart"' in page
+    assert page.count('class="done"') == 48
+    assert "1 failed" in page or "(1)" in page
+    assert 'id="throughput"' in page
+    assert "Archives on disk" in page
+
+
+def test_dashboard_is_for_staff_only(client, folders, django_user_model):
+    client.force_login(django_user_model.objects.create_user("eve"))
+    response = client.get(reverse("dashboard"))
+    assert response.status_code == 302
+    assert "/admin/login/" in response.url
+
+
+def test_hourly_chart_counts_done_and_failed_in_their_hour(processed):
+    chart = stats.hourly_chart(1)
+    assert len(chart.bars) == 24
+    assert chart.total_done == 1
+    assert chart.total_failed == 1
+    assert chart.bars[-1].done_height > 0
+    assert chart.bars[-1].failed_height > 0
+
+
+def test_throughput_measures_images_and_megapixels_of_recent_sweeps(processed):
+    rows = stats.recent_throughput()
+    assert len(rows) == 1
+    assert rows[0].images == 2
+    assert rows[0].megapixels == pytest.approx(0.12)
+    assert rows[0].per_minute > 0
+
+
+def test_queue_length_reads_redis_and_reports_when_it_is_down(broker):
+    client = redis.Redis.from_url(broker.url)
+    client.rpush("celery", "a", "b")
+    queue = stats.queue_length()
+    assert (queue.waiting, queue.error) == (2, "")
+    broker.stop()
+    down = stats.queue_length()
+    assert down.waiting is None
+    assert "Redis did not answer" in down.error

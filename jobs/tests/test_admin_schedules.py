@@ -1,0 +1,116 @@
+"""Schedules made, edited and disabled in the admin reach a running beat without a restart.
+
+Real Redis, a real `celery worker` and a real `celery beat` with Parroter's scheduler, against
+the file-backed test database; the admin is driven through its forms with the test client.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from django.urls import reverse
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+from jobs.beat import SETTINGS_MARK
+from jobs.models import Image, Sweep
+
+from .conftest import image_bytes
+from .processes import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def start_beat(system) -> None:
+    system.start(
+        "beat",
+        "beat",
+        "--loglevel=INFO",
+        "--scheduler=jobs.beat:Scheduler",
+        f"--pidfile={system.log_dir / 'beat.pid'}",
+        f"--schedule={system.log_dir / 'beat-schedule'}",
+    )
+
+
+def task_form(folders, interval: IntervalSchedule, sizes: str, enabled: bool = True) -> dict:
+    data = {
+        "name": "second folder",
+        "regtask": "jobs.sweep_folder",
+        "task": "",
+        "description": "",
+        "folder": str(folders["other"]),
+        "sizes": sizes,
+        "interval": interval.id,
+        "args": "[]",
+        "kwargs": "",
+        "headers": "{}",
+    }
+    if enabled:
+        data["enabled"] = "on"
+    return data
+
+
+def finished(name: str) -> Image | None:
+    return Image.objects.filter(name=name, status=Image.Status.DONE, in_folder=False).first()
+
+
+def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
+    system, folders, drop, admin_client
+):
+    every_second = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(
+        name="entry removed from settings",
+        task="jobs.sweep_folder",
+        interval=every_second,
+        kwargs=json.dumps({"folder": str(folders["watch"])}),
+        description=f"{SETTINGS_MARK} when beat starts.",
+    )
+    system.worker()
+    start_beat(system)
+    wait_for(
+        lambda: Sweep.objects.filter(schedule_name="sweep-watch-folder").exists(),
+        what="beat's first sweep",
+    )
+    retired = PeriodicTask.objects.get(name="entry removed from settings")
+    assert not retired.enabled
+    assert "until its entry was removed" in retired.description
+    assert PeriodicTask.objects.get(name="sweep-watch-folder").description.startswith(SETTINGS_MARK)
+
+    # Added through the admin form: beat picks it up.
+    add = admin_client.post(
+        reverse("admin:django_celery_beat_periodictask_add"),
+        task_form(folders, every_second, "40x30"),
+    )
+    assert add.status_code == 302, add.content.decode()[:2000]
+    drop(folders["other"], "first.jpg", image_bytes((800, 200)))
+    first = wait_for(lambda: finished("first.jpg"), what="the first image of the new task")
+    assert first.thumbnails == {"40x30": [40, 10]}
+    assert first.sweep.schedule_name == "second folder"
+
+    # Edited: the next sweeps use the new sizes.
+    task = PeriodicTask.objects.get(name="second folder")
+    change_url = reverse("admin:django_celery_beat_periodictask_change", args=[task.id])
+    edit = admin_client.post(change_url, task_form(folders, every_second, "20x20"))
+    assert edit.status_code == 302, edit.content.decode()[:2000]
+    wait_for(
+        lambda: Sweep.objects.filter(schedule_name="second folder", sizes=["20x20"]).exists(),
+        what="a sweep with the edited sizes",
+    )
+    drop(folders["other"], "second.jpg", image_bytes((800, 200)))
+    second = wait_for(lambda: finished("second.jpg"), what="the image after the edit")
+    assert second.thumbnails == {"20x20": [20, 5]}
+
+    # Disabled: no more sweeps of that folder.
+    disable = admin_client.post(
+        reverse("admin:django_celery_beat_periodictask_changelist"),
+        {"action": "disable_tasks", "_selected_action": [task.id]},
+    )
+    assert disable.status_code == 302
+    # Beat looks for changes at least every 5 s; a sweep already sent may still run.
+    time.sleep(7)
+    count = Sweep.objects.filter(schedule_name="second folder").count()
+    drop(folders["other"], "third.jpg", image_bytes((800, 200)))
+    time.sleep(4)
+    assert Sweep.objects.filter(schedule_name="second folder").count() == count
+    assert not Image.objects.filter(name="third.jpg").exists()

@@ -1,0 +1,244 @@
+"""The upload page, JSON status endpoints and files served from the zips (Django test client).
+
+Images are processed by calling the task body directly; the real worker is exercised in the
+integration and browser tests.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import zipfile
+from pathlib import Path
+
+import pytest
+import redis
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import reverse
+from PIL import Image as PILImage
+
+from jobs import processing
+from jobs.models import Image, Sweep
+
+from .conftest import image_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def named(name: str, data: bytes, content_type: str = "image/jpeg") -> io.BytesIO:
+    handle = io.BytesIO(data)
+    handle.name = name
+    return handle
+
+
+@pytest.fixture
+def alice(client: Client) -> User:
+    user = User.objects.create_user("alice")
+    client.force_login(user)
+    return user
+
+
+def upload(client: Client, *files: io.BytesIO, sizes: str = "64x64, 32x32") -> dict:
+    response = client.post(reverse("jobs:upload"), {"images": list(files), "sizes": sizes})
+    return {"status": response.status_code, **response.json()}
+
+
+def process_all(ids: list[int]) -> None:
+    for image_id in ids:
+        processing.process_image(image_id)
+
+
+def test_upload_page_requires_login(client, folders):
+    response = client.get(reverse("jobs:upload-page"))
+    assert response.status_code == 302
+    assert response.url.startswith(reverse("jobs:login"))
+
+
+def test_upload_page_shows_form_and_limits(client, folders, alice):
+    response = client.get(reverse("jobs:upload-page"))
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert 'id="upload-form"' in page
+    assert "128x128, 256x256, 512x512" in page
+    assert "csrfmiddlewaretoken" in page
+
+
+def test_upload_api_requires_login_with_json_401(client, folders):
+    response = client.post(reverse("jobs:upload"), {})
+    assert response.status_code == 401
+    assert response.json() == {"error": "authentication required"}
+
+
+def test_upload_refuses_a_post_without_csrf_token(folders, alice):
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(alice)
+    response = strict.post(
+        reverse("jobs:upload"), {"images": [named("a.jpg", image_bytes())], "sizes": "64x64"}
+    )
+    assert response.status_code == 403
+
+
+def test_upload_claims_files_as_upload_images_of_their_owner(
+    client, folders, alice, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        body = upload(
+            client,
+            named("holiday photo.jpg", image_bytes((400, 300))),
+            named("logo.png", image_bytes((100, 100), "RGBA", "PNG", (0, 0, 255, 128))),
+        )
+    assert body["status"] == 201
+    assert len(callbacks) == 1  # one queueing, after the commit
+    sweep = Sweep.objects.get(id=body["sweep"]["id"])
+    assert sweep.trigger == Sweep.Trigger.UPLOAD
+    assert sweep.requested_by == alice
+    assert sweep.claimed == 2
+    images = list(Image.objects.order_by("id"))
+    assert [image.name for image in images] == ["holiday photo.jpg", "logo.png"]
+    for image in images:
+        assert image.source == Image.Source.UPLOAD
+        assert image.uploaded_by == alice
+        assert image.sizes == ["64x64", "32x32"]
+        assert Path(image.source_path).is_relative_to(folders["media"] / "uploads")
+        assert Path(image.source_path).is_file()
+    assert "task_id" not in str(body)
+
+
+def test_upload_two_files_of_one_name_keeps_both(client, folders, alice):
+    body = upload(client, named("a.jpg", image_bytes()), named("a.jpg", image_bytes((10, 10))))
+    assert body["status"] == 201
+    assert sorted(Image.objects.values_list("name", flat=True)) == ["a (2).jpg", "a.jpg"]
+
+
+def test_upload_rejects_files_that_are_not_images_with_a_reason(client, folders, alice):
+    body = upload(client, named("notes.txt", b"hello there"))
+    assert body["status"] == 400
+    assert body["rejected"][0]["name"] == "notes.txt"
+    assert "not an image" in body["rejected"][0]["error"]
+    assert not Image.objects.exists()
+
+
+def test_upload_takes_the_good_files_and_reports_the_bad(client, folders, alice):
+    body = upload(client, named("good.jpg", image_bytes()), named("empty.jpg", b""))
+    assert body["status"] == 201
+    assert [image["name"] for image in body["sweep"]["images"]] == ["good.jpg"]
+    assert body["rejected"][0]["name"] == "empty.jpg"
+    assert "empty" in body["rejected"][0]["error"]
+
+
+def test_upload_rejects_too_many_pixels(client, folders, alice, settings):
+    settings.MAX_IMAGE_PIXELS = 1000
+    body = upload(client, named("big.png", image_bytes((100, 100), fmt="PNG")))
+    assert body["status"] == 400
+    assert "pixel" in body["rejected"][0]["error"]
+
+
+def test_upload_rejects_too_many_bytes(client, folders, alice, settings):
+    settings.UPLOAD_MAX_BYTES = 1000
+    body = upload(client, named("big.jpg", image_bytes((400, 400))))
+    assert body["status"] == 400
+    assert "over the limit of 1000" in body["rejected"][0]["error"]
+
+
+def test_upload_rejects_too_many_files(client, folders, alice, settings):
+    settings.UPLOAD_MAX_FILES = 2
+    body = upload(client, *(named(f"{n}.jpg", image_bytes((8, 8))) for n in range(3)))
+    assert body["status"] == 400
+    assert "at most 2 per upload" in body["errors"]["images"][0]["message"]
+
+
+def test_upload_rejects_bad_sizes(client, folders, alice):
+    body = upload(client, named("a.jpg", image_bytes()), sizes="big")
+    assert body["status"] == 400
+    assert "not a size like 128x128" in body["errors"]["sizes"][0]["message"]
+
+
+def test_sweep_status_follows_uploads_to_done_with_zip_and_thumbnails(client, folders, alice):
+    body = upload(client, named("photo.jpg", image_bytes((400, 300))), sizes="64x64, 200x200")
+    status_url = body["status_url"]
+    assert client.get(status_url).json()["counts"]["pending"] == 1
+    process_all([image["id"] for image in body["sweep"]["images"]])
+
+    sweep = client.get(status_url).json()
+    assert sweep["over"] is True
+    assert sweep["progress"] == 100
+    image = sweep["images"][0]
+    assert image["status"] == "done"
+    assert [(t["size"], t["width"], t["height"]) for t in image["thumbnails"]] == [
+        ("64x64", 64, 48),
+        ("200x200", 200, 150),
+    ]
+    archive = client.get(image["archive_url"])
+    assert archive.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(b"".join(archive.streaming_content))) as zipped:
+        assert sorted(zipped.namelist()) == ["photo.jpg", "photo_200x200.jpg", "photo_64x64.jpg"]
+    thumb = client.get(image["thumbnails"][0]["url"])
+    assert thumb.status_code == 200
+    assert thumb["Content-Type"] == "image/jpeg"
+    assert PILImage.open(io.BytesIO(thumb.content)).size == (64, 48)
+    assert client.get(image["status_url"]).json()["status"] == "done"
+
+
+def test_status_and_files_of_an_upload_are_hidden_from_other_users(client, folders, alice):
+    body = upload(client, named("mine.jpg", image_bytes()))
+    image_id = body["sweep"]["images"][0]["id"]
+    process_all([image_id])
+    bob = User.objects.create_user("bob")
+    client.force_login(bob)
+    assert client.get(body["status_url"]).status_code == 404
+    assert client.get(reverse("jobs:image-status", args=[image_id])).status_code == 404
+    assert client.get(reverse("jobs:archive", args=[image_id])).status_code == 404
+    assert client.get(reverse("jobs:thumbnail", args=[image_id, "64x64"])).status_code == 404
+    assert "mine.jpg" not in client.get(reverse("jobs:upload-page")).content.decode()
+
+
+def test_staff_see_every_upload_with_admin_links(client, folders, alice, admin_client):
+    body = upload(client, named("mine.jpg", image_bytes()))
+    image_id = body["sweep"]["images"][0]["id"]
+    data = admin_client.get(reverse("jobs:image-status", args=[image_id])).json()
+    assert data["name"] == "mine.jpg"
+    assert data["admin_url"] == reverse("admin:jobs_image_change", args=[image_id])
+
+
+def test_duplicate_upload_downloads_the_first_zip_under_its_own_name(client, folders, alice):
+    photo = image_bytes((300, 200))
+    first = upload(client, named("theirs.jpg", photo), sizes="50x50")
+    process_all([first["sweep"]["images"][0]["id"]])
+    bob = User.objects.create_user("bob")
+    client.force_login(bob)
+    second = upload(client, named("mine.jpg", photo), sizes="50x50")
+    image_id = second["sweep"]["images"][0]["id"]
+    process_all([image_id])
+
+    data = client.get(reverse("jobs:image-status", args=[image_id])).json()
+    assert data["status"] == "duplicate"
+    assert "duplicate_of" not in data
+    archive = client.get(data["archive_url"])
+    with zipfile.ZipFile(io.BytesIO(b"".join(archive.streaming_content))) as zipped:
+        assert sorted(zipped.namelist()) == ["mine.jpg", "mine_50x50.jpg"]
+        assert zipped.read("mine.jpg") == photo
+    assert client.get(data["thumbnails"][0]["url"]).status_code == 200
+
+
+def test_image_status_requeues_an_upload_whose_message_was_lost(client, folders, alice, broker):
+    body = upload(client, named("a.jpg", image_bytes()))
+    image_id = body["sweep"]["images"][0]["id"]
+    Image.objects.filter(id=image_id).update(queued_at="2000-01-01T00:00:00Z")
+    queue = redis.Redis.from_url(broker.url)
+    assert queue.llen("celery") == 0  # no commit in this test: the upload's send never ran
+
+    assert client.get(reverse("jobs:image-status", args=[image_id])).json()["status"] == "pending"
+
+    assert queue.llen("celery") == 1
+    assert Image.objects.get(id=image_id).queued_at.year > 2000
+    client.get(reverse("jobs:image-status", args=[image_id]))
+    assert queue.llen("celery") == 1  # fresh again: not sent twice
+
+
+def test_login_page_logs_in_a_non_staff_user_and_returns_to_the_upload_page(client, folders):
+    password = secrets.token_urlsafe()
+    User.objects.create_user("carol", password=password)
+    response = client.post(reverse("jobs:login"), {"username": "carol", "password": password})
+    assert response.status_code == 302
+    assert response.url == reverse("jobs:upload-page")
