@@ -1,0 +1,215 @@
+"""How the system is doing, for the dashboard: read-only queries and a server-side SVG chart."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import redis
+from celery import current_app
+from django.conf import settings
+from django.db.models import Count, F, Max, Min, Q, Sum
+from django.db.models.functions import TruncHour
+from django.utils import timezone
+
+from .models import Image, Sweep
+
+logger = logging.getLogger(__name__)
+
+CHART_WIDTH = 960
+CHART_HEIGHT = 240
+CHART_LEFT = 40
+CHART_BOTTOM = 28
+CHART_TOP = 12
+
+
+@dataclass
+class Bar:
+    x: float
+    width: float
+    done_y: float
+    done_height: float
+    failed_y: float
+    failed_height: float
+    title: str
+
+
+@dataclass
+class Chart:
+    """Images finished per hour (done and failed stacked), laid out for an SVG template."""
+
+    width: int
+    height: int
+    bars: list[Bar] = field(default_factory=list)
+    x_labels: list[tuple[float, str]] = field(default_factory=list)
+    y_labels: list[tuple[float, str]] = field(default_factory=list)
+    left: int = CHART_LEFT
+    bottom: float = 0
+    total_done: int = 0
+    total_failed: int = 0
+
+
+@dataclass
+class Throughput:
+    sweep: Sweep
+    images: int
+    seconds: float
+    megapixels: float
+
+    @property
+    def per_minute(self) -> float:
+        return self.images * 60 / self.seconds if self.seconds else 0.0
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.megapixels / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Queue:
+    waiting: int | None
+    in_flight: int | None
+    error: str = ""
+
+
+def hourly_chart(days: int, now: datetime | None = None) -> Chart:
+    """Done and failed images per hour over the last `days` days, in the site's time zone."""
+    now = timezone.localtime(now or timezone.now())
+    end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    hours = [end - timedelta(hours=count) for count in range(days * 24, 0, -1)]
+    counts: dict[datetime, dict[str, int]] = {hour: {"done": 0, "failed": 0} for hour in hours}
+    rows = (
+        Image.objects.filter(finished_at__gte=hours[0], finished_at__lt=end)
+        .annotate(hour=TruncHour("finished_at", tzinfo=timezone.get_current_timezone()))
+        .values("hour")
+        .annotate(
+            done=Count("id", filter=Q(status__in=[Image.Status.DONE, Image.Status.DUPLICATE])),
+            failed=Count("id", filter=Q(status=Image.Status.FAILED)),
+        )
+    )
+    for row in rows:
+        hour = timezone.localtime(row["hour"])
+        if hour in counts:
+            counts[hour]["done"] += row["done"]
+            counts[hour]["failed"] += row["failed"]
+    chart = Chart(width=CHART_WIDTH, height=CHART_HEIGHT)
+    plot_width = CHART_WIDTH - CHART_LEFT - 8
+    plot_height = CHART_HEIGHT - CHART_BOTTOM - CHART_TOP
+    chart.bottom = CHART_TOP + plot_height
+    top = max((c["done"] + c["failed"] for c in counts.values()), default=0)
+    scale_max = nice_ceiling(top)
+    step = plot_width / len(hours)
+    for index, hour in enumerate(hours):
+        done, failed = counts[hour]["done"], counts[hour]["failed"]
+        chart.total_done += done
+        chart.total_failed += failed
+        done_height = plot_height * done / scale_max
+        failed_height = plot_height * failed / scale_max
+        x = CHART_LEFT + index * step
+        chart.bars.append(
+            Bar(
+                x=round(x + step * 0.1, 2),
+                width=round(max(step * 0.8, 1), 2),
+                done_y=round(chart.bottom - done_height, 2),
+                done_height=round(done_height, 2),
+                failed_y=round(chart.bottom - done_height - failed_height, 2),
+                failed_height=round(failed_height, 2),
+                title=f"{hour:%a %d %b %H:00}: {done} done, {failed} failed",
+            )
+        )
+        if hour.hour % (6 if days <= 3 else 24) == 0:
+            label = f"{hour:%H:%M}" if hour.hour else f"{hour:%d %b}"
+            chart.x_labels.append((round(x, 2), label))
+    for fraction in (0, 0.5, 1):
+        y = chart.bottom - plot_height * fraction
+        chart.y_labels.append((round(y, 2), f"{scale_max * fraction:g}"))
+    return chart
+
+
+def nice_ceiling(value: int) -> int:
+    """A round number at least `value` (and at least 1) for the top of an axis."""
+    for nice in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000):
+        if value <= nice:
+            return nice
+    return int(value * 1.1) + 1
+
+
+def recent_throughput(limit: int = 10) -> list[Throughput]:
+    """Images per minute and megapixels per second of the last sweeps that made something.
+
+    Measured from the sweep's start to its last image's end: what someone waiting sees.
+    """
+    finished = Q(images__status__in=Image.FINAL_STATUSES)
+    sweeps = (
+        Sweep.objects.filter(claimed__gt=0)
+        .annotate(
+            finished_images=Count("images", filter=finished),
+            first_start=Min("images__started_at"),
+            last_end=Max("images__finished_at", filter=finished),
+            pixels=Sum(F("images__width") * F("images__height"), filter=finished),
+        )
+        .filter(finished_images__gt=0)
+        .order_by("-started_at")[:limit]
+    )
+    result = []
+    for sweep in sweeps:
+        seconds = (sweep.last_end - sweep.started_at).total_seconds() if sweep.last_end else 0
+        result.append(
+            Throughput(
+                sweep=sweep,
+                images=sweep.finished_images,
+                seconds=max(seconds, 0.001),
+                megapixels=(sweep.pixels or 0) / 1e6,
+            )
+        )
+    return result
+
+
+def queue_length(timeout: float = 0.5) -> Queue:
+    """Messages waiting in the Celery queue and taken but unacknowledged, from Redis."""
+
+    url = current_app.conf.broker_url or settings.CELERY_BROKER_URL
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        waiting = client.llen(current_app.conf.task_default_queue or "celery")
+        in_flight = client.hlen("unacked")
+    except (redis.RedisError, OSError) as exc:
+        return Queue(None, None, f"Redis did not answer: {exc}")
+    finally:
+        client.close()
+    return Queue(int(waiting), int(in_flight))
+
+
+def oldest_waiting() -> Image | None:
+    """The image that has waited longest for a worker (pending or processing)."""
+    return (
+        Image.objects.filter(status__in=[Image.Status.PENDING, Image.Status.PROCESSING])
+        .order_by("queued_at", "id")
+        .only("id", "name", "status", "queued_at", "folder")
+        .first()
+    )
+
+
+def status_counts(since: datetime | None = None) -> dict[str, int]:
+    images = Image.objects.all()
+    if since is not None:
+        images = images.filter(queued_at__gte=since)
+    counts = dict(images.values_list("status").annotate(n=Count("id")).order_by())
+    return {status: counts.get(status, 0) for status in Image.Status.values}
+
+
+def archive_disk() -> dict[str, int | None]:
+    """Bytes of the archives on record, and the space left where MEDIA_ROOT lives."""
+    recorded = Image.objects.exclude(archive="").aggregate(
+        total=Sum("archive_size"), count=Count("id")
+    )
+    free = None
+    media = Path(settings.MEDIA_ROOT)
+    try:
+        free = shutil.disk_usage(media if media.exists() else media.parent).free
+    except OSError as exc:
+        logger.warning("cannot read free space of %s: %s", media, exc)
+    return {"bytes": recorded["total"] or 0, "count": recorded["count"], "free": free}
