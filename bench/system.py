@@ -1,0 +1,469 @@
+"""Benchmark of the whole system against the pipeline alone and the tutorial, in one run.
+
+    .venv/bin/python bench/system.py             # bench corpus x 20 per run, 3 runs
+    .venv/bin/python bench/system.py --smoke     # tiny generated corpus, seconds
+
+Starts Parroter as `make run` does, on temporary folders and a temporary SQLite database:
+the bundled Redis, a `celery worker --concurrency 2` and `celery beat` (SWEEP_INTERVAL=1,
+SETTLE_SECONDS=0.5). After a warm-up batch, each run drops N images into the watched
+folder at once (renamed in from a staging folder on the same file system, as a careful
+copier does) and waits until every one is recorded final. Throughput is N over the time
+from the first drop to the last `finished_at`: it includes the settle delay and the wait
+for the next sweep, which a batch thumbnailer cannot avoid; "claimed -> recorded" leaves
+them out (first `started_at` to last `finished_at`).
+
+Then, with the system stopped, the same images (same bytes) go through
+jobs.pipeline.build_archive in a multiprocessing Pool(2), and through the tutorial's
+make_thumbnails (bench/pipeline.py) back to back in one process. Every copy of a corpus
+file gets a unique trailer after its image data, so no copy is recorded as a duplicate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import corpus
+
+logger = logging.getLogger("bench")
+
+HEADER = (
+    f"{'method':<34}{'images':>7}{'failed':>7}{'wall s':>9}{'img/s':>8}{'CPU ms/img':>12}"
+    f"{'runs':>6}"
+)
+SIZES = "128x128,256x256,512x512"
+SYSTEM_TARGET = 0.9
+TUTORIAL_TARGET = 3.5
+CONCURRENCY = 2
+
+
+@dataclass
+class Runs:
+    images: int = 0
+    failed: int = 0
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+
+    def add(self, images: int, failed: int, wall: float, cpu: float | None = None) -> None:
+        self.images, self.failed = images, failed
+        self.walls.append(wall)
+        if cpu is not None:
+            self.cpus.append(cpu)
+
+    def rate(self) -> float:
+        return self.images / statistics.median(self.walls)
+
+    def line(self, name: str) -> str:
+        wall = statistics.median(self.walls)
+        spread = (
+            f"  ({min(self.images / w for w in self.walls):.1f}-"
+            f"{max(self.images / w for w in self.walls):.1f})"
+            if len(self.walls) > 1
+            else ""
+        )
+        cpu = statistics.median(self.cpus) * 1000 / self.images if self.cpus else float("nan")
+        return (
+            f"{name:<34}{self.images:>7}{self.failed:>7}{wall:>9.2f}"
+            f"{self.rate():>8.1f}{cpu:>12.1f}{len(self.walls):>6}{spread}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny generated corpus, 1 run")
+    parser.add_argument("--rounds", type=int, default=20, help="corpus copies per run (20)")
+    parser.add_argument("--reps", type=int, default=3, help="measured runs of each (3)")
+    parser.add_argument(
+        "--tutorial-rounds", type=int, default=2, help="corpus copies for the tutorial (2)"
+    )
+    parser.add_argument("--worker-app", default="project", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.smoke:
+        args.rounds, args.reps, args.tutorial_rounds = 1, 1, 1
+
+    built = corpus.build(smoke=args.smoke)
+    work = Path(tempfile.mkdtemp(prefix="parroter-bench-system-"))
+    try:
+        from jobs.redis_server import start_bundled_redis
+
+        with start_bundled_redis() as redis_server:
+            environment = _configure(work, redis_server.url)
+            return _run(work, environment, list(built.files), args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if args.smoke:
+            shutil.rmtree(built.files[0].parent, ignore_errors=True)
+
+
+def _configure(work: Path, redis_url: str) -> dict[str, str]:
+    """The environment of every process of this system, also set up in this one."""
+    for name in ("inbox/watch", "media", "staging", "out", "logs"):
+        (work / name).mkdir(parents=True)
+    environment = {
+        "DATABASE_URL": f"sqlite:///{work / 'bench.sqlite3'}",
+        "WATCH_FOLDER": str(work / "inbox" / "watch"),
+        "WATCH_ROOTS": str(work / "inbox"),
+        "MEDIA_ROOT": str(work / "media"),
+        "REDIS_URL": redis_url,
+        "SWEEP_INTERVAL": "1",
+        "SETTLE_SECONDS": "0.5",
+        "THUMBNAIL_SIZES": SIZES,
+        "WORKER_CONCURRENCY": str(CONCURRENCY),
+        "DJANGO_SECRET_KEY": "bench",
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+    }
+    os.environ.update(environment)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    return {**os.environ, **environment}
+
+
+def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> int:
+    from jobs.tests.processes import Processes
+
+    processes = Processes(work / "logs", environment)
+    system, claimed = Runs(), Runs()
+    processing, alone, tutorial = Runs(), Runs(), Runs()
+    in_task: list[float] = []
+    per_image: list[float] = []
+    try:
+        processes.worker(concurrency=CONCURRENCY, app=args.worker_app)
+        processes.beat()
+        _wait(_system_is_live, 60, "the first sweep", processes)
+        logger.info("system live; warm-up batch")
+        warm = _drop_and_wait(work, files, 1, "warm", processes)
+        _pause(processes)
+        logger.info("warm-up of the runs without the system")
+        _processing(work, warm.paths, "warm")
+        _pipeline_alone(warm.paths, work / "out")
+        _tutorial(warm.paths, work / "out")
+        # Interleaved, so that load from elsewhere on the machine hits every method alike.
+        for rep in range(args.reps):
+            logger.info("run %d of %d: system", rep + 1, args.reps)
+            _resume(processes)
+            cpu = _group_cpu(processes)
+            batch = _drop_and_wait(work, files, args.rounds, f"run{rep}", processes)
+            cpu = _group_cpu(processes) - cpu
+            _pause(processes)
+            for runs, wall in ((system, batch.drop_wall), (claimed, batch.claim_wall)):
+                runs.add(batch.images, batch.failed, wall, cpu)
+            in_task.append(batch.mean_in_task)
+            logger.info("run %d of %d: processing without Celery", rep + 1, args.reps)
+            processing.add(*_processing(work, batch.paths, f"run{rep}"))
+            logger.info("run %d of %d: pipeline alone", rep + 1, args.reps)
+            wall, failed, seconds, cpu = _pipeline_alone(batch.paths, work / "out")
+            alone.add(len(batch.paths) - failed, failed, wall, cpu)
+            per_image.append(seconds)
+            logger.info("run %d of %d: tutorial", rep + 1, args.reps)
+            # Whole copies of the corpus, so that the tutorial sees the same mix.
+            sample = [
+                path for path in batch.paths if int(path.name.split("-")[2]) < args.tutorial_rounds
+            ]
+            wall, failed, cpu = _tutorial(sample, work / "out")
+            tutorial.add(len(sample) - failed, failed, wall, cpu)
+    except BaseException:
+        sys.stderr.write(processes.logs()[-8000:] + "\n")
+        raise
+    finally:
+        _resume(processes)
+        processes.stop_all()
+    _report(
+        args,
+        len(files),
+        {
+            "system, drop -> recorded": system,
+            "system, claimed -> recorded": claimed,
+            f"processing.py, Pool({CONCURRENCY}), no Celery": processing,
+            f"pipeline alone, Pool({CONCURRENCY})": alone,
+            "tutorial, back to back, 1 process": tutorial,
+        },
+        statistics.median(in_task),
+        statistics.median(per_image),
+    )
+    return 0
+
+
+def _system_is_live() -> bool:
+    from jobs.models import Sweep
+
+    return Sweep.objects.filter(status=Sweep.Status.DONE).exists()
+
+
+def _group_cpu(processes) -> float:
+    """CPU seconds used so far by every process of the worker's and beat's groups."""
+    groups = {process.pid for process in processes.running.values()}
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) in groups:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _pause(processes) -> None:
+    """Stop beat, let a sweep in hand finish, then stop the worker: nothing runs meanwhile."""
+    os.killpg(processes.running["beat"].pid, signal.SIGSTOP)
+    time.sleep(1.5)
+    os.killpg(processes.running["worker"].pid, signal.SIGSTOP)
+
+
+def _resume(processes) -> None:
+    for name in ("worker", "beat"):
+        if name in processes.running:
+            os.killpg(processes.running[name].pid, signal.SIGCONT)
+
+
+@dataclass
+class Batch:
+    paths: list[Path]
+    images: int
+    failed: int
+    drop_wall: float
+    claim_wall: float
+    mean_in_task: float
+
+
+def _stage(work: Path, files: list[Path], rounds: int, tag: str) -> list[Path]:
+    """Copies of the files, each with a unique trailer after its image data, synced."""
+    staging = work / "staging" / tag
+    staging.mkdir()
+    staged = []
+    for number in range(rounds):
+        for path in files:
+            copy = staging / f"{tag}-{number:03d}-{path.name}"
+            copy.write_bytes(path.read_bytes() + f"\0parroter-bench {tag} {number}".encode())
+            staged.append(copy)
+    # Nothing of the staging left to write back while the system runs.
+    os.sync()
+    return staged
+
+
+def _drop_and_wait(work: Path, files: list[Path], rounds: int, tag: str, processes) -> Batch:
+    """Rename staged copies into the watched folder at once, wait until all are recorded."""
+    from django.conf import settings
+    from django.db.models import Avg, F, Max, Min
+
+    from jobs.models import Image
+
+    staged = _stage(work, files, rounds, tag)
+    before = Image.objects.aggregate(last=Max("id"))["last"] or 0
+    watch = Path(settings.WATCH_FOLDER)
+    dropped = time.time()
+    for copy in staged:
+        os.rename(copy, watch / copy.name)
+    # Only these files are in the folder: every new row is one of them.
+    rows = Image.objects.filter(id__gt=before)
+
+    def all_final() -> bool:
+        # Recorded final and the original put away: what the runs below read.
+        finished = rows.filter(status__in=Image.FINAL_STATUSES, in_folder=False)
+        return finished.count() == len(staged)
+
+    _wait(all_final, 120 + 2 * len(staged), f"{len(staged)} images of {tag}", processes)
+    figures = rows.aggregate(
+        first_start=Min("started_at"),
+        last_finish=Max("finished_at"),
+        in_task=Avg(F("finished_at") - F("started_at")),
+    )
+    failed = rows.exclude(status=Image.Status.DONE)
+    for image in failed.values("name", "status", "error")[:5]:
+        logger.warning("  %s", image)
+    # The originals the system kept are the input of the runs without it.
+    paths = sorted(
+        Path(path)
+        for path in rows.filter(status=Image.Status.DONE).values_list("original_path", flat=True)
+    )
+    in_task = figures["in_task"]
+    return Batch(
+        paths=paths,
+        images=len(staged) - failed.count(),
+        failed=failed.count(),
+        drop_wall=figures["last_finish"].timestamp() - dropped,
+        claim_wall=(figures["last_finish"] - figures["first_start"]).total_seconds(),
+        mean_in_task=in_task.total_seconds() if in_task is not None else 0.0,
+    )
+
+
+def _wait(condition, timeout: float, what: str, processes) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        for name, process in processes.running.items():
+            if process.poll() is not None:
+                raise SystemExit(f"celery {name} exited with code {process.returncode}")
+        time.sleep(0.1)
+    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# --- without the system ----------------------------------------------------------------
+
+
+def _processing(work: Path, originals: list[Path], tag: str) -> tuple[int, int, float, float]:
+    """jobs.processing over fresh copies in Pool(2), claimed by a sweep here: no Celery."""
+    from django.conf import settings
+    from django.db import connections
+
+    from jobs import sweep
+    from jobs.models import Image, Sweep
+
+    tag = f"direct-{tag}"
+    folder = work / "inbox" / tag
+    folder.mkdir()
+    for copy in _stage(work, originals, 1, tag):
+        os.rename(copy, folder / copy.name)
+    settings.SETTLE_SECONDS = 0
+    record, path, sizes = sweep.start_sweep(str(folder), SIZES, trigger=Sweep.Trigger.MANUAL)
+    assert path is not None, record.error
+    ids = sweep.run_sweep(record, path, sizes).to_queue
+    # Each pool process opens its own database connection.
+    connections.close_all()
+    with multiprocessing.get_context("fork").Pool(CONCURRENCY) as pool:
+        pool.map(abs, range(CONCURRENCY))
+        started = time.perf_counter()
+        results = list(pool.imap_unordered(_process, ids))
+        wall = time.perf_counter() - started
+    done = sum(1 for status, _ in results if status == Image.Status.DONE)
+    return done, len(ids) - done, wall, sum(cpu for _, cpu in results)
+
+
+def _process(image_id: int) -> tuple[str, float]:
+    from jobs import processing
+
+    started = time.process_time()
+    return processing.process_image(image_id), time.process_time() - started
+
+
+def _archive(job: tuple[Path, Path]) -> tuple[bool, float, float]:
+    from django.conf import settings
+
+    from jobs import pipeline
+
+    path, out = job
+    started, cpu = time.perf_counter(), time.process_time()
+    try:
+        pipeline.build_archive(
+            path.read_bytes(),
+            path.name,
+            out / f"{path.name}.zip",
+            pipeline.parse_sizes(SIZES),
+            limits=pipeline.Limits(
+                max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
+            ),
+            options=pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY),
+        )
+    except Exception:
+        logger.warning("pipeline alone failed on %s", path.name, exc_info=True)
+        ok = False
+    else:
+        ok = True
+    return ok, time.perf_counter() - started, time.process_time() - cpu
+
+
+def _pipeline_alone(paths: list[Path], out: Path) -> tuple[float, int, float, float]:
+    """Wall time for all paths in Pool(2) (one image per task), failures, mean s per image,
+    CPU seconds in all."""
+    with multiprocessing.get_context("fork").Pool(CONCURRENCY) as pool:
+        pool.map(abs, range(CONCURRENCY))
+        started = time.perf_counter()
+        results = list(pool.imap_unordered(_archive, [(path, out) for path in paths]))
+        wall = time.perf_counter() - started
+    _empty(out)
+    failed = sum(1 for ok, _, _ in results if not ok)
+    return (
+        wall,
+        failed,
+        statistics.mean(seconds for _, seconds, _ in results),
+        sum(cpu for _, _, cpu in results),
+    )
+
+
+def _tutorial(paths: list[Path], out: Path) -> tuple[float, int, float]:
+    import pipeline as bench_pipeline
+
+    from jobs import pipeline
+
+    sizes = pipeline.parse_sizes(SIZES)
+    failed = 0
+    started, cpu = time.perf_counter(), time.process_time()
+    for path in paths:
+        try:
+            bench_pipeline.tutorial(path, out, sizes)
+        except Exception:
+            failed += 1
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    _empty(out)
+    return wall, failed, cpu
+
+
+def _empty(folder: Path) -> None:
+    for leftover in folder.iterdir():
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+
+
+# --- the report -------------------------------------------------------------------------
+
+
+def _report(args, corpus_size: int, rows: dict[str, Runs], in_task, per_image) -> None:
+    write = sys.stdout.write
+    system, claimed, processing, alone, tutorial = rows.values()
+    write(
+        f"Parroter system benchmark: {corpus_size} corpus files x {args.rounds} per run "
+        f"({system.images + system.failed} images), {args.reps} run(s) of each after a "
+        f"warm-up, interleaved, median (range) shown; worker --concurrency {CONCURRENCY}, "
+        "SWEEP_INTERVAL=1, SETTLE_SECONDS=0.5, SQLite\n\n"
+    )
+    write(HEADER + "\n")
+    for name, runs in rows.items():
+        write(runs.line(name) + "\n")
+    write("\n")
+    ratio = system.rate() / alone.rate()
+    write(
+        f"system / pipeline alone   {ratio:5.2f}  (target >= {SYSTEM_TARGET}: "
+        f"{'met' if ratio >= SYSTEM_TARGET else 'missed'}); claimed -> recorded "
+        f"{claimed.rate() / alone.rate():5.2f}, processing.py without Celery "
+        f"{processing.rate() / alone.rate():5.2f}\n"
+    )
+    ratio = system.rate() / tutorial.rate()
+    write(
+        f"system / tutorial         {ratio:5.2f}x (target >= {TUTORIAL_TARGET}x: "
+        f"{'met' if ratio >= TUTORIAL_TARGET else 'missed'}); pipeline alone / tutorial "
+        f"{alone.rate() / tutorial.rate():5.2f}x\n"
+    )
+
+    def cost(runs: Runs) -> float:
+        return (CONCURRENCY / runs.rate() - CONCURRENCY / alone.rate()) * 1000
+
+    write(
+        f"per image and process: {per_image * 1000:.0f} ms in the pipeline alone, "
+        f"{in_task * 1000:.0f} ms from started_at to finished_at in the system; on top of "
+        f"the pipeline: processing.py {cost(processing):.0f} ms, Celery and processing "
+        f"{cost(claimed):.0f} ms, with the sweep latency {cost(system):.0f} ms\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
