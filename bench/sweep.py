@@ -343,8 +343,10 @@ class _timed:
 
 
 def _empty_queue(tasks) -> None:
+    from django.conf import settings
+
     with tasks.sweep_folder.app.connection_for_write() as connection:
-        connection.default_channel.client.delete("celery")
+        connection.default_channel.client.delete(settings.IMAGE_QUEUE)
 
 
 def _spread(values: list[int]) -> str:

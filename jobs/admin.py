@@ -616,11 +616,20 @@ class ImageAdmin(ParroterAdminMixin, admin.ModelAdmin):
                 "they are finished.",
                 messages.WARNING,
             )
-        final = queryset.filter(status__in=Image.FINAL_STATUSES)
-        paths = [
-            views.archive_file(image) for image in final.select_related(None).only("id", "archive")
-        ]
         with transaction.atomic():
+            final = queryset.filter(status__in=Image.FINAL_STATUSES).select_related(None)
+            # A zip that duplicates outside this deletion still use stays, with its image.
+            used = intake.duplicates_using(final)
+            for image in final.filter(id__in=list(used)).only("id", "name"):
+                self.message_user(
+                    request,
+                    f"{image.name} (#{image.id}) was kept: "
+                    f"{intake.duplicates_reason(used[image.id])}; "
+                    "select its duplicates too to delete them together",
+                    messages.WARNING,
+                )
+            final = final.exclude(id__in=list(used))
+            paths = [views.archive_file(image) for image in final.only("id", "archive")]
             final.delete()
             # Files go only once the records are gone for good.
             transaction.on_commit(lambda: remove_archives([p for p in paths if p]))

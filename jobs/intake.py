@@ -1,31 +1,38 @@
 """Work that comes from people rather than from a folder scan: uploads and reprocessing.
 
 Both end in the same records and the same pipeline as a watched-folder drop. An upload is
-saved under MEDIA_ROOT/uploads and claimed like a file a sweep found. A reprocess puts a
-finished image back to pending, to be read again from where its original is kept; its old
-archive stays recorded until the new run records its own (the new zip replaces it by rename).
+saved under MEDIA_ROOT/uploads first, then claimed like a file a sweep found in one short
+transaction. A reprocess puts a finished image back to pending, to be read again from where
+its original is kept. Its old archive is kept and stays recorded until the new run records
+its own; the new run writes a new archive name, and the old file is deleted only once the
+database records the new one. If the new run fails, the old archive stays.
+
+Neither may take a zip away from duplicates that use it (see `duplicates_using`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
 from .models import Image, Sweep
 from .pipeline import fsync_directory, safe_stem
+
+logger = logging.getLogger(__name__)
 
 _SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
 
@@ -82,36 +89,67 @@ def save_upload(upload: UploadedFile, destination: Path) -> None:
         raise
 
 
-def claim_uploads(
-    uploads: Sequence[UploadedFile], sizes: list[str], user: AbstractBaseUser
-) -> tuple[Sweep, list[int]]:
-    """Save uploaded files and claim them in one upload sweep. Returns it and the image ids.
+@dataclass(frozen=True)
+class SavedUploads:
+    """Uploaded files written to their own new folder of the upload area, not yet claimed."""
 
-    Call inside a transaction and queue the ids once it commits.
+    folder: Path
+    files: list[tuple[str, Path]]
+
+
+def save_uploads(uploads: Sequence[UploadedFile]) -> SavedUploads:
+    """Write uploaded files into a new folder of the upload area; all of them or none.
+
+    Call outside any transaction: writing and fsyncing big files must not hold the
+    database's write lock.
     """
     day = timezone.localtime().strftime("%Y/%m/%d")
-    folder = upload_area() / day / uuid.uuid4().hex
-    folder.mkdir(parents=True)
-    saved: list[tuple[str, Path]] = []
+    saved = SavedUploads(upload_area() / day / uuid.uuid4().hex, [])
+    saved.folder.mkdir(parents=True)
     taken: set[str] = set()
-    for upload in uploads:
-        name = upload_name(upload.name, taken)
-        path = folder / name
-        save_upload(upload, path)
-        saved.append((name, path))
-    fsync_directory(folder)
+    try:
+        for upload in uploads:
+            name = upload_name(upload.name, taken)
+            path = saved.folder / name
+            save_upload(upload, path)
+            saved.files.append((name, path))
+        fsync_directory(saved.folder)
+    except BaseException:
+        discard_uploads(saved)
+        raise
+    return saved
+
+
+def discard_uploads(saved: SavedUploads) -> None:
+    """Remove saved uploads that were never claimed, and their folder."""
+    for _, path in saved.files:
+        path.unlink(missing_ok=True)
+    try:
+        saved.folder.rmdir()
+    except OSError as exc:
+        logger.warning("cannot remove upload folder %s: %s", saved.folder, exc)
+
+
+def claim_uploads(
+    saved: SavedUploads, sizes: list[str], user: AbstractBaseUser
+) -> tuple[Sweep, list[int]]:
+    """Claim saved uploads in one upload sweep. Returns it and the image ids.
+
+    Call inside a transaction, queue the ids once it commits, and discard the files if it
+    rolls back.
+    """
     sweep = Sweep.objects.create(
-        trigger=Sweep.Trigger.UPLOAD, folder=str(folder), sizes=sizes, requested_by=user
+        trigger=Sweep.Trigger.UPLOAD, folder=str(saved.folder), sizes=sizes, requested_by=user
     )
     now = timezone.now()
     ids = []
-    for name, path in saved:
+    for name, path in saved.files:
         status = path.stat()
         image = Image.objects.create(
             sweep=sweep,
             source=Image.Source.UPLOAD,
             uploaded_by=user,
-            folder=str(folder),
+            folder=str(saved.folder),
             name=name,
             source_path=str(path),
             file_size=status.st_size,
@@ -126,6 +164,26 @@ def claim_uploads(
     return sweep, ids
 
 
+def duplicates_using(images: QuerySet[Image]) -> Counter[int]:
+    """How many duplicates outside `images` get their zip from each done image of `images`.
+
+    Reprocessing or deleting such an image would take their zip away.
+    """
+    selected = images.values("id")
+    return Counter(
+        Image.objects.filter(
+            duplicate_of__in=images.filter(status=Image.Status.DONE).values("id"),
+            status=Image.Status.DUPLICATE,
+        )
+        .exclude(id__in=selected)
+        .values_list("duplicate_of_id", flat=True)
+    )
+
+
+def duplicates_reason(count: int) -> str:
+    return f"its zip is also the zip of {count} duplicate image(s), which would lose it"
+
+
 def why_not_reprocess(image: Image) -> str:
     """Why an image cannot be processed again right now; empty when it can."""
     if not image.is_final:
@@ -137,6 +195,12 @@ def why_not_reprocess(image: Image) -> str:
         return f"its original {original} is not in MEDIA_ROOT's originals or failed area"
     if not original.is_file() or original.is_symlink():
         return f"its original is missing from {original}"
+    dependents = duplicates_using(Image.objects.filter(id=image.id))[image.id]
+    if dependents:
+        return (
+            duplicates_reason(dependents)
+            + "; delete those, or reprocess them with other sizes, first"
+        )
     return ""
 
 
@@ -144,7 +208,7 @@ def claim_again(images: Iterable[Image], sizes: list[str] | None = None) -> Recl
     """Put finished images back to pending, read from their kept original, with new sizes.
 
     Each image is claimed by one conditional update, so two people pressing the button at
-    once queue it once. The old archive stays where it is until the new one is recorded.
+    once queue it once. The old archive stays recorded until the new run records its own.
     """
     result = Reclaim()
     for image in images:
@@ -153,24 +217,45 @@ def claim_again(images: Iterable[Image], sizes: list[str] | None = None) -> Recl
             result.skipped.append((image, reason))
             continue
         labels = list(sizes or image.sizes)
+        # The kept original as it is now: a failed one may have been replaced by a fixed file.
+        try:
+            kept = Path(image.original_path).lstat()
+        except OSError as exc:
+            result.skipped.append((image, f"its original cannot be read: {exc.strerror}"))
+            continue
         with transaction.atomic():
-            claimed = Image.objects.filter(
-                id=image.id,
-                status=image.status,
-                in_folder=False,
-                original_path=image.original_path,
-            ).update(
-                status=Image.Status.PENDING,
-                source_path=F("original_path"),
-                sizes=labels,
-                sizes_key=Image.sizes_key_for(labels),
-                error="",
-                duplicate_of=None,
-                attempts=0,
-                worker="",
-                task_id="",
-                started_at=None,
-                finished_at=None,
+            claimed = (
+                Image.objects.filter(
+                    id=image.id,
+                    status=image.status,
+                    in_folder=False,
+                    original_path=image.original_path,
+                )
+                # A duplicate of it may have been recorded since the check above.
+                .exclude(
+                    Exists(
+                        Image.objects.filter(
+                            duplicate_of=OuterRef("pk"), status=Image.Status.DUPLICATE
+                        )
+                    )
+                )
+                .update(
+                    status=Image.Status.PENDING,
+                    source_path=F("original_path"),
+                    file_size=kept.st_size,
+                    mtime_ns=kept.st_mtime_ns,
+                    sizes=labels,
+                    sizes_key=Image.sizes_key_for(labels),
+                    error="",
+                    duplicate_of=None,
+                    attempts=0,
+                    worker="",
+                    task_id="",
+                    started_at=None,
+                    finished_at=None,
+                    # Waiting starts now: jobs.recover requeues what waited REQUEUE_AFTER.
+                    queued_at=timezone.now(),
+                )
             )
         if not claimed:
             result.skipped.append((image, "someone else changed it at the same moment"))
@@ -181,24 +266,3 @@ def claim_again(images: Iterable[Image], sizes: list[str] | None = None) -> Recl
             Path(image.original_path + ".error.txt").unlink(missing_ok=True)
         result.queued.append(image.id)
     return result
-
-
-def lost_uploads(images: Iterable[Image]) -> list[int]:
-    """Pending uploads whose queue message seems lost, claimed for queueing again.
-
-    Sweeps repair images waiting in the folders they sweep; the upload area is never swept,
-    so whoever watches an upload (its status page) nudges it instead. The conditional
-    update lets exactly one watcher requeue each.
-    """
-    stale = timezone.now() - timedelta(seconds=settings.REQUEUE_AFTER)
-    ids = []
-    for image in images:
-        if image.status != Image.Status.PENDING or image.queued_at >= stale:
-            continue
-        if not image.in_folder or image.source != Image.Source.UPLOAD:
-            continue
-        if Image.objects.filter(
-            id=image.id, status=Image.Status.PENDING, queued_at=image.queued_at
-        ).update(queued_at=timezone.now()):
-            ids.append(image.id)
-    return ids

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Exists
 from django.utils import timezone
 
 from . import pipeline
@@ -78,13 +79,18 @@ def fail(image: Image, reason: str, worker: str | None = None) -> str:
 
 
 def _process(image: Image, worker: str) -> str:
-    data = read_original(Path(image.source_path))
+    try:
+        data = read_original(Path(image.source_path), (image.file_size, image.mtime_ns))
+    except FileChanged:
+        return _release_changed(image, worker)
     sha256 = hashlib.sha256(data).hexdigest()
     Image.objects.filter(id=image.id).update(sha256=sha256)
     image.sha256 = sha256
     first = _first_done(image)
     if first is not None:
-        return _record_duplicate(image, first, worker)
+        recorded = _record_duplicate(image, first, worker)
+        if recorded is not None:
+            return recorded
     destination = archive_path(image)
     sizes = pipeline.parse_sizes(image.sizes)
     info = pipeline.build_archive(
@@ -116,20 +122,51 @@ def _process(image: Image, worker: str) -> str:
         # Same content with the same sizes finished first in another worker.
         destination.unlink(missing_ok=True)
         first = _first_done(image)
-        if first is None:
+        recorded = _record_duplicate(image, first, worker) if first is not None else None
+        if recorded is None:
             raise
-        return _record_duplicate(image, first, worker)
+        return recorded
     if not done:
         # Another run took this image over (we were presumed dead); its record stands.
         logger.warning("image %s was taken over by another run; leaving it", image.id)
         return "skipped"
+    if image.archive and image.archive != relative:
+        _retire_archive(image.archive)
     image.status = Image.Status.DONE
     put_original_away(image)
     return Image.Status.DONE
 
 
-def read_original(path: Path) -> bytes:
-    """Read a regular file without following symlinks, refusing paths outside our folders."""
+def _retire_archive(relative: str) -> None:
+    """Delete a previous run's zip once the database no longer points to it."""
+    old = Path(settings.MEDIA_ROOT) / relative
+    transaction.on_commit(lambda: old.unlink(missing_ok=True))
+
+
+def _release_changed(image: Image, worker: str) -> str:
+    """The file changed after it was claimed: fail this claim, leave the file for a new one."""
+    reason = (
+        "the file changed after it was claimed (still being written?); it was left in place "
+        "and is taken again, as a new image, once it stops changing"
+    )
+    rows = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING, worker=worker)
+    if rows.update(
+        status=Image.Status.FAILED, error=reason, in_folder=False, finished_at=timezone.now()
+    ):
+        logger.warning("image %s (%s): %s", image.id, image.name, reason)
+        return Image.Status.FAILED
+    return "skipped"
+
+
+class FileChanged(Exception):
+    """The file is no longer the one that was claimed (its size or mtime moved)."""
+
+
+def read_original(path: Path, claimed: tuple[int, int] | None = None) -> bytes:
+    """Read a regular file without following symlinks, refusing paths outside our folders.
+
+    With `claimed` (size, mtime_ns), raises FileChanged when the file is not that one.
+    """
     if not is_allowed_source(path):
         raise pipeline.ImageRejected(f"{path} is outside the configured folders; not read")
     try:
@@ -144,6 +181,8 @@ def read_original(path: Path) -> bytes:
         status = os.fstat(handle.fileno())
         if not stat.S_ISREG(status.st_mode):
             raise pipeline.ImageRejected("not a regular file")
+        if claimed is not None and (status.st_size, status.st_mtime_ns) != claimed:
+            raise FileChanged(path)
         if status.st_size > settings.MAX_IMAGE_BYTES:
             raise pipeline.ImageRejected(
                 f"file is {status.st_size:,} bytes, over the {settings.MAX_IMAGE_BYTES:,} limit"
@@ -176,17 +215,29 @@ def _first_done(image: Image) -> Image | None:
     )
 
 
-def _record_duplicate(image: Image, first: Image, worker: str) -> str:
+def _record_duplicate(image: Image, first: Image, worker: str) -> str | None:
+    """Record image as a duplicate of first; None if first stopped being done meanwhile."""
+    # Only while `first` is still done: a reprocess may have just taken it back to pending.
+    first_still_done = Exists(Image.objects.filter(id=first.id, status=Image.Status.DONE))
     updated = Image.objects.filter(
-        id=image.id, status=Image.Status.PROCESSING, worker=worker
+        first_still_done, id=image.id, status=Image.Status.PROCESSING, worker=worker
     ).update(
         status=Image.Status.DUPLICATE,
         duplicate_of=first,
         error="",
+        archive="",
+        archive_size=None,
+        thumbnails={},
         finished_at=timezone.now(),
     )
     if not updated:
-        return "skipped"
+        still_ours = Image.objects.filter(
+            id=image.id, status=Image.Status.PROCESSING, worker=worker
+        ).exists()
+        return None if still_ours else "skipped"
+    if image.archive:
+        # Reprocessed into sizes another image already has: its old zip is no longer its.
+        _retire_archive(image.archive)
     image.status = Image.Status.DUPLICATE
     put_original_away(image)
     return Image.Status.DUPLICATE

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ JUNK_PATTERNS = (".*", "~*", "*.part", "*.tmp", "*.crdownload", "*.download", "T
 JUNK_DIRECTORIES = ("__MACOSX",)
 MAX_NAME_BYTES = 200
 CLAIM_BATCH = 500
+# The lengths of Image.name and Image.source_path.
+MAX_STORED_NAME = 1024
+MAX_STORED_PATH = 2048
 LOCK_SLACK = timedelta(minutes=5)
 
 
@@ -55,6 +59,8 @@ class Scan:
     ready: list[Candidate] = field(default_factory=list)
     unstable: int = 0
     ignored: int = 0
+    # Files whose names the database cannot hold (not UTF-8, or too long): left in place.
+    unstorable: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -119,15 +125,28 @@ def scan(folder: Path, settle_seconds: float, exclude: Iterable[Path] = ()) -> S
         if max(stat.st_ctime_ns, stat.st_mtime_ns) > settled_before:
             result.unstable += 1
             continue
+        name = Path(entry.path).relative_to(folder).as_posix()
+        if not _storable(entry.path, name):
+            result.ignored += 1
+            result.unstorable.append(os.fsencode(name).decode("utf-8", "backslashreplace"))
+            continue
         result.ready.append(
             Candidate(
                 path=Path(entry.path),
-                name=Path(entry.path).relative_to(folder).as_posix(),
+                name=name,
                 size=stat.st_size,
                 mtime_ns=stat.st_mtime_ns,
             )
         )
     return result
+
+
+def _storable(path: str, name: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return len(name) <= MAX_STORED_NAME and len(path) <= MAX_STORED_PATH
 
 
 def _walk(folder: Path, excluded: set[Path], result: Scan) -> Iterator[os.DirEntry[str]]:
@@ -208,7 +227,7 @@ def run_sweep(
         sweep.ignored = found.ignored
         sweep.claimed = len(claimed)
         sweep.requeued = len(requeued)
-        sweep.finish(Sweep.Status.DONE)
+        sweep.finish(Sweep.Status.DONE, _unstorable_note(found.unstorable))
         outcome.to_queue = requeued + claimed
     except Exception as exc:
         # Recorded for the admin, then raised for Celery's result row and the logs.
@@ -217,6 +236,16 @@ def run_sweep(
     finally:
         release_lock(sweep, folder)
     return outcome
+
+
+def _unstorable_note(names: list[str]) -> str:
+    if not names:
+        return ""
+    shown = "; ".join(names[:20]) + (f"; and {len(names) - 20} more" if len(names) > 20 else "")
+    return (
+        f"{len(names)} file(s) left in place: their names are not valid UTF-8 or longer than "
+        f"{MAX_STORED_NAME} characters, so they cannot be recorded; rename them: {shown}"
+    )
 
 
 def acquire_lock(sweep: Sweep, folder: Path) -> bool:
@@ -245,9 +274,9 @@ def claim(sweep: Sweep, ready: list[Candidate], sizes: list[str]) -> list[int]:
     # Files already claimed and still waiting here are in flight (or reconciled above).
     prefix = sweep.folder.rstrip("/") + "/"
     waiting = set(
-        Image.objects.filter(in_folder=True, source_path__startswith=prefix).values_list(
-            "source_path", flat=True
-        )
+        Image.objects.filter(in_folder=True, source_path__startswith=prefix)
+        .order_by()
+        .values_list("source_path", flat=True)
     )
     now = timezone.now()
     rows = [
@@ -269,7 +298,9 @@ def claim(sweep: Sweep, ready: list[Candidate], sizes: list[str]) -> list[int]:
     # between our read and our insert: the partial unique index makes one insert win.
     Image.objects.bulk_create(rows, batch_size=CLAIM_BATCH, ignore_conflicts=True)
     return list(
-        Image.objects.filter(sweep=sweep, status=Image.Status.PENDING).values_list("id", flat=True)
+        Image.objects.filter(sweep=sweep, status=Image.Status.PENDING)
+        .order_by()
+        .values_list("id", flat=True)
     )
 
 
@@ -306,18 +337,9 @@ def recover_unswept(requeue_after: float | None = None) -> list[int]:
 def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> list[int]:
     now = timezone.now()
     requeue: list[int] = []
-    for image in waiting.exclude(status=Image.Status.PENDING).only(
-        "id",
-        "status",
-        "source_path",
-        "original_path",
-        "queued_at",
-        "name",
-        "worker",
-        "started_at",
-        "attempts",
-        "error",
-    ):
+    # No ordering: the model's default (-queued_at) would make the database walk that index.
+    waiting = waiting.order_by()
+    for image in waiting.exclude(status=Image.Status.PENDING):
         try:
             if image.is_final:
                 put_original_away(image)
@@ -401,9 +423,17 @@ def work_is_stalled(window: timedelta, beat_running: bool) -> bool:
 
 
 def archive_path(image: Image) -> Path:
-    """Where an image's zip lives: unique per image, the same on every try."""
+    """Where this run of an image writes its zip.
+
+    Unique per image and the same on every try of its first run. An image that already has
+    an archive (it is being reprocessed) gets a name of this run's own, so that the old zip
+    stays whole and recorded until the new one is.
+    """
     day = timezone.localtime(image.queued_at).strftime("%Y/%m/%d")
-    return Path(settings.MEDIA_ROOT) / "archives" / day / f"{image.id}-{safe_stem(image.name)}.zip"
+    name = f"{image.id}-{safe_stem(image.name)}"
+    if image.archive and image.started_at:
+        name += timezone.localtime(image.started_at).strftime("-%Y%m%d-%H%M%S-%f")
+    return Path(settings.MEDIA_ROOT) / "archives" / day / f"{name}.zip"
 
 
 def discard_partial_archives(image: Image) -> None:
@@ -429,7 +459,12 @@ def put_original_away(image: Image) -> None:
     """
     source = Path(image.source_path)
     destination = kept_path(image)
-    if os.path.lexists(source):
+    if os.path.lexists(source) and not is_claimed_file(source, image):
+        # Someone replaced the file after it was claimed: the new one is not this image's
+        # (the next sweep claims it); this image's bytes are in its archive, if any.
+        logger.warning("%s changed after image %s claimed it; leaving it", source, image.id)
+        kept = ""
+    elif os.path.lexists(source):
         destination.parent.mkdir(parents=True, exist_ok=True)
         move_file(source, destination)
         if image.status == Image.Status.FAILED:
@@ -449,6 +484,15 @@ def put_original_away(image: Image) -> None:
     image.original_path = kept
 
 
+def is_claimed_file(path: Path, image: Image) -> bool:
+    """True when the file at path still has the size and mtime it had when claimed."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (status.st_size, status.st_mtime_ns) == (image.file_size, image.mtime_ns)
+
+
 def move_file(source: Path, destination: Path) -> None:
     """Rename, or copy-fsync-delete across file systems; the source goes only when safe."""
     try:
@@ -456,7 +500,11 @@ def move_file(source: Path, destination: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        temporary = destination.with_name(f".{destination.name}.part")
+        # A name of its own: a worker and a sweep may both be finishing this image.
+        fd, name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+        os.close(fd)
+        temporary = Path(name)
+        os.unlink(temporary)  # copy2 will not copy a symlink over an existing file
         shutil.copy2(source, temporary, follow_symlinks=False)
         if not temporary.is_symlink():
             with open(temporary, "rb") as handle:

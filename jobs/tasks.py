@@ -38,12 +38,38 @@ def sweep_folder(
 ) -> dict[str, object]:
     """Sweep one folder: repair leftovers, claim ready files, queue one task per image."""
     schedule_name = getattr(self.request, "periodic_task_name", None) or ""
-    sweep, path, labels = start_sweep(
+    sweep, to_queue = sweep_now(
         folder,
         sizes,
         trigger=Sweep.Trigger.SCHEDULE if schedule_name else Sweep.Trigger.MANUAL,
         schedule_name=schedule_name,
         task_id=self.request.id or "",
+    )
+    transaction.on_commit(lambda: queue_images(to_queue))
+    return {
+        "sweep": sweep.id,
+        "status": sweep.status,
+        "claimed": sweep.claimed,
+        "requeued": sweep.requeued,
+        "unstable": sweep.unstable,
+    }
+
+
+def sweep_now(
+    folder: str | None,
+    sizes: list[str] | str | None,
+    *,
+    trigger: str,
+    schedule_name: str = "",
+    task_id: str = "",
+) -> tuple[Sweep, list[int]]:
+    """Record and run one sweep; returns it and the image ids to queue (not yet queued).
+
+    Raises SweepArgumentsError, after recording the failed sweep, if the folder or sizes
+    cannot be used.
+    """
+    sweep, path, labels = start_sweep(
+        folder, sizes, trigger=trigger, schedule_name=schedule_name, task_id=task_id
     )
     if path is None:
         raise SweepArgumentsError(sweep.error)
@@ -56,14 +82,7 @@ def sweep_folder(
         # without persistence): queue them again now rather than after REQUEUE_AFTER.
         requeue_after=LOST_QUEUE_GRACE if queue_length() == 0 else None,
     )
-    transaction.on_commit(lambda: queue_images(outcome.to_queue))
-    return {
-        "sweep": sweep.id,
-        "status": sweep.status,
-        "claimed": sweep.claimed,
-        "requeued": sweep.requeued,
-        "unstable": sweep.unstable,
-    }
+    return sweep, outcome.to_queue
 
 
 @shared_task(name="jobs.recover")
@@ -105,11 +124,11 @@ def queue_images(image_ids: Iterable[int]) -> None:
     logger.info("queued %d image(s)", len(image_ids))
 
 
-def queue_length(queue: str = "celery") -> int | None:
+def queue_length(queue: str = settings.IMAGE_QUEUE) -> int | None:
     """Messages waiting in the broker queue, or None when the broker cannot be asked."""
     try:
         with sweep_folder.app.connection_for_read() as connection:
-            connection.ensure_connection(max_retries=1)
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
             return int(connection.default_channel.client.llen(queue))
     except (OSError, AttributeError, redis.RedisError, kombu.exceptions.OperationalError):
         logger.warning("cannot read the length of queue %r", queue, exc_info=True)

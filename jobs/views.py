@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import mimetypes
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -233,6 +234,21 @@ def iso(value: Any) -> str | None:
     return value.isoformat() if value else None
 
 
+def without_server_paths(text: str, folders: list[str]) -> str:
+    """Error text for people who are not staff, without absolute server paths.
+
+    A path under MEDIA_ROOT or one of `folders` is cut to its last part (the file name).
+    """
+    media = Path(settings.MEDIA_ROOT)
+    roots = {str(media), str(media.resolve()), *folders}
+    for root in sorted((r.rstrip("/") for r in roots if r.strip("/")), key=len, reverse=True):
+        # The root, then the rest of the path up to a space or a quote; not a longer name
+        # that merely starts like the root (/srv/media2, /srv/media.old).
+        pattern = re.escape(root) + r"(/[^\s'\"]*)?(?![\w-]|\.\w)"
+        text = re.sub(pattern, lambda match: Path(match.group(0)).name or "…", text)
+    return text
+
+
 def image_data(image: Image, staff: bool) -> dict[str, Any]:
     holder = archive_holder(image)
     thumbnails = sorted_thumbnails(holder.thumbnails) if holder else []
@@ -257,7 +273,7 @@ def image_data(image: Image, staff: bool) -> dict[str, Any]:
             for label, width, height in thumbnails
         ],
         "is_duplicate": image.status == Image.Status.DUPLICATE,
-        "error": image.error,
+        "error": image.error if staff else without_server_paths(image.error, [image.folder]),
         "queued_at": iso(image.queued_at),
         "started_at": iso(image.started_at),
         "finished_at": iso(image.finished_at),
@@ -291,7 +307,7 @@ def sweep_data(sweep: Sweep, images: list[Image], staff: bool) -> dict[str, Any]
         "unstable": sweep.unstable,
         "ignored": sweep.ignored,
         "requeued": sweep.requeued,
-        "error": sweep.error,
+        "error": sweep.error if staff else without_server_paths(sweep.error, [sweep.folder]),
         "counts": counts,
         "total": len(images),
         "finished": finished,
@@ -309,21 +325,12 @@ def sweep_data(sweep: Sweep, images: list[Image], staff: bool) -> dict[str, Any]
     return data
 
 
-def nudge(images: list[Image]) -> None:
-    """Queue again any upload whose message was lost (the upload area is never swept)."""
-    lost = intake.lost_uploads(images)
-    if lost:
-        logger.warning("queueing %d upload(s) again: their message seems lost", len(lost))
-        queue_images(lost)
-
-
 @api_login_required
 @require_GET
 def image_status(request: HttpRequest, image_id: int) -> JsonResponse:
     image = get_object_or_404(
         visible_images(request.user).select_related("duplicate_of"), id=image_id
     )
-    nudge([image])
     return JsonResponse(image_data(image, sees_everything(request.user)))
 
 
@@ -337,7 +344,6 @@ def sweep_status(request: HttpRequest, sweep_id: int) -> JsonResponse:
         .select_related("duplicate_of")
         .order_by("id")
     )
-    nudge(images)
     return JsonResponse(sweep_data(sweep, images, sees_everything(request.user)))
 
 
@@ -365,16 +371,17 @@ def upload_page(request: HttpRequest) -> HttpResponse:
         .select_related("duplicate_of")
         .order_by("-queued_at", "-id")[:RECENT_UPLOADS]
     )
+    staff = sees_everything(request.user)
     return render(
         request,
         "jobs/upload.html",
         {
             "form": UploadForm(initial={"sizes": default_sizes()}),
-            "recent": [image_data(image, False) for image in recent],
+            "recent": [image_data(image, staff) for image in recent],
             "max_files": upload_max_files(),
             "max_bytes": upload_max_bytes(),
             "max_pixels": settings.MAX_IMAGE_PIXELS,
-            "staff": sees_everything(request.user),
+            "staff": staff,
         },
     )
 
@@ -398,12 +405,17 @@ def upload(request: HttpRequest) -> JsonResponse:
         return JsonResponse(
             {"errors": form.errors.get_json_data(), "rejected": rejected}, status=400
         )
-    with transaction.atomic():
-        sweep, ids = intake.claim_uploads(
-            form.cleaned_data["accepted"], form.cleaned_data["sizes"], request.user
-        )
-        # Robust: with the broker down the upload still stands; its status page requeues it.
-        transaction.on_commit(lambda: queue_images(ids), robust=True)
+    # Files first, outside any transaction: on SQLite (IMMEDIATE) atomic() takes the write
+    # lock on entry, and writing and fsyncing the files may take long.
+    saved = intake.save_uploads(form.cleaned_data["accepted"])
+    try:
+        with transaction.atomic():
+            sweep, ids = intake.claim_uploads(saved, form.cleaned_data["sizes"], request.user)
+            # Robust: with the broker down the upload still stands; jobs.recover requeues it.
+            transaction.on_commit(lambda: queue_images(ids), robust=True)
+    except BaseException:
+        intake.discard_uploads(saved)
+        raise
     images = list(Image.objects.filter(id__in=ids).order_by("id"))
     return JsonResponse(
         {

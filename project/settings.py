@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Queue
 
 from jobs.pipeline import parse_sizes
 
@@ -255,6 +256,16 @@ CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 # With acks_late an unacknowledged message returns after this long; keep it far above the
 # hard time limit so a slow image is never delivered twice while it still runs.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, IMAGE_TIME_LIMIT * 10)}
+# Queues of our own, so a Redis shared with another Celery app mixes no messages, and sweeps
+# never wait behind a backlog of images (a worker serves both queues).
+IMAGE_QUEUE = "parroter.images"
+SWEEP_QUEUE = "parroter.sweeps"
+CELERY_TASK_DEFAULT_QUEUE = IMAGE_QUEUE
+CELERY_TASK_QUEUES = (Queue(IMAGE_QUEUE), Queue(SWEEP_QUEUE))
+CELERY_TASK_ROUTES = {
+    "jobs.sweep_folder": {"queue": SWEEP_QUEUE},
+    "jobs.recover": {"queue": SWEEP_QUEUE},
+}
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_RESULT_EXPIRES = timedelta(days=envint("RESULT_EXPIRES_DAYS", "30", minimum=1))
@@ -266,7 +277,9 @@ CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CONCURRENCY = WORKER_CONCURRENCY
-CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+# A run cut off by a broker blip would count as a failed attempt; letting it finish is
+# harmless, since a redelivered message finds its image no longer pending.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_TIMEZONE = TIME_ZONE
 # django-celery-beat's DatabaseScheduler, plus marking settings-owned rows (jobs/beat.py).
 CELERY_BEAT_SCHEDULER = "jobs.beat:Scheduler"

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import pytest
 import redis
+from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
 from jobs import beat, processing, stats
 from jobs.models import Image, Sweep
-from jobs.sweep import run_sweep, start_sweep
+from jobs.sweep import recover_unswept, run_sweep, start_sweep
 
 from .conftest import image_bytes
 
@@ -87,9 +89,12 @@ def test_thumbnails_are_served_to_staff_only(client, admin_client, processed, dj
     assert client.get(url).status_code == 404
 
 
-def test_reprocess_makes_new_sizes_from_the_kept_original(admin_client, processed, folders):
+def test_reprocess_makes_new_sizes_from_the_kept_original(
+    admin_client, processed, folders, django_capture_on_commit_callbacks
+):
     photo = processed["photo.jpg"]
     old_archive = photo.archive
+    old_file = folders["media"] / old_archive
     url = reverse("admin:jobs_image_reprocess")
     page = admin_client.get(url + f"?ids={photo.id}").content.decode()
     assert 'value="64x64, 32x32"' in page
@@ -98,15 +103,105 @@ def test_reprocess_makes_new_sizes_from_the_kept_original(admin_client, processe
     assert response.status_code == 302
     photo.refresh_from_db()
     assert photo.status == Image.Status.PENDING
-    assert photo.archive == old_archive  # the old zip stays recorded until the new one is
-    assert (folders["media"] / old_archive).is_file()
+    # While the reprocess waits, the old zip is kept and stays recorded.
+    assert photo.archive == old_archive
+    assert old_file.is_file()
 
-    assert processing.process_image(photo.id) == Image.Status.DONE
+    with django_capture_on_commit_callbacks(execute=True):
+        assert processing.process_image(photo.id) == Image.Status.DONE
     photo.refresh_from_db()
     assert photo.thumbnails == {"100x100": [100, 75]}
     assert photo.sizes == ["100x100"]
+    # Once done, the record points to a new zip with the new sizes; the old file is gone.
+    assert photo.archive != old_archive
+    with zipfile.ZipFile(folders["media"] / photo.archive) as archive:
+        assert sorted(archive.namelist()) == ["photo.jpg", "photo_100x100.jpg"]
+    assert not old_file.exists()
     assert Path(photo.original_path).is_file()
     assert Path(photo.original_path).parent.parent.parent.parent.name == "originals"
+
+
+def test_reprocess_starts_a_new_wait_so_recovery_does_not_requeue_it_at_once(
+    admin_client, processed
+):
+    photo = processed["photo.jpg"]
+    Image.objects.filter(id=photo.id).update(queued_at="2000-01-01T00:00:00Z")
+    before = timezone.now()
+    admin_client.post(
+        reverse("admin:jobs_image_reprocess"), {"ids": str(photo.id), "sizes": "100x100"}
+    )
+    photo.refresh_from_db()
+    assert photo.status == Image.Status.PENDING
+    assert photo.queued_at >= before
+    assert recover_unswept() == []  # its message has REQUEUE_AFTER to arrive
+
+
+def downloads(client, image: Image) -> bool:
+    """True when the image's zip can be downloaded (read to the end, so the file is closed)."""
+    response = client.get(reverse("jobs:archive", args=[image.id]))
+    return response.status_code == 200 and bool(b"".join(response.streaming_content))
+
+
+@pytest.fixture
+def twins(folders, drop) -> tuple[Image, Image]:
+    """The same picture dropped twice: the first done with a zip, the second its duplicate."""
+    picture = image_bytes((300, 200))
+    drop(folders["watch"], "one.jpg", picture)
+    drop(folders["watch"], "two.jpg", picture)
+    images = sweep_inline(folders["watch"], ["64x64"])
+    first = next(image for image in images if image.status == Image.Status.DONE)
+    second = next(image for image in images if image.status == Image.Status.DUPLICATE)
+    assert second.duplicate_of_id == first.id
+    return first, second
+
+
+def test_reprocess_refuses_an_image_whose_zip_duplicates_use(admin_client, twins, folders):
+    first, second = twins
+    url = reverse("admin:jobs_image_reprocess")
+    form = admin_client.get(url + f"?ids={first.id}").content.decode()
+    assert "its zip is also the zip of 1 duplicate image(s)" in form
+
+    response = admin_client.post(url, {"ids": str(first.id), "sizes": "100x100"}, follow=True)
+    assert "left alone: its zip is also the zip of 1 duplicate image(s)" in (
+        response.content.decode()
+    )
+    first.refresh_from_db()
+    assert (first.status, first.sizes) == (Image.Status.DONE, ["64x64"])
+    assert (folders["media"] / first.archive).is_file()
+    assert downloads(admin_client, second)
+
+
+def test_delete_keeps_an_image_whose_zip_duplicates_outside_the_deletion_use(
+    admin_client, twins, folders, django_capture_on_commit_callbacks
+):
+    first, second = twins
+    archive = folders["media"] / first.archive
+    changelist = reverse("admin:jobs_image_changelist")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(
+            changelist,
+            {"action": "delete_selected", "_selected_action": [first.id], "post": "yes"},
+            follow=True,
+        )
+    assert "was kept: its zip is also the zip of 1 duplicate image(s)" in (
+        response.content.decode()
+    )
+    assert Image.objects.filter(id=first.id).exists()
+    assert archive.is_file()
+    assert downloads(admin_client, second)
+
+    # Deleted together with all of its duplicates, it goes.
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post(
+            changelist,
+            {
+                "action": "delete_selected",
+                "_selected_action": [first.id, second.id],
+                "post": "yes",
+            },
+        )
+    assert not Image.objects.filter(id__in=[first.id, second.id]).exists()
+    assert not archive.exists()
 
 
 def test_retry_failed_reprocesses_only_failed_images(admin_client, processed, settings):
@@ -202,7 +297,7 @@ def test_sweep_now_prefills_defaults_and_sends_a_sweep(admin_client, folders, br
     )
     assert response.status_code == 302
     task_id = response.url.rstrip("/").rsplit("/", 1)[1]
-    assert redis.Redis.from_url(broker.url).llen("celery") == 1
+    assert redis.Redis.from_url(broker.url).llen(settings.SWEEP_QUEUE) == 1
     status = admin_client.get(reverse("jobs:sweep-by-task", args=[task_id])).json()
     assert status == {"id": None, "status": "queued", "over": False, "images": []}
     assert "Waiting for a worker" in admin_client.get(response.url).content.decode()
@@ -416,7 +511,7 @@ def test_throughput_measures_images_and_megapixels_of_recent_sweeps(processed):
 
 def test_queue_length_reads_redis_and_reports_when_it_is_down(broker):
     client = redis.Redis.from_url(broker.url)
-    client.rpush("celery", "a", "b")
+    client.rpush(settings.IMAGE_QUEUE, "a", "b")
     queue = stats.queue_length()
     assert (queue.waiting, queue.error) == (2, "")
     broker.stop()

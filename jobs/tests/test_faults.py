@@ -293,3 +293,18 @@ def test_a_busy_sqlite_database_delays_but_loses_nothing(system, folders):
         blocker.rollback()
     wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch")
     assert_each_done_once(batch, folders["media"])
+
+
+@pytest.mark.parametrize("stage", ["archive", "done"])
+def test_a_crash_between_the_steps_of_an_image_is_repaired(system, folders, tmp_path, stage):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    system.environment.update(
+        PARROTER_FAULT_DIE_AFTER=stage, PARROTER_FAULT_MARKERS=str(markers), REQUEUE_AFTER="3"
+    )
+    batch = drop_batch(folders["watch"], 4)
+    system.worker(app=FAULT_APP)
+    system.beat()
+    wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch after the crashes")
+    assert len(list(markers.iterdir())) == len(batch), "every image crashed once"
+    assert_each_done_once(batch, folders["media"])

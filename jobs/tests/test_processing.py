@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from jobs import processing, sweep
+from jobs import intake, processing, sweep
 from jobs.models import Image, Sweep
 from jobs.tasks import make_thumbnails, sweep_folder
 
@@ -165,3 +165,38 @@ def test_sweep_folder_task_fails_loudly_on_bad_kwargs(folders):
     recorded = Sweep.objects.get()
     assert recorded.status == Sweep.Status.FAILED
     assert "outside the allowed WATCH_ROOTS" in recorded.error
+
+
+def test_make_thumbnails_leaves_a_file_that_changed_after_its_claim(folders, drop):
+    image = claim(folders, drop)
+    drop(folders["watch"], "photo.jpg", image_bytes((50, 50)))  # rewritten in place
+    assert make_thumbnails(image.id) == Image.Status.FAILED
+    image.refresh_from_db()
+    assert "changed after it was claimed" in image.error
+    assert not image.in_folder
+    assert (folders["watch"] / "photo.jpg").exists()
+    assert not list((folders["media"] / "archives").rglob("*.zip"))
+
+
+def test_reprocessing_keeps_the_old_archive_until_the_new_one_is_recorded(
+    folders, drop, django_capture_on_commit_callbacks
+):
+    image = claim(folders, drop)
+    make_thumbnails(image.id)
+    image.refresh_from_db()
+    old = folders["media"] / image.archive
+    assert intake.claim_again([image], ["20x20"]).queued == [image.id]
+    image.refresh_from_db()
+    assert image.status == Image.Status.PENDING
+    assert old.is_file()
+    assert folders["media"] / image.archive == old, "still recorded while the new run waits"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert make_thumbnails(image.id) == Image.Status.DONE
+    image.refresh_from_db()
+    new = folders["media"] / image.archive
+    assert new != old
+    assert not old.exists()
+    with zipfile.ZipFile(new) as bundle:
+        assert sorted(bundle.namelist()) == ["photo.jpg", "photo_20x20.jpg"]
+    assert image.thumbnails == {"20x20": [20, 15]}
+    assert Path(image.original_path).is_file()

@@ -292,3 +292,28 @@ def test_recover_unswept_requeues_a_lost_reprocess_and_leaves_fresh_work(folders
         name="b.jpg", folder="/gone", source_path=str(kept), in_folder=False, **common
     )
     assert sweep.recover_unswept() == [lost.id]
+
+
+def test_run_sweep_leaves_names_the_database_cannot_hold_and_says_so(folders, drop):
+    drop(folders["watch"], "good.jpg")
+    bad = os.fsencode(folders["watch"]) + b"/caf\xe9.jpg"
+    with open(bad, "wb") as handle:
+        handle.write(b"latin-1 name")
+    outcome = run(folders["watch"])
+    assert [image.name for image in Image.objects.all()] == ["good.jpg"]
+    assert outcome.sweep.status == Sweep.Status.DONE
+    assert "not valid UTF-8" in outcome.sweep.error
+    assert "caf\\xe9.jpg" in outcome.sweep.error
+    assert os.path.exists(bad)
+
+
+def test_put_original_away_leaves_a_file_replaced_after_its_claim(folders, drop):
+    image = claim_one(folders, drop)
+    drop(folders["watch"], "a.jpg", b"a different, newer file")
+    image.status = Image.Status.DONE
+    sweep.put_original_away(image)
+    image.refresh_from_db()
+    assert image.original_path == ""
+    assert not image.in_folder
+    assert (folders["watch"] / "a.jpg").read_bytes() == b"a different, newer file"
+    assert len(run(folders["watch"]).to_queue) == 1, "the new file is claimed anew"

@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 import redis
+from django.conf import settings
 from django.contrib.auth.models import User
+from django.db import IntegrityError, connection
 from django.test import Client
 from django.urls import reverse
 from PIL import Image as PILImage
 
-from jobs import processing
+from jobs import processing, views
 from jobs.models import Image, Sweep
+from jobs.sweep import recover_unswept
 
 from .conftest import image_bytes
 
@@ -221,19 +224,115 @@ def test_duplicate_upload_downloads_the_first_zip_under_its_own_name(client, fol
     assert client.get(data["thumbnails"][0]["url"]).status_code == 200
 
 
-def test_image_status_requeues_an_upload_whose_message_was_lost(client, folders, alice, broker):
+def test_image_status_never_publishes_and_recovery_requeues_a_lost_upload(
+    client, folders, alice, broker
+):
     body = upload(client, named("a.jpg", image_bytes()))
     image_id = body["sweep"]["images"][0]["id"]
     Image.objects.filter(id=image_id).update(queued_at="2000-01-01T00:00:00Z")
     queue = redis.Redis.from_url(broker.url)
-    assert queue.llen("celery") == 0  # no commit in this test: the upload's send never ran
+    assert queue.llen(settings.IMAGE_QUEUE) == 0  # no commit in this test: no send ran
 
     assert client.get(reverse("jobs:image-status", args=[image_id])).json()["status"] == "pending"
+    assert client.get(body["status_url"]).status_code == 200
 
-    assert queue.llen("celery") == 1
-    assert Image.objects.get(id=image_id).queued_at.year > 2000
-    client.get(reverse("jobs:image-status", args=[image_id]))
-    assert queue.llen("celery") == 1  # fresh again: not sent twice
+    # A status request only reads; the lost message is jobs.recover's business.
+    assert queue.llen(settings.IMAGE_QUEUE) == 0
+    assert Image.objects.get(id=image_id).queued_at.year == 2000
+    assert recover_unswept() == [image_id]
+
+
+def test_image_status_answers_with_the_broker_down(client, folders, alice, broker):
+    body = upload(client, named("a.jpg", image_bytes()))
+    image_id = body["sweep"]["images"][0]["id"]
+    Image.objects.filter(id=image_id).update(queued_at="2000-01-01T00:00:00Z")
+    broker.stop()
+    assert client.get(reverse("jobs:image-status", args=[image_id])).status_code == 200
+    assert client.get(body["status_url"]).status_code == 200
+
+
+def test_upload_records_exactly_the_files_it_saved(client, folders, alice):
+    body = upload(client, named("a.jpg", image_bytes()), named("b.png", image_bytes(fmt="PNG")))
+    assert body["status"] == 201
+    sweep = Sweep.objects.get(id=body["sweep"]["id"])
+    folder = Path(sweep.folder)
+    images = list(Image.objects.filter(sweep=sweep))
+    assert sorted(path.name for path in folder.iterdir()) == ["a.jpg", "b.png"]  # no .part
+    for image in images:
+        path = Path(image.source_path)
+        assert path.parent == folder
+        assert image.folder == sweep.folder
+        assert (image.file_size, image.mtime_ns) == (path.stat().st_size, path.stat().st_mtime_ns)
+    assert sweep.claimed == len(images) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_upload_writes_its_files_before_taking_the_write_lock(client, folders, alice):
+    if connection.vendor != "sqlite":
+        pytest.skip("checks SQLite's BEGIN IMMEDIATE")
+    uploads = folders["media"] / "uploads"
+    files_at_begin: list[list[str]] = []
+
+    def watch(execute, sql, params, many, context):
+        if sql.upper().startswith("BEGIN"):
+            files_at_begin.append(sorted(p.name for p in uploads.rglob("*") if p.is_file()))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(watch):
+        body = upload(client, named("a.jpg", image_bytes()), named("b.jpg", image_bytes((9, 9))))
+    assert body["status"] == 201
+    # One transaction, and both files were complete on disk before it began.
+    assert files_at_begin == [["a.jpg", "b.jpg"]]
+
+
+def test_upload_that_cannot_be_recorded_leaves_no_files(client, folders, alice):
+    if connection.vendor != "sqlite":
+        pytest.skip("the refusing trigger is written for SQLite")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE TRIGGER refuse_images BEFORE INSERT ON jobs_image "
+            "BEGIN SELECT RAISE(ABORT, 'no more images'); END"
+        )
+    with pytest.raises(IntegrityError):
+        upload(client, named("a.jpg", image_bytes()), named("b.jpg", image_bytes((10, 10))))
+    assert not Sweep.objects.exists()
+    assert not Image.objects.exists()
+    uploads = folders["media"] / "uploads"
+    assert [path for path in uploads.rglob("*") if not path.is_dir()] == []
+    # Only the year/month/day folders stay; the upload's own folder went with its files.
+    assert [path for path in uploads.rglob("*") if len(path.relative_to(uploads).parts) > 3] == []
+
+
+def test_image_status_hides_server_paths_from_non_staff(client, folders, alice, admin_client):
+    body = upload(client, named("holiday photo.jpg", image_bytes()))
+    image_id = body["sweep"]["images"][0]["id"]
+    source = Path(Image.objects.get(id=image_id).source_path)
+    source.unlink()  # the file vanishes before it is read: the error names its path
+    assert processing.process_image(image_id) == Image.Status.FAILED
+    assert str(source) in Image.objects.get(id=image_id).error
+
+    media = str(folders["media"])
+    status_url = reverse("jobs:image-status", args=[image_id])
+    mine = client.get(status_url).json()
+    assert media not in mine["error"]
+    assert "'holiday photo.jpg'" in mine["error"]
+    sweep = client.get(body["status_url"]).json()
+    assert media not in sweep["images"][0]["error"]
+    page = client.get(reverse("jobs:upload-page")).content.decode()
+    assert "file vanished" in page
+    assert media not in page
+    assert admin_client.get(status_url).json()["error"] == Image.objects.get(id=image_id).error
+
+
+def test_without_server_paths_cuts_media_and_folder_paths_to_their_last_part(settings):
+    settings.MEDIA_ROOT = Path("/srv/media")
+    text = (
+        "missing from /srv/media/originals/2025/01/02/7-a.jpg; read '/data/My Photos/b c.png' "
+        "in /data/My Photos; not /srv/media2/x.jpg"
+    )
+    assert views.without_server_paths(text, ["/data/My Photos"]) == (
+        "missing from 7-a.jpg; read 'b c.png' in My Photos; not /srv/media2/x.jpg"
+    )
 
 
 def test_login_page_logs_in_a_non_staff_user_and_returns_to_the_upload_page(client, folders):

@@ -9,8 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from jobs import processing
 from jobs.models import Image, Sweep
-from jobs.sweep import run_sweep, start_sweep
-from jobs.tasks import queue_images
+from jobs.tasks import SweepArgumentsError, queue_images, sweep_now
 
 BAR_WIDTH = 30
 
@@ -30,19 +29,19 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=0, help="Give up waiting after N s.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        sweep, folder, sizes = start_sweep(
-            options["folder"], options["sizes"], trigger=Sweep.Trigger.MANUAL
-        )
-        if folder is None:
-            raise CommandError(sweep.error)
-        outcome = run_sweep(sweep, folder, sizes)
+        try:
+            sweep, image_ids = sweep_now(
+                options["folder"], options["sizes"], trigger=Sweep.Trigger.MANUAL
+            )
+        except SweepArgumentsError as exc:
+            raise CommandError(str(exc)) from None
         if sweep.status == Sweep.Status.SKIPPED:
-            raise CommandError(f"another sweep of {folder} is running; try again shortly")
+            raise CommandError(f"another sweep of {sweep.folder} is running; try again shortly")
         self.stdout.write(
-            f"sweep #{sweep.id} of {folder}: {sweep.claimed} new, {sweep.requeued} retried, "
-            f"{sweep.unstable} still changing, {sweep.ignored} ignored; sizes {', '.join(sizes)}"
+            f"sweep #{sweep.id} of {sweep.folder}: {sweep.claimed} new, {sweep.requeued} "
+            f"retried, {sweep.unstable} still changing, {sweep.ignored} ignored; "
+            f"sizes {', '.join(sweep.sizes)}"
         )
-        image_ids = outcome.to_queue
         if not image_ids:
             return
         if options["inline"]:
