@@ -25,7 +25,10 @@ class Sweep(models.Model):
 
     trigger = models.CharField(max_length=16, choices=Trigger.choices)
     schedule_name = models.CharField(
-        max_length=200, blank=True, help_text="Periodic task that sent this sweep, if any."
+        max_length=200,
+        blank=True,
+        db_index=True,
+        help_text="Periodic task that sent this sweep, if any.",
     )
     folder = models.CharField(max_length=1024)
     sizes = models.JSONField(default=list)

@@ -316,6 +316,21 @@ def reconcile(folder: Path, requeue_after: float | None = None) -> list[int]:
     )
 
 
+def prune_idle_sweeps(older_than: timedelta) -> int:
+    """Delete sweeps that found nothing to do, claimed nothing and recorded no error.
+
+    A schedule sweeps every few seconds: kept forever, the idle ones would bury the rest.
+    """
+    deleted, _ = Sweep.objects.filter(
+        started_at__lt=timezone.now() - older_than,
+        status__in=(Sweep.Status.DONE, Sweep.Status.SKIPPED),
+        claimed=0,
+        requeued=0,
+        error="",
+    ).delete()
+    return deleted
+
+
 def recover_unswept(requeue_after: float | None = None) -> list[int]:
     """The same repair for images no sweep looks after: uploads and reprocessing.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 
 import kombu.exceptions
@@ -17,7 +18,7 @@ from django_celery_beat.models import PeriodicTask
 
 from . import processing
 from .models import Sweep
-from .sweep import recover_unswept, run_sweep, start_sweep
+from .sweep import prune_idle_sweeps, recover_unswept, run_sweep, start_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,14 @@ def sweep_now(
 
 @shared_task(name="jobs.recover")
 def recover() -> dict[str, int]:
-    """Repair uploads and reprocessed images that a dead worker or a lost message left."""
+    """Repair uploads and reprocessed images that a dead worker or a lost message left.
+
+    Also forgets idle sweeps older than IDLE_SWEEP_DAYS.
+    """
     image_ids = recover_unswept(LOST_QUEUE_GRACE if queue_length() == 0 else None)
     transaction.on_commit(lambda: queue_images(image_ids))
-    return {"requeued": len(image_ids)}
+    pruned = prune_idle_sweeps(timedelta(days=settings.IDLE_SWEEP_DAYS))
+    return {"requeued": len(image_ids), "idle_sweeps_pruned": pruned}
 
 
 @shared_task(

@@ -234,6 +234,8 @@ MAX_ATTEMPTS = envint("MAX_ATTEMPTS", "3", minimum=1)
 # A queued image with no progress for this long is assumed lost with its message and requeued.
 REQUEUE_AFTER = envint("REQUEUE_AFTER", "60", minimum=1)
 RECOVER_INTERVAL = max(SWEEP_INTERVAL, 10.0)
+# Sweeps that found nothing to do are forgotten after this many days.
+IDLE_SWEEP_DAYS = envint("IDLE_SWEEP_DAYS", "7", minimum=1)
 UPLOAD_MAX_FILES = envint("UPLOAD_MAX_FILES", "20", minimum=1)
 UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", str(MAX_IMAGE_BYTES), minimum=1)
 # `make run` waits this long for a REDIS_URL that does not answer yet, then gives up.

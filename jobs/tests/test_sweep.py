@@ -317,3 +317,18 @@ def test_put_original_away_leaves_a_file_replaced_after_its_claim(folders, drop)
     assert not image.in_folder
     assert (folders["watch"] / "a.jpg").read_bytes() == b"a different, newer file"
     assert len(run(folders["watch"]).to_queue) == 1, "the new file is claimed anew"
+
+
+def test_prune_idle_sweeps_forgets_only_old_sweeps_that_did_nothing(folders, drop):
+    idle = new_sweep(folders["watch"])
+    idle.finish(Sweep.Status.DONE)
+    busy = run(folders["watch"]).sweep
+    drop(folders["watch"], "a.jpg")
+    claimed = run(folders["watch"]).sweep
+    failed, _, _ = sweep.start_sweep("/etc", None, trigger=Sweep.Trigger.MANUAL)
+    Sweep.objects.update(started_at=timezone.now() - timedelta(days=8))
+    recent = new_sweep(folders["watch"])
+    recent.finish(Sweep.Status.DONE)
+    assert sweep.prune_idle_sweeps(timedelta(days=7)) == 2
+    assert set(Sweep.objects.values_list("id", flat=True)) == {claimed.id, failed.id, recent.id}
+    assert busy.claimed == 0
