@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--worker-app", default="project", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # A stopped benchmark must still stop the worker, beat and Redis it started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.smoke:
         args.rounds, args.reps, args.tutorial_rounds = 1, 1, 1

@@ -74,6 +74,13 @@ def task_result_link(task_id: str) -> str:
     return format_html('<a href="{}">{}</a> ({})', url, task_id, result.status)
 
 
+def options_text(options: dict[str, Any]) -> str:
+    """Output options for people: what was asked, or the defaults that applied."""
+    if not options:
+        return f"defaults (JPEG_QUALITY, now {settings.JPEG_QUALITY}, for JPEG)"
+    return ", ".join(f"{name} {value}" for name, value in sorted(options.items()))
+
+
 def sweep_kwargs(task: PeriodicTask) -> dict[str, Any]:
     try:
         kwargs = json.loads(task.kwargs or "{}")
@@ -114,7 +121,19 @@ class SweepAdmin(ParroterAdminMixin, admin.ModelAdmin):
     date_hierarchy = "started_at"
     change_list_template = "admin/jobs/sweep/change_list.html"
     fieldsets = [
-        (None, {"fields": ["status_badge", "trigger", "schedule_name", "folder", "sizes"]}),
+        (
+            None,
+            {
+                "fields": [
+                    "status_badge",
+                    "trigger",
+                    "schedule_name",
+                    "folder",
+                    "sizes",
+                    "output_options",
+                ]
+            },
+        ),
         (
             "What it found",
             {"fields": ["seen", "claimed", "unstable", "ignored", "requeued", "images_link"]},
@@ -128,6 +147,7 @@ class SweepAdmin(ParroterAdminMixin, admin.ModelAdmin):
         "schedule_name",
         "folder",
         "sizes",
+        "output_options",
         "seen",
         "claimed",
         "unstable",
@@ -155,6 +175,10 @@ class SweepAdmin(ParroterAdminMixin, admin.ModelAdmin):
     @admin.display(description="took")
     def took(self, obj: Sweep) -> str:
         return seconds(obj.duration)
+
+    @admin.display(description="output options")
+    def output_options(self, obj: Sweep) -> str:
+        return options_text(obj.options)
 
     @admin.display(description="images")
     def images_link(self, obj: Sweep) -> str:
@@ -325,6 +349,7 @@ class ImageAdmin(ParroterAdminMixin, admin.ModelAdmin):
                     "format",
                     "file_size_display",
                     "sizes_asked",
+                    "output_options",
                     "gallery",
                     "zip_contents",
                     "archive_size_display",
@@ -362,6 +387,7 @@ class ImageAdmin(ParroterAdminMixin, admin.ModelAdmin):
         "format",
         "file_size_display",
         "sizes_asked",
+        "output_options",
         "gallery",
         "zip_contents",
         "archive_size_display",
@@ -424,6 +450,10 @@ class ImageAdmin(ParroterAdminMixin, admin.ModelAdmin):
     @admin.display(description="sizes asked")
     def sizes_asked(self, obj: Image) -> str:
         return ", ".join(obj.sizes) or "—"
+
+    @admin.display(description="output options")
+    def output_options(self, obj: Image) -> str:
+        return options_text(obj.options)
 
     @admin.display(description="archive", ordering="archive_size")
     def archive_size_display(self, obj: Image) -> str:
@@ -666,7 +696,7 @@ admin.site.unregister(PeriodicTask)
 
 @admin.register(PeriodicTask)
 class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
-    """Periodic tasks, with a folder-and-sizes form for sweeps and settings rows read-only."""
+    """Periodic tasks, with a form of sweep fields for sweeps and settings rows read-only."""
 
     form = SweepTaskForm
     list_display = [
@@ -684,7 +714,7 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
         (
             "Sweep: what and where",
             {
-                "fields": ["folder", "sizes"],
+                "fields": ["folder", "sizes", "quality"],
                 "description": "For the task jobs.sweep_folder: these fields write its "
                 "keyword arguments, checked before saving.",
             },
@@ -793,6 +823,8 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
         kwargs = sweep_kwargs(obj)
         sizes = kwargs.get("sizes")
         sizes_text = ", ".join(sizes) if isinstance(sizes, list) else (sizes or "default sizes")
+        if kwargs.get("quality") is not None:
+            sizes_text += f"; quality {kwargs['quality']}"
         return format_html(
             "<code>{}</code><br><small>{}</small>",
             kwargs.get("folder") or settings.WATCH_FOLDER,

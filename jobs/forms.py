@@ -14,7 +14,7 @@ from django_celery_beat.admin import PeriodicTaskForm
 from django_celery_beat.models import PeriodicTask
 
 from . import pipeline
-from .sweep import FolderRejected, resolve_folder, resolve_sizes
+from .sweep import MAX_QUALITY, MIN_QUALITY, FolderRejected, resolve_folder, resolve_sizes
 from .tasks import SWEEP_TASK
 
 SIZES_HELP = "Bounding boxes like 128x128, separated by commas or spaces. Never upscaled."
@@ -143,7 +143,7 @@ class UploadForm(forms.Form):
 
 
 class SweepTaskForm(PeriodicTaskForm):
-    """A periodic task; for `jobs.sweep_folder` the kwargs come from folder and sizes fields."""
+    """A periodic task; for `jobs.sweep_folder` the kwargs come from the sweep fields."""
 
     folder = forms.CharField(
         required=False,
@@ -153,15 +153,27 @@ class SweepTaskForm(PeriodicTaskForm):
         "outside MEDIA_ROOT, readable and writable (originals are moved out of it).",
     )
     sizes = SizesField(required=False)
+    quality = forms.IntegerField(
+        label="Thumbnail quality",
+        required=False,
+        min_value=MIN_QUALITY,
+        max_value=MAX_QUALITY,
+        widget=forms.NumberInput(attrs={"style": "width: 5em"}),
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if "kwargs" not in self.fields:
             return  # a read-only view (a settings-owned row)
+        self.fields["quality"].help_text = (
+            f"JPEG and WebP thumbnails, {MIN_QUALITY} to {MAX_QUALITY}; lower is smaller. "
+            f"Empty: JPEG_QUALITY (now {settings.JPEG_QUALITY}) for JPEG, "
+            f"{pipeline.EncodeOptions().webp_quality} for WebP."
+        )
         self.fields["kwargs"].required = False
         self.fields["kwargs"].help_text = (
-            "JSON keyword arguments. For jobs.sweep_folder they are written from the folder "
-            "and sizes fields above."
+            "JSON keyword arguments. For jobs.sweep_folder they are written from the folder, "
+            "sizes and quality fields above."
         )
         if self.instance.pk is None:
             self.initial.setdefault("regtask", SWEEP_TASK)
@@ -178,6 +190,8 @@ class SweepTaskForm(PeriodicTaskForm):
                     self.initial.setdefault("sizes", ", ".join(map(str, sizes)))
                 elif isinstance(sizes, str):
                     self.initial.setdefault("sizes", sizes)
+                if kwargs.get("quality") is not None:
+                    self.initial.setdefault("quality", kwargs["quality"])
 
     def is_sweep(self) -> bool:
         return SWEEP_TASK in (self.data.get("regtask"), self.data.get("task"))
@@ -185,7 +199,7 @@ class SweepTaskForm(PeriodicTaskForm):
     def clean_kwargs(self) -> str:
         value = self.cleaned_data.get("kwargs") or ""
         if self.is_sweep() or not value.strip():
-            return value.strip() or "{}"  # written from folder and sizes in clean()
+            return value.strip() or "{}"  # written from the sweep fields in clean()
         return super().clean_kwargs()
 
     def clean(self) -> dict[str, Any]:
@@ -218,6 +232,9 @@ class SweepTaskForm(PeriodicTaskForm):
         sizes = data.get("sizes") or list(settings.THUMBNAIL_SIZES)
         data["folder"] = folder
         data["sizes"] = sizes
-        data["kwargs"] = json.dumps({"folder": folder, "sizes": sizes})
+        kwargs: dict[str, Any] = {"folder": folder, "sizes": sizes}
+        if data.get("quality") is not None:
+            kwargs["quality"] = data["quality"]
+        data["kwargs"] = json.dumps(kwargs)
         self.instance.kwargs = data["kwargs"]
         return data

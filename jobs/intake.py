@@ -209,6 +209,7 @@ def claim_again(images: Iterable[Image], sizes: list[str] | None = None) -> Recl
 
     Each image is claimed by one conditional update, so two people pressing the button at
     once queue it once. The old archive stays recorded until the new run records its own.
+    Each keeps its output options (quality).
     """
     result = Reclaim()
     for image in images:
@@ -245,7 +246,8 @@ def claim_again(images: Iterable[Image], sizes: list[str] | None = None) -> Recl
                     file_size=kept.st_size,
                     mtime_ns=kept.st_mtime_ns,
                     sizes=labels,
-                    sizes_key=Image.sizes_key_for(labels),
+                    # Its output options stay: a reprocess changes only the sizes.
+                    sizes_key=Image.sizes_key_for(labels, image.options),
                     error="",
                     duplicate_of=None,
                     attempts=0,

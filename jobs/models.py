@@ -32,6 +32,9 @@ class Sweep(models.Model):
     )
     folder = models.CharField(max_length=1024)
     sizes = models.JSONField(default=list)
+    options = models.JSONField(
+        default=dict, blank=True, help_text="Output options, e.g. quality; {} means the defaults."
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     task_id = models.CharField(max_length=255, blank=True)
     started_at = models.DateTimeField(default=timezone.now, db_index=True)
@@ -119,6 +122,9 @@ class Image(models.Model):
     format = models.CharField(max_length=16, blank=True)
     sizes = models.JSONField(default=list)
     sizes_key = models.CharField(max_length=400, help_text="Sizes, normalised, for duplicates.")
+    options = models.JSONField(
+        default=dict, blank=True, help_text="Output options, e.g. quality; {} means the defaults."
+    )
     thumbnails = models.JSONField(default=dict, blank=True, help_text="Size label -> [w, h].")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     archive = models.CharField(max_length=1024, blank=True, help_text="Relative to MEDIA_ROOT.")
@@ -170,8 +176,10 @@ class Image(models.Model):
         return self.status in self.FINAL_STATUSES
 
     @staticmethod
-    def sizes_key_for(labels: list[str]) -> str:
-        return ",".join(labels)
+    def sizes_key_for(labels: list[str], options: dict[str, object] | None = None) -> str:
+        """Sizes and output options, normalised: the same content and key is a duplicate."""
+        extra = "".join(f";{name}={value}" for name, value in sorted((options or {}).items()))
+        return ",".join(labels) + extra
 
     @classmethod
     def start(cls, image_id: int, worker: str, task_id: str) -> bool:

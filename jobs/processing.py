@@ -101,7 +101,7 @@ def _process(image: Image, worker: str) -> str:
         limits=pipeline.Limits(
             max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
         ),
-        options=pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY),
+        options=encode_options(image.options),
     )
     relative = destination.relative_to(settings.MEDIA_ROOT).as_posix()
     try:
@@ -135,6 +135,14 @@ def _process(image: Image, worker: str) -> str:
     image.status = Image.Status.DONE
     put_original_away(image)
     return Image.Status.DONE
+
+
+def encode_options(options: dict[str, object]) -> pipeline.EncodeOptions:
+    """How to encode an image's thumbnails: its own options, else the settings."""
+    quality = options.get("quality")
+    if isinstance(quality, int) and not isinstance(quality, bool):
+        return pipeline.EncodeOptions(jpeg_quality=quality, webp_quality=quality)
+    return pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY)
 
 
 def _retire_archive(relative: str) -> None:

@@ -7,6 +7,7 @@ No image work happens here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import glob
@@ -16,7 +17,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -106,6 +107,40 @@ def resolve_sizes(sizes: Iterable[str] | str | None) -> list[str]:
     return [size.label for size in parsed]
 
 
+# Thumbnail quality a sweep may ask for (JPEG and WebP); above 95 Pillow's JPEGs grow much
+# larger for hardly any gain.
+MIN_QUALITY, MAX_QUALITY = 1, 95
+OPTION_NAMES = ("quality",)
+
+
+def resolve_options(raw: Mapping[str, object] | None) -> dict[str, int]:
+    """Output options from a task's kwargs, without the ones left to defaults; ValueError if bad.
+
+    `raw` holds every keyword a sweep was sent besides folder and sizes: a name that is not
+    an option is refused, so a typo in hand-written kwargs cannot pass unnoticed.
+    """
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(OPTION_NAMES))
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        accepted = ", ".join(("folder", "sizes", *OPTION_NAMES))
+        raise ValueError(f"unknown argument(s) {names}; a sweep takes only {accepted}")
+    options: dict[str, int] = {}
+    quality = raw.get("quality")
+    if quality is not None:
+        if (
+            not isinstance(quality, int)
+            or isinstance(quality, bool)
+            or not MIN_QUALITY <= quality <= MAX_QUALITY
+        ):
+            raise ValueError(
+                f"quality must be a whole number from {MIN_QUALITY} to {MAX_QUALITY}, "
+                f"got {quality!r}"
+            )
+        options["quality"] = quality
+    return options
+
+
 def is_junk(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in JUNK_PATTERNS)
 
@@ -181,8 +216,13 @@ def start_sweep(
     trigger: str,
     schedule_name: str = "",
     task_id: str = "",
+    options: Mapping[str, object] | None = None,
 ) -> tuple[Sweep, Path | None, list[str]]:
-    """Record a sweep; if its arguments are bad the record says so and is already failed."""
+    """Record a sweep; if its arguments are bad the record says so and is already failed.
+
+    `options` are the output options (see resolve_options); the resolved ones are kept on
+    the sweep, and each image it claims gets them.
+    """
     sweep = Sweep.objects.create(
         trigger=trigger,
         schedule_name=schedule_name,
@@ -193,12 +233,14 @@ def start_sweep(
     try:
         path = resolve_folder(folder)
         labels = resolve_sizes(sizes)
+        resolved = resolve_options(options)
     except ValueError as exc:
         sweep.finish(Sweep.Status.FAILED, f"bad sweep arguments: {exc}")
         return sweep, None, []
     sweep.folder = str(path)
     sweep.sizes = labels
-    sweep.save(update_fields=["folder", "sizes"])
+    sweep.options = resolved
+    sweep.save(update_fields=["folder", "sizes", "options"])
     return sweep, path, labels
 
 
@@ -220,8 +262,11 @@ def run_sweep(
         return outcome
     try:
         requeued = reconcile(folder, requeue_after)
+        # Read before listing the folder: a file whose claim is released after this read
+        # was moved away before it, so the listing cannot show it again.
+        waiting = waiting_paths(folder)
         found = scan(folder, settings.SETTLE_SECONDS, exclude)
-        claimed = claim(sweep, found.ready, sizes)
+        claimed = claim(sweep, found.ready, sizes, waiting)
         sweep.seen = len(found.ready) + found.unstable
         sweep.unstable = found.unstable
         sweep.ignored = found.ignored
@@ -267,17 +312,27 @@ def release_lock(sweep: Sweep, folder: Path) -> None:
     SweepLock.objects.filter(folder=str(folder), sweep=sweep).delete()
 
 
-def claim(sweep: Sweep, ready: list[Candidate], sizes: list[str]) -> list[int]:
-    """Insert one pending row per new file; rows this sweep inserted are its claims."""
-    if not ready:
-        return []
-    # Files already claimed and still waiting here are in flight (or reconciled above).
-    prefix = sweep.folder.rstrip("/") + "/"
-    waiting = set(
+def waiting_paths(folder: Path) -> set[str]:
+    """Paths under folder already claimed by an image whose original has not moved on."""
+    prefix = str(folder).rstrip("/") + "/"
+    return set(
         Image.objects.filter(in_folder=True, source_path__startswith=prefix)
         .order_by()
         .values_list("source_path", flat=True)
     )
+
+
+def claim(
+    sweep: Sweep, ready: list[Candidate], sizes: list[str], waiting: set[str] | None = None
+) -> list[int]:
+    """Insert one pending row per new file; rows this sweep inserted are its claims.
+
+    Each row gets the sweep's output options.
+    """
+    if not ready:
+        return []
+    if waiting is None:
+        waiting = waiting_paths(Path(sweep.folder))
     now = timezone.now()
     rows = [
         Image(
@@ -288,7 +343,8 @@ def claim(sweep: Sweep, ready: list[Candidate], sizes: list[str]) -> list[int]:
             file_size=candidate.size,
             mtime_ns=candidate.mtime_ns,
             sizes=sizes,
-            sizes_key=Image.sizes_key_for(sizes),
+            sizes_key=Image.sizes_key_for(sizes, sweep.options),
+            options=sweep.options,
             queued_at=now,
         )
         for candidate in ready
@@ -470,42 +526,44 @@ def kept_path(image: Image) -> Path:
 def put_original_away(image: Image) -> None:
     """Move a final image's original out of the watched folder and record where it went.
 
-    Idempotent: a crash between the move and the update is repaired on the next call.
+    Idempotent, and safe when a worker and a sweep's repair both get here: whoever renames
+    second finds the original already at its destination.
     """
     source = Path(image.source_path)
     destination = kept_path(image)
-    if os.path.lexists(source) and not is_claimed_file(source, image):
+    try:
+        status = os.lstat(source)
+    except FileNotFoundError:
+        status = None
+    if status is not None and (status.st_size, status.st_mtime_ns) != (
+        image.file_size,
+        image.mtime_ns,
+    ):
         # Someone replaced the file after it was claimed: the new one is not this image's
         # (the next sweep claims it); this image's bytes are in its archive, if any.
         logger.warning("%s changed after image %s claimed it; leaving it", source, image.id)
         kept = ""
-    elif os.path.lexists(source):
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        move_file(source, destination)
-        if image.status == Image.Status.FAILED:
-            reason_file = destination.with_name(destination.name + ".error.txt")
-            try:
-                reason_file.write_text(f"{image.name}\n{image.error}\n", encoding="utf-8")
-            except OSError as exc:
-                # The reason is in the database already; the note beside the file is a kindness.
-                logger.warning("cannot write %s: %s", reason_file, exc)
-        kept = str(destination)
-    elif os.path.lexists(destination):
-        kept = str(destination)
     else:
-        kept = ""
+        if status is not None:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                move_file(source, destination)
+                if image.status == Image.Status.FAILED:
+                    write_reason(destination, image)
+        kept = str(destination) if os.path.lexists(destination) else ""
     Image.objects.filter(id=image.id).update(in_folder=False, original_path=kept)
     image.in_folder = False
     image.original_path = kept
 
 
-def is_claimed_file(path: Path, image: Image) -> bool:
-    """True when the file at path still has the size and mtime it had when claimed."""
+def write_reason(kept: Path, image: Image) -> None:
+    """A note beside a failed original saying why it failed."""
+    reason_file = kept.with_name(kept.name + ".error.txt")
     try:
-        status = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    return (status.st_size, status.st_mtime_ns) == (image.file_size, image.mtime_ns)
+        reason_file.write_text(f"{image.name}\n{image.error}\n", encoding="utf-8")
+    except OSError as exc:
+        # The reason is in the database already; the note beside the file is a kindness.
+        logger.warning("cannot write %s: %s", reason_file, exc)
 
 
 def move_file(source: Path, destination: Path) -> None:

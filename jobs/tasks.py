@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,9 +35,18 @@ class SweepArgumentsError(ValueError):
 
 @shared_task(bind=True, name=SWEEP_TASK)
 def sweep_folder(
-    self, folder: str | None = None, sizes: list[str] | str | None = None
+    self,
+    folder: str | None = None,
+    sizes: list[str] | str | None = None,
+    quality: int | None = None,
+    **unknown: object,
 ) -> dict[str, object]:
-    """Sweep one folder: repair leftovers, claim ready files, queue one task per image."""
+    """Sweep one folder: repair leftovers, claim ready files, queue one task per image.
+
+    `quality` is the JPEG/WebP thumbnail quality (None: JPEG_QUALITY). Unknown keyword
+    arguments (a periodic task's kwargs edited by hand) fail the sweep with a recorded
+    reason, rather than a TypeError that leaves no sweep behind.
+    """
     schedule_name = getattr(self.request, "periodic_task_name", None) or ""
     sweep, to_queue = sweep_now(
         folder,
@@ -45,6 +54,7 @@ def sweep_folder(
         trigger=Sweep.Trigger.SCHEDULE if schedule_name else Sweep.Trigger.MANUAL,
         schedule_name=schedule_name,
         task_id=self.request.id or "",
+        options={"quality": quality, **unknown},
     )
     transaction.on_commit(lambda: queue_images(to_queue))
     return {
@@ -63,14 +73,20 @@ def sweep_now(
     trigger: str,
     schedule_name: str = "",
     task_id: str = "",
+    options: Mapping[str, object] | None = None,
 ) -> tuple[Sweep, list[int]]:
     """Record and run one sweep; returns it and the image ids to queue (not yet queued).
 
-    Raises SweepArgumentsError, after recording the failed sweep, if the folder or sizes
-    cannot be used.
+    Raises SweepArgumentsError, after recording the failed sweep, if the folder, sizes or
+    output options cannot be used.
     """
     sweep, path, labels = start_sweep(
-        folder, sizes, trigger=trigger, schedule_name=schedule_name, task_id=task_id
+        folder,
+        sizes,
+        trigger=trigger,
+        schedule_name=schedule_name,
+        task_id=task_id,
+        options=options,
     )
     if path is None:
         raise SweepArgumentsError(sweep.error)

@@ -43,6 +43,20 @@ def image_bytes(
     return buffer.getvalue()
 
 
+def jpeg_tables(quality: int) -> dict[int, list[int]]:
+    """The quantization tables Pillow writes at this JPEG quality: how to tell it afterwards."""
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (8, 8)).save(buffer, "JPEG", quality=quality)
+    return PILImage.open(buffer).quantization
+
+
+def noise_jpeg(size: tuple[int, int] = (600, 400)) -> bytes:
+    """A JPEG of noise: its thumbnails' sizes depend strongly on the quality."""
+    buffer = io.BytesIO()
+    PILImage.effect_noise(size, 80).convert("RGB").save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def drop() -> Callable[..., Path]:
     """Write a file into a folder, as a person dropping it would."""

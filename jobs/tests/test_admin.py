@@ -395,6 +395,77 @@ def test_periodic_task_change_form_shows_folder_and_sizes_from_kwargs(
     assert 'value="40x30"' in page
 
 
+def test_periodic_task_form_round_trips_quality(admin_client, folders, every_second):
+    form = {
+        "name": "small thumbnails",
+        "regtask": "jobs.sweep_folder",
+        "task": "",
+        "enabled": "on",
+        "folder": str(folders["other"]),
+        "sizes": "40x30",
+        "quality": "40",
+        "interval": every_second.id,
+        "args": "[]",
+        "kwargs": "",
+    }
+    add = admin_client.post(reverse("admin:django_celery_beat_periodictask_add"), form)
+    assert add.status_code == 302, add.content.decode()[:3000]
+    task = PeriodicTask.objects.get(name="small thumbnails")
+    assert json.loads(task.kwargs) == {
+        "folder": str(folders["other"]),
+        "sizes": ["40x30"],
+        "quality": 40,
+    }
+    change_url = reverse("admin:django_celery_beat_periodictask_change", args=[task.id])
+    page = admin_client.get(change_url).content.decode()
+    assert re.search(r'<input[^>]*name="quality"[^>]*value="40"', page)
+    assert "Thumbnail quality" in page
+
+    cleared = admin_client.post(change_url, {**form, "quality": ""})
+    assert cleared.status_code == 302, cleared.content.decode()[:3000]
+    task.refresh_from_db()
+    assert json.loads(task.kwargs) == {"folder": str(folders["other"]), "sizes": ["40x30"]}
+
+
+@pytest.mark.parametrize("quality", ["0", "200", "x"])
+def test_periodic_task_form_rejects_a_bad_quality(admin_client, folders, every_second, quality):
+    response = admin_client.post(
+        reverse("admin:django_celery_beat_periodictask_add"),
+        {
+            "name": "bad",
+            "regtask": "jobs.sweep_folder",
+            "folder": str(folders["other"]),
+            "sizes": "64x64",
+            "quality": quality,
+            "interval": every_second.id,
+            "args": "[]",
+        },
+    )
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors["quality"]
+    assert not PeriodicTask.objects.filter(name="bad").exists()
+
+
+def test_image_change_page_shows_the_output_options(admin_client, folders, drop, settings):
+    settings.JPEG_QUALITY = 85
+    drop(folders["watch"], "default.jpg", image_bytes((100, 100)))
+    default = sweep_inline(folders["watch"], ["32x32"])[0]
+    drop(folders["other"], "small.jpg", image_bytes((100, 100)))
+    sweep, path, labels = start_sweep(
+        str(folders["other"]), ["32x32"], trigger=Sweep.Trigger.MANUAL, options={"quality": 30}
+    )
+    small_id = run_sweep(sweep, path, labels).to_queue[0]
+    processing.process_image(small_id)
+
+    page = admin_client.get(reverse("admin:jobs_image_change", args=[small_id])).content.decode()
+    assert "Output options" in page
+    assert "quality 30" in page
+    page = admin_client.get(reverse("admin:jobs_image_change", args=[default.id])).content.decode()
+    assert "defaults (JPEG_QUALITY, now 85, for JPEG)" in page
+    page = admin_client.get(reverse("admin:jobs_sweep_change", args=[sweep.id])).content.decode()
+    assert "quality 30" in page
+
+
 def test_periodic_task_list_shows_owner_next_run_and_last_sweep(
     admin_client, folders, every_second
 ):

@@ -6,17 +6,20 @@ the file-backed test database; the admin is driven through its forms with the te
 
 from __future__ import annotations
 
+import io
 import json
 import time
+import zipfile
 
 import pytest
 from django.urls import reverse
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
+from PIL import Image as PILImage
 
 from jobs.beat import SETTINGS_MARK
 from jobs.models import Image, Sweep
 
-from .conftest import image_bytes
+from .conftest import image_bytes, jpeg_tables
 from .processes import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -33,7 +36,9 @@ def start_beat(system) -> None:
     )
 
 
-def task_form(folders, interval: IntervalSchedule, sizes: str, enabled: bool = True) -> dict:
+def task_form(
+    folders, interval: IntervalSchedule, sizes: str, enabled: bool = True, quality: str = ""
+) -> dict:
     data = {
         "name": "second folder",
         "regtask": "jobs.sweep_folder",
@@ -41,6 +46,7 @@ def task_form(folders, interval: IntervalSchedule, sizes: str, enabled: bool = T
         "description": "",
         "folder": str(folders["other"]),
         "sizes": sizes,
+        "quality": quality,
         "interval": interval.id,
         "args": "[]",
         "kwargs": "",
@@ -77,18 +83,22 @@ def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
     assert "until its entry was removed" in retired.description
     assert PeriodicTask.objects.get(name="sweep-watch-folder").description.startswith(SETTINGS_MARK)
 
-    # Added through the admin form: beat picks it up.
+    # Added through the admin form, with a thumbnail quality: beat picks it up.
     add = admin_client.post(
         reverse("admin:django_celery_beat_periodictask_add"),
-        task_form(folders, every_second, "40x30"),
+        task_form(folders, every_second, "40x30", quality="40"),
     )
     assert add.status_code == 302, add.content.decode()[:2000]
     drop(folders["other"], "first.jpg", image_bytes((800, 200)))
     first = wait_for(lambda: finished("first.jpg"), what="the first image of the new task")
     assert first.thumbnails == {"40x30": [40, 10]}
     assert first.sweep.schedule_name == "second folder"
+    assert first.sweep.options == first.options == {"quality": 40}
+    with zipfile.ZipFile(folders["media"] / first.archive) as archive:
+        made = PILImage.open(io.BytesIO(archive.read("first_40x30.jpg")))
+        assert made.quantization == jpeg_tables(40)
 
-    # Edited: the next sweeps use the new sizes.
+    # Edited: the next sweeps use the new sizes (and the default quality).
     task = PeriodicTask.objects.get(name="second folder")
     change_url = reverse("admin:django_celery_beat_periodictask_change", args=[task.id])
     edit = admin_client.post(change_url, task_form(folders, every_second, "20x20"))
@@ -100,6 +110,7 @@ def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
     drop(folders["other"], "second.jpg", image_bytes((800, 200)))
     second = wait_for(lambda: finished("second.jpg"), what="the image after the edit")
     assert second.thumbnails == {"20x20": [20, 5]}
+    assert second.options == {}
 
     # Disabled: no more sweeps of that folder.
     disable = admin_client.post(

@@ -76,9 +76,24 @@ def test_beat_picks_up_a_new_periodic_task_without_restart(system, folders, drop
         interval=every_second,
         kwargs=json.dumps({"folder": str(folders["other"]), "sizes": ["40x30", "20x20"]}),
     )
+    # Arguments written by hand with a typo: the sweep is recorded as failed, saying why.
+    typo = folders["root"] / "typo"
+    typo.mkdir()
+    PeriodicTask.objects.create(
+        name="typo in kwargs",
+        task="jobs.sweep_folder",
+        interval=every_second,
+        kwargs=json.dumps({"folder": str(typo), "qualty": 40}),
+    )
     drop(folders["other"], "wide.jpg", image_bytes((800, 200)))
 
     wait_for(lambda: final_images(1), timeout=60, what="the other folder's image")
+    failed = wait_for(
+        lambda: Sweep.objects.filter(schedule_name="typo in kwargs").first(),
+        what="the sweep with a typo",
+    )
+    assert failed.status == Sweep.Status.FAILED
+    assert "unknown argument(s) 'qualty'" in failed.error
 
     image = Image.objects.get(name="wide.jpg")
     assert image.status == Image.Status.DONE

@@ -13,9 +13,9 @@ from PIL import Image as PILImage
 
 from jobs import intake, processing, sweep
 from jobs.models import Image, Sweep
-from jobs.tasks import make_thumbnails, sweep_folder
+from jobs.tasks import SweepArgumentsError, make_thumbnails, sweep_folder
 
-from .conftest import image_bytes
+from .conftest import image_bytes, jpeg_tables, noise_jpeg
 
 pytestmark = pytest.mark.django_db
 
@@ -165,6 +165,83 @@ def test_sweep_folder_task_fails_loudly_on_bad_kwargs(folders):
     recorded = Sweep.objects.get()
     assert recorded.status == Sweep.Status.FAILED
     assert "outside the allowed WATCH_ROOTS" in recorded.error
+
+
+def thumbnail(image: Image, media: Path, label: str) -> bytes:
+    with zipfile.ZipFile(media / image.archive) as bundle:
+        return bundle.read(f"{Path(image.name).stem}_{label}.jpg")
+
+
+def test_sweep_folder_quality_makes_smaller_or_larger_thumbnails(folders, drop):
+    data = noise_jpeg()
+    made = {}
+    for quality in (30, 95):
+        drop(folders["watch"], f"q{quality}.jpg", data)
+        result = sweep_folder(folder=str(folders["watch"]), sizes=["256x256"], quality=quality)
+        assert Sweep.objects.get(id=result["sweep"]).options == {"quality": quality}
+        image = Image.objects.get(name=f"q{quality}.jpg")
+        assert image.options == {"quality": quality}
+        # Same content, other quality: a zip of its own, not a duplicate of the first.
+        assert make_thumbnails(image.id) == Image.Status.DONE
+        image.refresh_from_db()
+        made[quality] = thumbnail(image, folders["media"], "256x256")
+        assert PILImage.open(io.BytesIO(made[quality])).quantization == jpeg_tables(quality)
+    assert len(made[30]) < len(made[95])
+
+
+def test_sweep_folder_without_quality_uses_the_setting(folders, drop, settings):
+    settings.JPEG_QUALITY = 50
+    drop(folders["watch"], "photo.jpg", noise_jpeg())
+    sweep_folder(folder=str(folders["watch"]), sizes=["64x64"])
+    image = Image.objects.get()
+    assert image.options == {}
+    assert make_thumbnails(image.id) == Image.Status.DONE
+    image.refresh_from_db()
+    made = thumbnail(image, folders["media"], "64x64")
+    assert PILImage.open(io.BytesIO(made)).quantization == jpeg_tables(50)
+
+
+@pytest.mark.parametrize("quality", [0, 200, "x", 50.5, True])
+def test_sweep_folder_fails_on_a_bad_quality_with_a_recorded_reason(folders, drop, quality):
+    drop(folders["watch"], "photo.jpg")
+    with pytest.raises(SweepArgumentsError, match="quality must be a whole number from 1 to 95"):
+        sweep_folder(folder=str(folders["watch"]), sizes=["64x64"], quality=quality)
+    recorded = Sweep.objects.get()
+    assert recorded.status == Sweep.Status.FAILED
+    assert recorded.error == (
+        f"bad sweep arguments: quality must be a whole number from 1 to 95, got {quality!r}"
+    )
+    assert not Image.objects.exists()
+
+
+def test_sweep_folder_fails_on_an_unknown_argument_with_a_recorded_reason(folders, drop):
+    drop(folders["watch"], "photo.jpg")
+    kwargs = {"folder": str(folders["watch"]), "sizes": ["64x64"], "qualty": 40}
+    with pytest.raises(SweepArgumentsError, match="unknown argument"):
+        sweep_folder(**kwargs)
+    recorded = Sweep.objects.get()
+    assert recorded.status == Sweep.Status.FAILED
+    assert recorded.error == (
+        "bad sweep arguments: unknown argument(s) 'qualty'; "
+        "a sweep takes only folder, sizes, quality"
+    )
+    assert not Image.objects.exists()
+
+
+def test_claim_again_keeps_the_image_options(folders, drop):
+    drop(folders["watch"], "photo.jpg", noise_jpeg())
+    sweep_folder(folder=str(folders["watch"]), sizes=["64x64"], quality=30)
+    image = Image.objects.get()
+    make_thumbnails(image.id)
+    image.refresh_from_db()
+    assert intake.claim_again([image], ["20x20"]).queued == [image.id]
+    image.refresh_from_db()
+    assert image.options == {"quality": 30}
+    assert image.sizes_key == "20x20;quality=30"
+    assert make_thumbnails(image.id) == Image.Status.DONE
+    image.refresh_from_db()
+    made = thumbnail(image, folders["media"], "20x20")
+    assert PILImage.open(io.BytesIO(made)).quantization == jpeg_tables(30)
 
 
 def test_make_thumbnails_leaves_a_file_that_changed_after_its_claim(folders, drop):

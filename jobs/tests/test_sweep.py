@@ -332,3 +332,33 @@ def test_prune_idle_sweeps_forgets_only_old_sweeps_that_did_nothing(folders, dro
     assert sweep.prune_idle_sweeps(timedelta(days=7)) == 2
     assert set(Sweep.objects.values_list("id", flat=True)) == {claimed.id, failed.id, recent.id}
     assert busy.claimed == 0
+
+
+def test_put_original_away_by_two_hands_at_once_keeps_the_record_right(folders, drop):
+    image = claim_one(folders, drop)
+    image.status = Image.Status.DONE
+    destination = sweep.kept_path(image)
+    destination.parent.mkdir(parents=True)
+    # The worker renamed it a moment ago; this (the sweep's repair) arrives second.
+    os.rename(image.source_path, destination)
+    sweep.put_original_away(image)
+    image.refresh_from_db()
+    assert image.original_path == str(destination)
+    assert destination.is_file()
+
+
+def test_run_sweep_does_not_claim_a_file_moved_away_while_it_listed(folders, drop, monkeypatch):
+    image = claim_one(folders, drop)
+    Image.objects.filter(id=image.id).update(status=Image.Status.DONE)
+    real_scan = sweep.scan
+
+    def scan_then_finish_the_image(*args, **kwargs):
+        found = real_scan(*args, **kwargs)  # still lists a.jpg
+        image.refresh_from_db()
+        sweep.put_original_away(image)  # a worker finishing it during the listing
+        return found
+
+    monkeypatch.setattr(sweep, "scan", scan_then_finish_the_image)
+    monkeypatch.setattr(sweep, "reconcile", lambda folder, requeue_after=None: [])
+    assert run(folders["watch"]).to_queue == []
+    assert Image.objects.count() == 1
