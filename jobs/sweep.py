@@ -77,7 +77,7 @@ def this_worker() -> str:
 def resolve_folder(folder: str | os.PathLike[str] | None) -> Path:
     """The absolute folder a sweep may work in, or FolderRejected saying why not."""
     if folder is None or str(folder).strip() == "":
-        return Path(settings.WATCH_FOLDER)
+        folder = str(settings.WATCH_FOLDER)
     if not isinstance(folder, str | os.PathLike):
         raise FolderRejected(f"folder must be a path string, got {type(folder).__name__}")
     path = Path(folder)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import sqlite3
 import struct
+import subprocess
+import sys
 import time
 import zipfile
 import zlib
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from django.conf import settings
 from django.db import connection
 from PIL import Image as PILImage
 
@@ -308,3 +312,37 @@ def test_a_crash_between_the_steps_of_an_image_is_repaired(system, folders, tmp_
     wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch after the crashes")
     assert len(list(markers.iterdir())) == len(batch), "every image crashed once"
     assert_each_done_once(batch, folders["media"])
+
+
+def test_an_unreadable_file_fails_with_permission_denied_and_is_kept(system, folders):
+    secret = photo(3)
+    unreadable = folders["watch"] / "locked.jpg"
+    unreadable.write_bytes(secret)
+    unreadable.chmod(0)
+    readable = photo(4)
+    (folders["watch"] / "open.jpg").write_bytes(readable)
+    time.sleep(0.6)
+    command = [sys.executable, "manage.py", "sweep", "--inline"]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("as root, reading is only refused without CAP_DAC_OVERRIDE (setpriv)")
+        # Root reads anything: drop the capabilities that let it, as a normal user lacks them.
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    result = subprocess.run(
+        command,
+        cwd=settings.BASE_DIR,
+        env=system.environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    locked = Image.objects.get(name="locked.jpg")
+    assert locked.status == Image.Status.FAILED
+    assert "permission denied" in locked.error
+    kept = Path(locked.original_path)
+    assert kept.is_relative_to(folders["media"] / "failed")
+    kept.chmod(0o600)
+    assert kept.read_bytes() == secret
+    assert Image.objects.get(name="open.jpg").status == Image.Status.DONE
