@@ -94,11 +94,21 @@ class ParroterAdminMixin:
         css = {"all": ["jobs/admin.css"]}
 
 
+class RecordAdminMixin(ParroterAdminMixin):
+    """Sweeps and images are records of what happened: shown, never added or edited here."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
 # --- Sweeps -------------------------------------------------------------------------------
 
 
 @admin.register(Sweep)
-class SweepAdmin(ParroterAdminMixin, admin.ModelAdmin):
+class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "started_at",
@@ -141,32 +151,8 @@ class SweepAdmin(ParroterAdminMixin, admin.ModelAdmin):
         ("Timing", {"fields": ["started_at", "finished_at", "took"]}),
         ("Tracking", {"fields": ["error", "task_result", "requested_by"]}),
     ]
-    readonly_fields = [
-        "status_badge",
-        "trigger",
-        "schedule_name",
-        "folder",
-        "sizes",
-        "output_options",
-        "seen",
-        "claimed",
-        "unstable",
-        "ignored",
-        "requeued",
-        "images_link",
-        "started_at",
-        "finished_at",
-        "took",
-        "error",
-        "task_result",
-        "requested_by",
-    ]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Sweep | None = None) -> bool:
-        return False
+    # Nothing here is edited by hand: every field shown is read-only.
+    readonly_fields = [name for _, section in fieldsets for name in section["fields"]]
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: Sweep) -> str:
@@ -301,7 +287,7 @@ class ScheduleFilter(admin.SimpleListFilter):
 
 
 @admin.register(Image)
-class ImageAdmin(ParroterAdminMixin, admin.ModelAdmin):
+class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
     list_display = [
         "preview",
         "name",
@@ -374,42 +360,8 @@ class ImageAdmin(ParroterAdminMixin, admin.ModelAdmin):
         ),
         ("Files", {"fields": ["source_path", "original_path", "archive"]}),
     ]
-    readonly_fields = [
-        "status_badge",
-        "name",
-        "source",
-        "uploaded_by",
-        "folder",
-        "sweep_link",
-        "duplicate_link",
-        "error_block",
-        "pixels",
-        "format",
-        "file_size_display",
-        "sizes_asked",
-        "output_options",
-        "gallery",
-        "zip_contents",
-        "archive_size_display",
-        "download_button",
-        "sha256",
-        "task_result",
-        "attempts",
-        "worker",
-        "queued_at",
-        "started_at",
-        "finished_at",
-        "took",
-        "source_path",
-        "original_path",
-        "archive",
-    ]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Image | None = None) -> bool:
-        return False
+    # Nothing here is edited by hand: every field shown is read-only.
+    readonly_fields = [name for _, section in fieldsets for name in section["fields"]]
 
     def has_reprocess_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("jobs.reprocess_image")

@@ -25,17 +25,6 @@ from .processes import wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
-def start_beat(system) -> None:
-    system.start(
-        "beat",
-        "beat",
-        "--loglevel=INFO",
-        "--scheduler=jobs.beat:Scheduler",
-        f"--pidfile={system.log_dir / 'beat.pid'}",
-        f"--schedule={system.log_dir / 'beat-schedule'}",
-    )
-
-
 def task_form(
     folders, interval: IntervalSchedule, sizes: str, enabled: bool = True, quality: str = ""
 ) -> dict:
@@ -73,7 +62,7 @@ def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
         description=f"{SETTINGS_MARK} when beat starts.",
     )
     system.worker()
-    start_beat(system)
+    system.beat()
     wait_for(
         lambda: Sweep.objects.filter(schedule_name="sweep-watch-folder").exists(),
         what="beat's first sweep",

@@ -32,17 +32,6 @@ def chromium(monkeypatch):
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
-def start_beat(system) -> None:
-    system.start(
-        "beat",
-        "beat",
-        "--loglevel=INFO",
-        "--scheduler=jobs.beat:Scheduler",
-        f"--pidfile={system.log_dir / 'beat.pid'}",
-        f"--schedule={system.log_dir / 'beat-schedule'}",
-    )
-
-
 def admin_login(page) -> None:
     page.goto("/admin/login/")
     page.fill("#id_username", "admin")
@@ -74,7 +63,7 @@ def test_admin_adds_a_folder_schedule_then_reviews_reprocesses_and_sweeps(
 ):
     User.objects.create_superuser("admin", "admin@example.com", PASSWORD)
     system.worker()
-    start_beat(system)
+    system.beat()
     base_url = start_web(system)
     manual = folders["root"] / "manual"
     drop(manual, "manual.jpg", image_bytes((600, 600)))  # settled by the time it is swept
