@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
 import shutil
 import signal
@@ -184,7 +185,9 @@ def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> in
         sys.stderr.write(processes.logs()[-8000:] + "\n")
         raise
     finally:
-        _resume(processes)
+        # A frozen worker would not hear the SIGTERM that stops it.
+        if "worker" in processes.running:
+            os.killpg(processes.running["worker"].pid, signal.SIGCONT)
         processes.stop_all()
     _report(
         args,
@@ -223,16 +226,31 @@ def _group_cpu(processes) -> float:
 
 
 def _pause(processes) -> None:
-    """Stop beat, let a sweep in hand finish, then stop the worker: nothing runs meanwhile."""
-    os.killpg(processes.running["beat"].pid, signal.SIGSTOP)
+    """Stop beat, let the sweep in hand finish, then freeze the idle worker.
+
+    Beat is stopped, not frozen: frozen in the middle of writing its schedule it would hold
+    SQLite's write lock, and every run without the system would wait on it.
+    """
+    processes.kill("beat", signal.SIGTERM)
     time.sleep(1.5)
     os.killpg(processes.running["worker"].pid, signal.SIGSTOP)
 
 
 def _resume(processes) -> None:
-    for name in ("worker", "beat"):
-        if name in processes.running:
-            os.killpg(processes.running[name].pid, signal.SIGCONT)
+    """Thaw the worker and start beat again; back once a new sweep has been recorded."""
+    from jobs.models import Sweep
+
+    if "worker" in processes.running:
+        os.killpg(processes.running["worker"].pid, signal.SIGCONT)
+    if "beat" not in processes.running:
+        last = Sweep.objects.order_by("-id").values_list("id", flat=True).first() or 0
+        processes.beat()
+        _wait(
+            lambda: Sweep.objects.filter(id__gt=last, status=Sweep.Status.DONE).exists(),
+            60,
+            "beat to sweep again",
+            processes,
+        )
 
 
 @dataclass
@@ -340,13 +358,29 @@ def _processing(work: Path, originals: list[Path], tag: str) -> tuple[int, int, 
     ids = sweep.run_sweep(record, path, sizes).to_queue
     # Each pool process opens its own database connection.
     connections.close_all()
-    with multiprocessing.get_context("fork").Pool(CONCURRENCY) as pool:
-        pool.map(abs, range(CONCURRENCY))
+    with _pool() as pool:
         started = time.perf_counter()
         results = list(pool.imap_unordered(_process, ids))
         wall = time.perf_counter() - started
     done = sum(1 for status, _ in results if status == Image.Status.DONE)
     return done, len(ids) - done, wall, sum(cpu for _, cpu in results)
+
+
+def _pool() -> multiprocessing.pool.Pool:
+    """Two fresh processes, started before the clock starts.
+
+    Spawned, not forked: a fork copies whatever lock another thread of this process (a
+    broker or logging thread) holds at that moment, and can hang the child forever.
+    """
+    pool = multiprocessing.get_context("spawn").Pool(CONCURRENCY, initializer=_setup_django)
+    pool.map(abs, range(CONCURRENCY))
+    return pool
+
+
+def _setup_django() -> None:
+    import django
+
+    django.setup()
 
 
 def _process(image_id: int) -> tuple[str, float]:
@@ -385,8 +419,7 @@ def _archive(job: tuple[Path, Path]) -> tuple[bool, float, float]:
 def _pipeline_alone(paths: list[Path], out: Path) -> tuple[float, int, float, float]:
     """Wall time for all paths in Pool(2) (one image per task), failures, mean s per image,
     CPU seconds in all."""
-    with multiprocessing.get_context("fork").Pool(CONCURRENCY) as pool:
-        pool.map(abs, range(CONCURRENCY))
+    with _pool() as pool:
         started = time.perf_counter()
         results = list(pool.imap_unordered(_archive, [(path, out) for path in paths]))
         wall = time.perf_counter() - started

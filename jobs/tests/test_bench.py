@@ -12,15 +12,21 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def smoke(script: str) -> str:
-    result = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, str(BENCH / script), "--smoke"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, so that the benchmark stops the Redis, worker and beat it started.
+        process.terminate()
+        stdout, stderr = process.communicate(timeout=60)
+        pytest.fail(f"{script} --smoke did not finish in 300 s:\n{stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-4000:]
+    return stdout
 
 
 def test_bench_pipeline_smoke_runs_and_prints_the_table():
