@@ -142,17 +142,23 @@ def preview_url(image: Image) -> str | None:
     return reverse("jobs:thumbnail", args=[image.id, label]) + f"?v={version(holder)}"
 
 
-@login_required(login_url=LOGIN_URL)
-@require_GET
-def download_archive(request: HttpRequest, image_id: int) -> HttpResponseBase:
-    """The zip of one image. For a duplicate, the first one's zip under this image's name."""
+def visible_archive(request: HttpRequest, image_id: int) -> tuple[Image, Image, Path]:
+    """An image this user may see, the image whose zip it uses, and that zip; else 404."""
     image = get_object_or_404(
         visible_images(request.user).select_related("duplicate_of"), id=image_id
     )
     holder = archive_holder(image)
     path = archive_file(holder) if holder else None
-    if path is None:
+    if holder is None or path is None:
         raise Http404("archive not found")
+    return image, holder, path
+
+
+@login_required(login_url=LOGIN_URL)
+@require_GET
+def download_archive(request: HttpRequest, image_id: int) -> HttpResponseBase:
+    """The zip of one image. For a duplicate, the first one's zip under this image's name."""
+    image, holder, path = visible_archive(request, image_id)
     filename = f"{image.id}-{safe_stem(image.name)}.zip"
     if holder.id == image.id:
         return FileResponse(path.open("rb"), as_attachment=True, filename=filename)
@@ -183,13 +189,7 @@ def renamed_zip(path: Path, old_stem: str, new_stem: str) -> Any:
 @require_GET
 def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
     """One thumbnail, read from the image's zip."""
-    image = get_object_or_404(
-        visible_images(request.user).select_related("duplicate_of"), id=image_id
-    )
-    holder = archive_holder(image)
-    path = archive_file(holder) if holder else None
-    if path is None:
-        raise Http404("no archive")
+    *_, path = visible_archive(request, image_id)
     try:
         with zipfile.ZipFile(path) as archive:
             member = thumbnail_member(archive.namelist(), label)

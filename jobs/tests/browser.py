@@ -5,8 +5,6 @@ Never a downloaded browser: Playwright drives /usr/bin/chromium, or the tests sk
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.management.commands.run import child_commands
 from jobs.redis_server import free_port
 
 from .processes import BASE_DIR, Processes
@@ -63,25 +62,9 @@ def chromium_page(base_url: str) -> Iterator:
 def start_web(processes: Processes) -> str:
     """gunicorn serving the project like `make run` does; returns its base URL once it answers."""
     port = free_port()
-    log = (processes.log_dir / "web.log").open("ab")
-    command = [
-        sys.executable, "-m", "gunicorn", "project.wsgi:application",
-        "--bind", f"127.0.0.1:{port}",
-        "--threads", "4",
-        "--access-logfile", "-",
-        "--error-logfile", "-",
-        "--no-control-socket",
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        cwd=BASE_DIR,
-        env=processes.environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    processes.running["web"] = process
+    # The very command line `make run` uses for its web server.
+    command = child_commands("127.0.0.1", port, processes.log_dir, web=True, beat=False)["web"]
+    process = processes.spawn("web", command)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -53,9 +53,14 @@ class Processes:
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, *arguments: str, app: str = "project") -> subprocess.Popen[bytes]:
+        """A celery command (worker, beat) of the given app."""
+        return self.spawn(name, [sys.executable, "-m", "celery", "-A", app, *arguments])
+
+    def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        """Any command, in its own session, its output in `<name>.log`."""
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", app, *arguments],
+            command,
             cwd=BASE_DIR,
             env=self.environment,
             stdout=log,
