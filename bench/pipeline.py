@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import corpus
 
-from jobs import pipeline
+from jobs import pipeline, storage
 
 logger = logging.getLogger("bench")
 
@@ -145,7 +145,8 @@ def tutorial(path: Path, out: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -
 
 def run_pipeline(path: Path, out: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -> Path:
     destination = out / f"{path.stem}.zip"
-    pipeline.build_archive(path.read_bytes(), path.name, destination, sizes)
+    with storage.atomic_file(destination) as archive:
+        pipeline.write_archive(path.read_bytes(), path.name, archive, sizes)
     return destination
 
 

@@ -393,21 +393,22 @@ def _process(image_id: int) -> tuple[str, float]:
 def _archive(job: tuple[Path, Path]) -> tuple[bool, float, float]:
     from django.conf import settings
 
-    from jobs import pipeline
+    from jobs import pipeline, storage
 
     path, out = job
     started, cpu = time.perf_counter(), time.process_time()
     try:
-        pipeline.build_archive(
-            path.read_bytes(),
-            path.name,
-            out / f"{path.name}.zip",
-            pipeline.parse_sizes(SIZES),
-            limits=pipeline.Limits(
-                max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
-            ),
-            options=pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY),
-        )
+        with storage.atomic_file(out / f"{path.name}.zip") as archive:
+            pipeline.write_archive(
+                path.read_bytes(),
+                path.name,
+                archive,
+                pipeline.parse_sizes(SIZES),
+                limits=pipeline.Limits(
+                    max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
+                ),
+                options=pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY),
+            )
     except Exception:
         logger.warning("pipeline alone failed on %s", path.name, exc_info=True)
         ok = False

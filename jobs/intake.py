@@ -30,7 +30,8 @@ from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
 from .models import Image, Sweep
-from .pipeline import fsync_directory, safe_stem
+from .pipeline import safe_stem
+from .storage import fsync_directory
 
 logger = logging.getLogger(__name__)
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 import struct
-import tempfile
 import unicodedata
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageCms, UnidentifiedImageError
 
@@ -293,20 +292,20 @@ def output_format_for(input_format: str | None) -> str:
     return OUTPUT_FORMATS.get(input_format or "", "PNG")
 
 
-def build_archive(
+def write_archive(
     data: bytes,
     original_name: str,
-    destination: Path,
+    out: BinaryIO,
     sizes: Sequence[ThumbnailSize],
     *,
     limits: Limits = Limits(),
     options: EncodeOptions = EncodeOptions(),
 ) -> ArchiveInfo:
-    """Write a zip of the original (byte for byte) plus one thumbnail per size.
+    """Write a zip of the original (byte for byte) plus one thumbnail per size into `out`.
 
-    The zip appears at `destination` only complete: it is written under a temporary name
-    in the same folder, fsynced, then renamed. Raises ImageRejected for bad input and
-    OSError for trouble writing (a full disk, say); no temporary file survives either.
+    `out` is a writable binary file; where it lives, and how it becomes visible only when
+    complete, is the caller's business (see `jobs.storage.atomic_file`). Raises
+    ImageRejected for bad input and OSError for trouble writing.
     """
     with open_image(data, limits) as image:
         input_format = image.format or ""
@@ -324,48 +323,19 @@ def build_archive(
     members = [stem + _original_extension(original_name, input_format)]
     members += [f"{stem}_{size.label}{EXTENSIONS[output_format]}" for size, _ in thumbnails]
     payloads = [data] + [encoded[id(thumbnail)] for _, thumbnail in thumbnails]
-    archive_bytes = write_zip_atomically(destination, zip(members, payloads, strict=True))
+    start = out.tell()
+    # Images are already compressed: DEFLATE would cost time and save nothing.
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, payload in zip(members, payloads, strict=True):
+            archive.writestr(name, payload)
     return ArchiveInfo(
         width=width,
         height=height,
         format=input_format,
-        archive_bytes=archive_bytes,
+        archive_bytes=out.tell() - start,
         members=tuple(members),
         thumbnails={size.label: thumbnail.size for size, thumbnail in thumbnails},
     )
-
-
-def write_zip_atomically(destination: Path, members: Iterable[tuple[str, bytes]]) -> int:
-    """Write (name, bytes) pairs as a stored zip at destination, atomically. Returns its size."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    # Named after the destination, so that one left by a killed process can be found.
-    fd, temp_name = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
-    )
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            # Images are already compressed: DEFLATE would cost time and save nothing.
-            with zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
-                for name, payload in members:
-                    archive.writestr(name, payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-            size = handle.tell()
-        os.replace(temp_name, destination)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    fsync_directory(destination.parent)
-    return size
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

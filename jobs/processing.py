@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists
 from django.utils import timezone
 
-from . import pipeline
+from . import pipeline, storage
 from .models import Image
 from .sweep import archive_path, put_original_away, this_worker
 
@@ -93,16 +93,17 @@ def _process(image: Image, worker: str) -> str:
             return recorded
     destination = archive_path(image)
     sizes = pipeline.parse_sizes(image.sizes)
-    info = pipeline.build_archive(
-        data,
-        image.name,
-        destination,
-        sizes,
-        limits=pipeline.Limits(
-            max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
-        ),
-        options=encode_options(image.options),
-    )
+    with storage.atomic_file(destination) as out:
+        info = pipeline.write_archive(
+            data,
+            image.name,
+            out,
+            sizes,
+            limits=pipeline.Limits(
+                max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
+            ),
+            options=encode_options(image.options),
+        )
     relative = destination.relative_to(settings.MEDIA_ROOT).as_posix()
     try:
         with transaction.atomic():

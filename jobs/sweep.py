@@ -28,7 +28,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from .models import Image, Sweep, SweepLock
-from .pipeline import fsync_directory, parse_sizes, safe_stem
+from .pipeline import parse_sizes, safe_stem
+from .storage import fsync_directory
 
 logger = logging.getLogger(__name__)
 

@@ -29,21 +29,21 @@ def die_once(stage: str, name: str) -> None:
 @worker_process_init.connect
 def inject_faults(**kwargs):
     """Patch each pool process once Django is ready (it is not when this module loads)."""
-    global real_build_archive, real_put_original_away
+    global real_write_archive, real_put_original_away
     from jobs import pipeline, processing
 
-    real_build_archive = pipeline.build_archive
+    real_write_archive = pipeline.write_archive
     real_put_original_away = processing.put_original_away
-    pipeline.build_archive = faulty_build_archive
+    pipeline.write_archive = faulty_write_archive
     processing.put_original_away = faulty_put_original_away
 
 
-def faulty_build_archive(data, original_name, *args, **kwargs):
+def faulty_write_archive(data, original_name, *args, **kwargs):
     time.sleep(float(os.environ.get("PARROTER_FAULT_DELAY", "0")))
     poison = os.environ.get("PARROTER_FAULT_POISON")
     if poison and poison in original_name:
         os._exit(70)
-    info = real_build_archive(data, original_name, *args, **kwargs)
+    info = real_write_archive(data, original_name, *args, **kwargs)
     die_once("archive", original_name)
     return info
 

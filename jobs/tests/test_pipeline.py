@@ -4,7 +4,6 @@ but the archives themselves. Every odd input is generated here, in code."""
 from __future__ import annotations
 
 import io
-import os
 import struct
 import zipfile
 import zlib
@@ -13,17 +12,16 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageCms
 
-from jobs import pipeline
+from jobs import pipeline, storage
 from jobs.pipeline import (
     EncodeOptions,
     ImageRejected,
     Limits,
     ThumbnailSize,
-    build_archive,
     open_image,
     parse_sizes,
     safe_stem,
-    write_zip_atomically,
+    write_archive,
 )
 
 SIZES = parse_sizes("128x128,256x256,512x512")
@@ -57,7 +55,8 @@ def png_chunk(kind: bytes, body: bytes) -> bytes:
 
 def build(tmp_path: Path, data: bytes, name: str = "photo.jpg", sizes=SIZES, **kwargs):
     destination = tmp_path / "out" / "archive.zip"
-    info = build_archive(data, name, destination, sizes, **kwargs)
+    with storage.atomic_file(destination) as out:
+        info = write_archive(data, name, out, sizes, **kwargs)
     return info, destination
 
 
@@ -222,7 +221,7 @@ def test_open_image_decides_by_content_not_by_name(image_format, name, tmp_path)
         build(tmp_path, encoded(Image.new("RGB", (16, 16)), image_format), name)
 
 
-def test_build_archive_takes_a_png_named_jpg_as_png(tmp_path):
+def test_write_archive_takes_a_png_named_jpg_as_png(tmp_path):
     info, _destination = build(tmp_path, encoded(quadrants(64, 64), "PNG"), "really.jpg")
     assert info.format == "PNG"
     assert info.members[1:] == ("really_128x128.png", "really_256x256.png", "really_512x512.png")
@@ -272,14 +271,14 @@ def test_open_image_does_not_decode_pixels():
     ("image_format", "keep"),
     [("JPEG", 0.5), ("PNG", 0.5), ("JPEG", 0.05), ("PNG", 0.9)],
 )
-def test_build_archive_rejects_a_truncated_file(image_format, keep, tmp_path):
+def test_write_archive_rejects_a_truncated_file(image_format, keep, tmp_path):
     data = encoded(Image.effect_noise((300, 200), 60).convert("RGB"), image_format)
     with pytest.raises(ImageRejected):
         build(tmp_path, data[: int(len(data) * keep)])
     assert not (tmp_path / "out").exists()
 
 
-def test_build_archive_rejects_a_png_with_a_bad_checksum(tmp_path):
+def test_write_archive_rejects_a_png_with_a_bad_checksum(tmp_path):
     data = bytearray(encoded(Image.effect_noise((64, 64), 60).convert("RGB"), "PNG"))
     data[40] ^= 0xFF
     with pytest.raises(ImageRejected):
@@ -330,7 +329,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_build_archive_handles_every_supported_kind(case, tmp_path):
+def test_write_archive_handles_every_supported_kind(case, tmp_path):
     make, image_format, extension = CASES[case]
     data = make()
     info, destination = build(tmp_path, data, f"in.{image_format.lower()}")
@@ -348,7 +347,7 @@ def test_build_archive_handles_every_supported_kind(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["rgb_jpeg", "progressive_jpeg", "rgb_png", "palette_png", "bmp"])
-def test_build_archive_keeps_the_colours_where_they_were(case, tmp_path):
+def test_write_archive_keeps_the_colours_where_they_were(case, tmp_path):
     _, destination = build(tmp_path, CASES[case][0](), sizes=parse_sizes("64x64"))
     (thumb,) = thumbnails_of(destination).values()
     rgb = thumb.convert("RGB")
@@ -359,14 +358,14 @@ def test_build_archive_keeps_the_colours_where_they_were(case, tmp_path):
     assert close_to(rgb.getpixel((width - 3, height - 3)), WHITE)
 
 
-def test_build_archive_first_frame_of_an_animation(tmp_path):
+def test_write_archive_first_frame_of_an_animation(tmp_path):
     for data in (animated_gif(), animated_webp(), multipage_tiff()):
         _, destination = build(tmp_path, data, sizes=parse_sizes("64x64"))
         (thumb,) = thumbnails_of(destination).values()
         assert close_to(thumb.convert("RGB").getpixel((10, 10)), RED)
 
 
-def test_build_archive_cmyk_jpeg_comes_out_rgb_in_the_right_colours(tmp_path):
+def test_write_archive_cmyk_jpeg_comes_out_rgb_in_the_right_colours(tmp_path):
     cyan = Image.new("CMYK", (400, 300), (255, 0, 0, 0))
     data = encoded(cyan, "JPEG", quality=95)
     # Pillow writes (and reads) the inverted Adobe flavour of CMYK JPEG.
@@ -377,7 +376,7 @@ def test_build_archive_cmyk_jpeg_comes_out_rgb_in_the_right_colours(tmp_path):
     assert close_to(thumb.getpixel((5, 5)), (0, 255, 255))
 
 
-def test_build_archive_cmyk_with_a_broken_profile_falls_back_to_the_plain_formula(tmp_path):
+def test_write_archive_cmyk_with_a_broken_profile_falls_back_to_the_plain_formula(tmp_path):
     broken_profile = bytes(16) + b"CMYK" + bytes(108)
     data = encoded(
         Image.new("CMYK", (400, 300), (0, 255, 0, 0)), "JPEG", icc_profile=broken_profile
@@ -387,7 +386,7 @@ def test_build_archive_cmyk_with_a_broken_profile_falls_back_to_the_plain_formul
     assert close_to(thumb.getpixel((5, 5)), (255, 0, 255))
 
 
-def test_build_archive_keeps_an_rgb_colour_profile(tmp_path):
+def test_write_archive_keeps_an_rgb_colour_profile(tmp_path):
     profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     data = encoded(quadrants(600, 400), "JPEG", icc_profile=profile)
     _, destination = build(tmp_path, data)
@@ -395,7 +394,7 @@ def test_build_archive_keeps_an_rgb_colour_profile(tmp_path):
         assert thumb.info.get("icc_profile") == profile
 
 
-def test_build_archive_palette_png_with_transparency_keeps_alpha(tmp_path):
+def test_write_archive_palette_png_with_transparency_keeps_alpha(tmp_path):
     image = quadrants(600, 400, "P")
     red_index = image.getpixel((0, 0))
     data = encoded(image, "PNG", transparency=red_index)
@@ -406,7 +405,7 @@ def test_build_archive_palette_png_with_transparency_keeps_alpha(tmp_path):
     assert thumb.getpixel((thumb.width - 3, thumb.height - 3)) == (255, 255, 255, 255)
 
 
-def test_build_archive_rgba_png_stays_png_with_alpha(tmp_path):
+def test_write_archive_rgba_png_stays_png_with_alpha(tmp_path):
     image = Image.new("RGBA", (600, 400), (0, 0, 0, 0))
     image.paste((0, 0, 255, 255), (300, 0, 600, 400))
     _, destination = build(tmp_path, encoded(image, "PNG"), "a.png", sizes=parse_sizes("64x64"))
@@ -432,7 +431,7 @@ def test_make_thumbnails_composites_alpha_onto_white_for_jpeg(mode):
     assert Image.open(io.BytesIO(pipeline.encode(thumb, "JPEG", EncodeOptions()))).size == (64, 43)
 
 
-def test_build_archive_16_bit_grey_png_scales_to_8_bits(tmp_path):
+def test_write_archive_16_bit_grey_png_scales_to_8_bits(tmp_path):
     image = Image.new("I;16", (600, 400), 0)
     # (Pillow pastes a plain number into I;16 wrongly: paste images.)
     image.paste(Image.new("I;16", (200, 400), 32768), (200, 0))
@@ -449,7 +448,7 @@ def test_build_archive_16_bit_grey_png_scales_to_8_bits(tmp_path):
     assert right >= 253
 
 
-def test_build_archive_16_bit_dark_image_does_not_turn_white(tmp_path):
+def test_write_archive_16_bit_dark_image_does_not_turn_white(tmp_path):
     data = encoded(Image.new("I;16", (300, 200), 2000), "PNG")
     _, destination = build(tmp_path, data, "dark.png", sizes=parse_sizes("64x64"))
     (thumb,) = thumbnails_of(destination).values()
@@ -465,7 +464,7 @@ def test_make_thumbnails_scales_32_bit_and_float_grey(mode, value, expected):
     assert thumb.getpixel((5, 5)) == pytest.approx(expected, abs=1)
 
 
-def test_build_archive_one_bit_image_stays_black_and_white(tmp_path):
+def test_write_archive_one_bit_image_stays_black_and_white(tmp_path):
     data = encoded(quadrants(600, 400, "1"), "PNG")
     _, destination = build(tmp_path, data, "bw.png", sizes=parse_sizes("64x64"))
     (thumb,) = thumbnails_of(destination).values()
@@ -499,7 +498,7 @@ def oriented_file(orientation: int, image_format: str) -> bytes:
 
 @pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_build_archive_applies_exif_orientation(orientation, image_format, tmp_path):
+def test_write_archive_applies_exif_orientation(orientation, image_format, tmp_path):
     data = oriented_file(orientation, image_format)
     info, destination = build(tmp_path, data, "turned", sizes=parse_sizes("64x64,256x256"))
     assert (info.width, info.height) == (800, 400)
@@ -514,7 +513,7 @@ def test_build_archive_applies_exif_orientation(orientation, image_format, tmp_p
 
 
 @pytest.mark.parametrize("orientation", [0, 9, 65535])
-def test_build_archive_ignores_nonsense_orientation(orientation, tmp_path):
+def test_write_archive_ignores_nonsense_orientation(orientation, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = encoded(quadrants(800, 400), "JPEG", exif=exif.tobytes())
@@ -523,14 +522,14 @@ def test_build_archive_ignores_nonsense_orientation(orientation, tmp_path):
     assert info.thumbnails == {"64x64": (64, 32)}
 
 
-def test_build_archive_never_upscales(tmp_path):
+def test_write_archive_never_upscales(tmp_path):
     info, destination = build(tmp_path, encoded(quadrants(50, 40), "PNG"), "small.png")
     assert set(info.thumbnails.values()) == {(50, 40)}
     assert {thumb.size for thumb in thumbnails_of(destination).values()} == {(50, 40)}
 
 
 @pytest.mark.parametrize("source", [(1000, 333), (333, 1000), (4000, 3), (7, 2000), (999, 998)])
-def test_build_archive_keeps_the_aspect_within_one_pixel(source, tmp_path):
+def test_write_archive_keeps_the_aspect_within_one_pixel(source, tmp_path):
     data = encoded(Image.new("RGB", source, BLUE), "JPEG")
     _, destination = build(tmp_path, data)
     for name, thumb in thumbnails_of(destination).items():
@@ -542,7 +541,7 @@ def test_build_archive_keeps_the_aspect_within_one_pixel(source, tmp_path):
         assert thumb.height <= box.height
 
 
-def test_build_archive_jpeg_draft_covers_the_largest_thumbnail(tmp_path):
+def test_write_archive_jpeg_draft_covers_the_largest_thumbnail(tmp_path):
     # 4000x3000 into 512: libjpeg may decode at 1/4 (1000x750) but not 1/8 (500x375).
     data = encoded(quadrants(4000, 3000), "JPEG")
     info, _ = build(tmp_path, data)
@@ -552,7 +551,7 @@ def test_build_archive_jpeg_draft_covers_the_largest_thumbnail(tmp_path):
 # --- the archive ------------------------------------------------------------------------
 
 
-def test_build_archive_zip_holds_the_original_byte_for_byte_and_stored(tmp_path):
+def test_write_archive_zip_holds_the_original_byte_for_byte_and_stored(tmp_path):
     data = encoded(quadrants(600, 400), "JPEG", quality=90)
     info, destination = build(tmp_path, data, "Holiday Photo.JPG")
     assert info.members == (
@@ -578,7 +577,7 @@ def test_build_archive_zip_holds_the_original_byte_for_byte_and_stored(tmp_path)
         ("a" * 300 + ".jpg", "a" * pipeline.MAX_STEM_LENGTH),
     ],
 )
-def test_build_archive_member_names_come_from_safe_stem(name, stem, tmp_path):
+def test_write_archive_member_names_come_from_safe_stem(name, stem, tmp_path):
     info, destination = build(tmp_path, encoded(quadrants(60, 40), "JPEG"), name)
     assert safe_stem(name) == stem
     assert info.members[0] == stem + Path(name).suffix
@@ -590,13 +589,13 @@ def test_build_archive_member_names_come_from_safe_stem(name, stem, tmp_path):
             assert not member.startswith(".")
 
 
-def test_build_archive_dedupes_repeated_sizes(tmp_path):
+def test_write_archive_dedupes_repeated_sizes(tmp_path):
     sizes = [ThumbnailSize(64, 64), ThumbnailSize(32, 32), ThumbnailSize(64, 64)]
     info, _ = build(tmp_path, encoded(quadrants(600, 400), "PNG"), "d.png", sizes=sizes)
     assert info.members == ("d.png", "d_32x32.png", "d_64x64.png")
 
 
-def test_build_archive_without_sizes_still_checks_the_pixels(tmp_path):
+def test_write_archive_without_sizes_still_checks_the_pixels(tmp_path):
     data = encoded(Image.effect_noise((300, 200), 60).convert("RGB"), "JPEG")
     info, _ = build(tmp_path, data, sizes=())
     assert info.members == ("photo.jpg",)
@@ -604,14 +603,14 @@ def test_build_archive_without_sizes_still_checks_the_pixels(tmp_path):
         build(tmp_path, data[: len(data) // 2], sizes=())
 
 
-def test_build_archive_uses_the_encode_options(tmp_path):
+def test_write_archive_uses_the_encode_options(tmp_path):
     data = encoded(Image.effect_noise((600, 400), 80).convert("RGB"), "JPEG", quality=95)
     small, _ = build(tmp_path, data, options=EncodeOptions(jpeg_quality=20))
     large, _ = build(tmp_path, data, options=EncodeOptions(jpeg_quality=95))
     assert small.archive_bytes < large.archive_bytes
 
 
-def test_build_archive_replaces_an_existing_archive(tmp_path):
+def test_write_archive_replaces_an_existing_archive(tmp_path):
     destination = tmp_path / "out" / "archive.zip"
     destination.parent.mkdir()
     destination.write_bytes(b"old")
@@ -621,43 +620,4 @@ def test_build_archive_replaces_an_existing_archive(tmp_path):
     assert_no_temporary_files(destination.parent)
 
 
-# --- atomic writing ---------------------------------------------------------------------
-
-
-def test_write_zip_atomically_leaves_nothing_when_members_fail(tmp_path):
-    def members():
-        yield "a.txt", b"a"
-        raise RuntimeError("the disk caught fire")
-
-    destination = tmp_path / "a.zip"
-    with pytest.raises(RuntimeError, match="caught fire"):
-        write_zip_atomically(destination, members())
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_write_zip_atomically_keeps_the_old_file_when_the_rename_fails(tmp_path):
-    destination = tmp_path / "a.zip"
-    destination.mkdir()
-    with pytest.raises(OSError, match="directory"):
-        write_zip_atomically(destination, [("a.txt", b"a")])
-    assert [path.name for path in tmp_path.iterdir()] == ["a.zip"]
-    assert destination.is_dir()
-
-
-def test_build_archive_passes_a_full_disk_on_as_oserror(tmp_path, monkeypatch):
-    def no_space(fd):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(OSError, match="No space left") as caught:
-        build(tmp_path, encoded(quadrants(60, 40), "PNG"), "x.png")
-    assert not isinstance(caught.value, ImageRejected)
-    assert list((tmp_path / "out").iterdir()) == []
-
-
-def test_write_zip_atomically_creates_the_folder_and_returns_the_size(tmp_path):
-    destination = tmp_path / "deep" / "er" / "a.zip"
-    size = write_zip_atomically(destination, [("a.txt", b"hello")])
-    assert size == destination.stat().st_size
-    with zipfile.ZipFile(destination) as archive:
-        assert archive.read("a.txt") == b"hello"
+# --- writing ---------------------------------------------------------------------
