@@ -83,7 +83,7 @@ class Sweep(models.Model):
         self.save()
 
 
-def lease_end() -> Now:
+def lease_end() -> models.Expression:
     """LEASE_SECONDS from now by the database's clock, the one clock every host shares."""
     return Now() + timedelta(seconds=settings.LEASE_SECONDS)
 
