@@ -351,6 +351,8 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
                     "task_result",
                     "attempts",
                     "worker",
+                    "token",
+                    "lease_until",
                     "queued_at",
                     "started_at",
                     "finished_at",

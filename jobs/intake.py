@@ -25,8 +25,7 @@ from typing import Protocol
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
-from django.db.models import Exists, F, OuterRef, QuerySet
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from .models import Image, Sweep
@@ -225,45 +224,11 @@ def claim_again(images: Iterable[Image], sizes: list[str] | None = None) -> Recl
         except OSError as exc:
             result.skipped.append((image, f"its original cannot be read: {exc.strerror}"))
             continue
-        with transaction.atomic():
-            claimed = (
-                Image.objects.filter(
-                    id=image.id,
-                    status=image.status,
-                    in_folder=False,
-                    original_path=image.original_path,
-                )
-                # A duplicate of it may have been recorded since the check above.
-                .exclude(
-                    Exists(
-                        Image.objects.filter(
-                            duplicate_of=OuterRef("pk"), status=Image.Status.DUPLICATE
-                        )
-                    )
-                )
-                .update(
-                    status=Image.Status.PENDING,
-                    source_path=F("original_path"),
-                    file_size=kept.st_size,
-                    mtime_ns=kept.st_mtime_ns,
-                    sizes=labels,
-                    # Its output options stay: a reprocess changes only the sizes.
-                    sizes_key=Image.sizes_key_for(labels, image.options),
-                    error="",
-                    duplicate_of=None,
-                    attempts=0,
-                    worker="",
-                    task_id="",
-                    started_at=None,
-                    finished_at=None,
-                    # Waiting starts now: jobs.recover requeues what waited REQUEUE_AFTER.
-                    queued_at=timezone.now(),
-                )
-            )
-        if not claimed:
+        was_failed = image.status == Image.Status.FAILED
+        if not image.reclaim(labels, kept.st_size, kept.st_mtime_ns):
             result.skipped.append((image, "someone else changed it at the same moment"))
             continue
-        if image.status == Image.Status.FAILED:
+        if was_failed:
             # The note beside a failed original describes the old failure; a new one is
             # written if this run fails too.
             Path(image.original_path + ".error.txt").unlink(missing_ok=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
-from django.db import models
-from django.db.models import F, Q
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import Exists, F, OuterRef, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 
@@ -80,8 +83,66 @@ class Sweep(models.Model):
         self.save()
 
 
+def lease_end() -> models.Expression:
+    """LEASE_SECONDS from now by the database's clock, the one clock every host shares."""
+    return Now() + timedelta(seconds=settings.LEASE_SECONDS)
+
+
+# A run that stopped renewing its lease: its worker died, its host was lost, or it froze.
+# Judged by the database's clock, never by a host name or a PID (containers share both).
+LEASE_EXPIRED = Q(status="processing") & (Q(lease_until__lt=Now()) | Q(lease_until=None))
+
+
+class ImageQuerySet(models.QuerySet):
+    """The transitions that begin from an id: starting a run, and keeping it alive."""
+
+    def start(self, image_id: int, task_id: str = "", worker: str = "") -> uuid.UUID | None:
+        """pending -> processing for one run. Returns the run's token, or None if not pending.
+
+        Every later transition of this run is conditional on the token, so a run that lost
+        the image (its lease ran out and a sweep retried it) changes nothing.
+        """
+        token = uuid.uuid4()
+        started = self.filter(id=image_id, status=Image.Status.PENDING).update(
+            status=Image.Status.PROCESSING,
+            token=token,
+            lease_until=lease_end(),
+            attempts=F("attempts") + 1,
+            worker=worker,
+            task_id=task_id,
+            started_at=Now(),
+            error="",
+        )
+        return token if started else None
+
+    def renew(self, image_id: int, token: uuid.UUID) -> bool:
+        """Extend a run's lease; False once the run no longer owns its image."""
+        return bool(
+            self.filter(id=image_id, status=Image.Status.PROCESSING, token=token).update(
+                lease_until=lease_end()
+            )
+        )
+
+    def lease_expired(self) -> ImageQuerySet:
+        """Images in processing whose run stopped renewing its lease."""
+        return self.filter(LEASE_EXPIRED)
+
+    def requeue_lost(self, image_ids: list[int]) -> int:
+        """Mark pending images as queued again now (their message was lost)."""
+        return self.filter(id__in=image_ids, status=Image.Status.PENDING).update(
+            queued_at=timezone.now()
+        )
+
+
 class Image(models.Model):
-    """One file taken from a folder (or uploaded), from claim to archive or failure."""
+    """One file taken from a folder (or uploaded), from claim to archive or failure.
+
+    Its state changes are conditional updates, one method per transition, all here:
+    `Image.objects.start` and `renew` (by id), then `mark_done`, `mark_failed`,
+    `mark_duplicate` and `release_changed` by the run holding the token, `retry` by a sweep
+    once the run's lease ran out, and `reclaim` to process a finished image again. Each
+    returns whether it happened; a run that lost its image changes nothing.
+    """
 
     class Status(models.TextChoices):
         PENDING = "pending", "pending"
@@ -135,10 +196,22 @@ class Image(models.Model):
     error = models.TextField(blank=True)
     task_id = models.CharField(max_length=255, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
-    worker = models.CharField(max_length=255, blank=True, help_text="host:pid of the last try.")
+    worker = models.CharField(
+        max_length=255, blank=True, help_text="host:pid of the last try (for people to read)."
+    )
+    token = models.UUIDField(
+        null=True, blank=True, editable=False, help_text="Identifies the current or last run."
+    )
+    lease_until = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="The run renews this while alive; once it passes, a sweep retries the image.",
+    )
     queued_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    objects = ImageQuerySet.as_manager()
 
     class Meta:
         ordering = ["-queued_at", "-id"]
@@ -160,6 +233,7 @@ class Image(models.Model):
         indexes = [
             models.Index(fields=["status", "queued_at"]),
             models.Index(fields=["in_folder", "source_path"]),
+            models.Index(fields=["status", "lease_until"]),
         ]
 
     def __str__(self) -> str:
@@ -181,19 +255,164 @@ class Image(models.Model):
         extra = "".join(f";{name}={value}" for name, value in sorted((options or {}).items()))
         return ",".join(labels) + extra
 
-    @classmethod
-    def start(cls, image_id: int, worker: str, task_id: str) -> bool:
-        """Claim a pending image for one run; True means this caller owns it now."""
-        return bool(
-            cls.objects.filter(id=image_id, status=cls.Status.PENDING).update(
-                status=cls.Status.PROCESSING,
-                attempts=F("attempts") + 1,
-                worker=worker,
-                task_id=task_id,
-                started_at=timezone.now(),
+    def _this_run(self) -> models.QuerySet[Image]:
+        """This image, while the run that holds `token` still owns it."""
+        return Image.objects.filter(id=self.id, status=self.Status.PROCESSING, token=self.token)
+
+    def is_current_run(self) -> bool:
+        """True while this run still owns the image (no sweep took it over)."""
+        return self._this_run().exists()
+
+    def mark_done(
+        self,
+        *,
+        archive: str,
+        archive_size: int,
+        width: int,
+        height: int,
+        format: str,
+        thumbnails: dict[str, list[int]],
+    ) -> bool:
+        """processing -> done with its archive. False if this run no longer owns the image.
+
+        Raises IntegrityError when the same content with the same sizes is done already.
+        """
+        result = {
+            "archive": archive,
+            "archive_size": archive_size,
+            "width": width,
+            "height": height,
+            "format": format,
+            "thumbnails": thumbnails,
+        }
+        # A savepoint, so that the IntegrityError of a duplicate leaves the connection usable.
+        with transaction.atomic():
+            done = self._this_run().update(
+                status=self.Status.DONE, finished_at=Now(), lease_until=None, **result
+            )
+        if done:
+            self.status = self.Status.DONE
+            for name, value in result.items():
+                setattr(self, name, value)
+        return bool(done)
+
+    def mark_failed(self, reason: str) -> bool:
+        """processing -> failed with reason. False if this run no longer owns the image."""
+        return self._finish_failed(reason)
+
+    def release_changed(self, reason: str) -> bool:
+        """processing -> failed, and the path is free for a new claim of the changed file."""
+        return self._finish_failed(reason, in_folder=False)
+
+    def _finish_failed(self, reason: str, **extra: object) -> bool:
+        failed = self._this_run().update(
+            status=self.Status.FAILED, error=reason, finished_at=Now(), lease_until=None, **extra
+        )
+        if failed:
+            self.status = self.Status.FAILED
+            self.error = reason
+            for name, value in extra.items():
+                setattr(self, name, value)
+        return bool(failed)
+
+    def mark_duplicate(self, first: Image) -> bool:
+        """processing -> duplicate of first, while first is still done (a reprocess may have
+        just taken it back to pending). False if not recorded."""
+        first_still_done = Exists(Image.objects.filter(id=first.id, status=self.Status.DONE))
+        recorded = (
+            self._this_run()
+            .filter(first_still_done)
+            .update(
+                status=self.Status.DUPLICATE,
+                duplicate_of=first,
                 error="",
+                archive="",
+                archive_size=None,
+                thumbnails={},
+                finished_at=Now(),
+                lease_until=None,
             )
         )
+        if recorded:
+            self.status = self.Status.DUPLICATE
+            self.duplicate_of = first
+            self.archive, self.archive_size, self.thumbnails = "", None, {}
+        return bool(recorded)
+
+    def retry(self, max_attempts: int) -> str | None:
+        """Take over a run whose lease ran out: pending again, or failed after max_attempts.
+
+        Returns the new status, or None when the run renewed its lease meanwhile or another
+        sweep got here first. Conditional on the dead run's token and on the lease being
+        expired at the moment of the update, so a live run is never taken over.
+        """
+        dead = Image.objects.lease_expired().filter(id=self.id, token=self.token)
+        if self.attempts >= max_attempts:
+            reason = (
+                f"processing stopped without a result {self.attempts} times (its worker was "
+                "killed or crashed, its host was lost, or the time limit passed); giving up "
+                "on this file"
+            )
+            if not dead.update(
+                status=self.Status.FAILED, error=reason, finished_at=Now(), lease_until=None
+            ):
+                return None
+            self.status, self.error = self.Status.FAILED, reason
+            return self.status
+        if not dead.update(status=self.Status.PENDING, queued_at=timezone.now(), lease_until=None):
+            return None
+        # queued_at stays the dead run's here: its partial zips are found by it.
+        self.status = self.Status.PENDING
+        return self.status
+
+    def reclaim(self, sizes: list[str], file_size: int, mtime_ns: int) -> bool:
+        """final -> pending, to be processed again from its kept original with sizes.
+
+        Only if nobody changed it since it was read, and no duplicate gets its zip from it.
+        The old archive stays recorded until the new run records its own. Its output options
+        (quality) stay: a reprocess changes only the sizes.
+        """
+        fresh = {
+            "status": self.Status.PENDING,
+            "file_size": file_size,
+            "mtime_ns": mtime_ns,
+            "sizes": sizes,
+            "sizes_key": self.sizes_key_for(sizes, self.options),
+            "error": "",
+            "duplicate_of": None,
+            "attempts": 0,
+            "worker": "",
+            "task_id": "",
+            "token": None,
+            "lease_until": None,
+            "started_at": None,
+            "finished_at": None,
+            # Waiting starts now: jobs.recover requeues what waited REQUEUE_AFTER.
+            "queued_at": timezone.now(),
+        }
+        with transaction.atomic():
+            claimed = (
+                Image.objects.filter(
+                    id=self.id,
+                    status=self.status,
+                    in_folder=False,
+                    original_path=self.original_path,
+                )
+                # A duplicate of it may have been recorded since it was read.
+                .exclude(
+                    Exists(
+                        Image.objects.filter(
+                            duplicate_of=OuterRef("pk"), status=self.Status.DUPLICATE
+                        )
+                    )
+                )
+                .update(source_path=F("original_path"), **fresh)
+            )
+        if claimed:
+            self.source_path = self.original_path
+            for name, value in fresh.items():
+                setattr(self, name, value)
+        return bool(claimed)
 
 
 class SweepLock(models.Model):

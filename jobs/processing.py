@@ -2,21 +2,27 @@
 
 Order of effects, so that a crash anywhere loses nothing: archive under a temporary name,
 fsync, rename; then the database says done; only then does the original leave its folder.
+
+A run owns its image by a token and a lease it renews from a thread while it works; every
+state change it makes is conditional on the token, so a run presumed dead and taken over
+(its lease ran out) records nothing over the run that replaced it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import stat
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Exists
-from django.utils import timezone
+from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from . import pipeline, storage
 from .models import Image
@@ -38,62 +44,99 @@ def process_image(
     move of the original. `time_limit_errors` are what the caller's time limit raises
     inside the run; the image then fails with that reason.
     """
-    worker = this_worker()
-    if not Image.start(image_id, worker, task_id):
+    token = Image.objects.start(image_id, task_id, worker=this_worker())
+    if token is None:
         image = Image.objects.filter(id=image_id).first()
         if image is not None and image.is_final and image.in_folder:
             put_original_away(image)
         return "skipped"
+    # Read after the start: its times and lease are the database's.
     image = Image.objects.get(id=image_id)
+    image.token = token
+    with keep_lease(image_id, token):
+        try:
+            return _process(image)
+        except time_limit_errors:
+            return fail(
+                image,
+                f"took longer than the {settings.IMAGE_SOFT_TIME_LIMIT} s time limit per image",
+            )
+        except pipeline.ImageRejected as exc:
+            return fail(image, str(exc))
+        except OSError as exc:
+            return fail(image, _describe_os_error(exc))
+        except Exception as exc:
+            # A bug, not bad input: keep the file safe and the reason visible, then let
+            # Celery record the traceback too.
+            fail(image, f"internal error: {exc!r}")
+            raise
+
+
+# Renewals per lease: two may fail (a busy database) before the lease runs out.
+RENEWALS_PER_LEASE = 3
+
+
+@contextlib.contextmanager
+def keep_lease(image_id: int, token: uuid.UUID) -> Iterator[None]:
+    """Renew a run's lease from a thread of its own for as long as the body runs.
+
+    The thread opens a database connection of its own (Django's are per thread) only once
+    it renews, and closes it when it stops.
+    """
+    stop = threading.Event()
+    renewer = threading.Thread(
+        target=_renew_lease, args=(image_id, token, stop), name=f"lease-{image_id}", daemon=True
+    )
+    renewer.start()
     try:
-        return _process(image, worker)
-    except time_limit_errors:
-        return fail(
-            image,
-            f"took longer than the {settings.IMAGE_SOFT_TIME_LIMIT} s time limit per image",
-            worker,
-        )
-    except pipeline.ImageRejected as exc:
-        return fail(image, str(exc), worker)
-    except OSError as exc:
-        return fail(image, _describe_os_error(exc), worker)
-    except Exception as exc:
-        # A bug, not bad input: keep the file safe and the reason visible, then let Celery
-        # record the traceback too.
-        fail(image, f"internal error: {exc!r}", worker)
-        raise
+        yield
+    finally:
+        stop.set()
+        renewer.join()
 
 
-def fail(image: Image, reason: str, worker: str | None = None) -> str:
-    """Record image as failed with reason and move its original to the failed area."""
-    rows = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING)
-    if worker is not None:
-        rows = rows.filter(worker=worker)
-    if rows.update(status=Image.Status.FAILED, error=reason, finished_at=timezone.now()):
+def _renew_lease(image_id: int, token: uuid.UUID, stop: threading.Event) -> None:
+    try:
+        while not stop.wait(settings.LEASE_SECONDS / RENEWALS_PER_LEASE):
+            try:
+                if not Image.objects.renew(image_id, token):
+                    # Presumed dead and retried: whatever this run still does records nothing.
+                    logger.warning("image %s was taken over by another run", image_id)
+                    return
+            except DatabaseError as exc:
+                logger.warning("cannot renew the lease of image %s: %s", image_id, exc)
+                connection.close_if_unusable_or_obsolete()
+    finally:
+        connection.close()
+
+
+def fail(image: Image, reason: str) -> str:
+    """Record this run of image as failed with reason and move its original to the failed area."""
+    if image.mark_failed(reason):
         logger.warning("image %s (%s) failed: %s", image.id, image.name, reason)
-        image.status = Image.Status.FAILED
-        image.error = reason
         put_original_away(image)
         return Image.Status.FAILED
     return "skipped"
 
 
-def _process(image: Image, worker: str) -> str:
+def _process(image: Image) -> str:
     try:
         data = read_original(Path(image.source_path), (image.file_size, image.mtime_ns))
     except FileChanged:
-        return _release_changed(image, worker)
+        return _release_changed(image)
     sha256 = hashlib.sha256(data).hexdigest()
-    Image.objects.filter(id=image.id).update(sha256=sha256)
+    Image.objects.filter(id=image.id, token=image.token).update(sha256=sha256)
     image.sha256 = sha256
     first = _first_done(image)
     if first is not None:
-        recorded = _record_duplicate(image, first, worker)
+        recorded = _record_duplicate(image, first)
         if recorded is not None:
             return recorded
     destination = archive_path(image)
     sizes = pipeline.parse_sizes(image.sizes)
-    with storage.atomic_file(destination) as out:
+    # The partial zip is named after this run: a sweep that takes over a dead run deletes
+    # that run's partial zip only, never the one of a run still writing.
+    with storage.atomic_file(destination, tag=image.token.hex) as out:
         info = pipeline.write_archive(
             data,
             image.name,
@@ -105,25 +148,23 @@ def _process(image: Image, worker: str) -> str:
             options=encode_options(image.options),
         )
     relative = destination.relative_to(settings.MEDIA_ROOT).as_posix()
+    previous = image.archive
     try:
-        with transaction.atomic():
-            done = Image.objects.filter(
-                id=image.id, status=Image.Status.PROCESSING, worker=worker
-            ).update(
-                status=Image.Status.DONE,
-                archive=relative,
-                archive_size=info.archive_bytes,
-                width=info.width,
-                height=info.height,
-                format=info.format,
-                thumbnails={label: list(size) for label, size in info.thumbnails.items()},
-                finished_at=timezone.now(),
-            )
+        done = image.mark_done(
+            archive=relative,
+            archive_size=info.archive_bytes,
+            width=info.width,
+            height=info.height,
+            format=info.format,
+            thumbnails={label: list(size) for label, size in info.thumbnails.items()},
+        )
     except IntegrityError:
-        # Same content with the same sizes finished first in another worker.
-        destination.unlink(missing_ok=True)
+        # Same content with the same sizes finished first in another worker. The zip goes,
+        # unless a run that took this image over may be writing that name now.
+        if image.is_current_run():
+            destination.unlink(missing_ok=True)
         first = _first_done(image)
-        recorded = _record_duplicate(image, first, worker) if first is not None else None
+        recorded = _record_duplicate(image, first) if first is not None else None
         if recorded is None:
             raise
         return recorded
@@ -131,9 +172,8 @@ def _process(image: Image, worker: str) -> str:
         # Another run took this image over (we were presumed dead); its record stands.
         logger.warning("image %s was taken over by another run; leaving it", image.id)
         return "skipped"
-    if image.archive and image.archive != relative:
-        _retire_archive(image.archive)
-    image.status = Image.Status.DONE
+    if previous and previous != relative:
+        _retire_archive(previous)
     put_original_away(image)
     return Image.Status.DONE
 
@@ -152,16 +192,13 @@ def _retire_archive(relative: str) -> None:
     transaction.on_commit(lambda: old.unlink(missing_ok=True))
 
 
-def _release_changed(image: Image, worker: str) -> str:
+def _release_changed(image: Image) -> str:
     """The file changed after it was claimed: fail this claim, leave the file for a new one."""
     reason = (
         "the file changed after it was claimed (still being written?); it was left in place "
         "and is taken again, as a new image, once it stops changing"
     )
-    rows = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING, worker=worker)
-    if rows.update(
-        status=Image.Status.FAILED, error=reason, in_folder=False, finished_at=timezone.now()
-    ):
+    if image.release_changed(reason):
         logger.warning("image %s (%s): %s", image.id, image.name, reason)
         return Image.Status.FAILED
     return "skipped"
@@ -224,30 +261,14 @@ def _first_done(image: Image) -> Image | None:
     )
 
 
-def _record_duplicate(image: Image, first: Image, worker: str) -> str | None:
+def _record_duplicate(image: Image, first: Image) -> str | None:
     """Record image as a duplicate of first; None if first stopped being done meanwhile."""
-    # Only while `first` is still done: a reprocess may have just taken it back to pending.
-    first_still_done = Exists(Image.objects.filter(id=first.id, status=Image.Status.DONE))
-    updated = Image.objects.filter(
-        first_still_done, id=image.id, status=Image.Status.PROCESSING, worker=worker
-    ).update(
-        status=Image.Status.DUPLICATE,
-        duplicate_of=first,
-        error="",
-        archive="",
-        archive_size=None,
-        thumbnails={},
-        finished_at=timezone.now(),
-    )
-    if not updated:
-        still_ours = Image.objects.filter(
-            id=image.id, status=Image.Status.PROCESSING, worker=worker
-        ).exists()
-        return None if still_ours else "skipped"
-    if image.archive:
+    previous = image.archive
+    if not image.mark_duplicate(first):
+        return None if image.is_current_run() else "skipped"
+    if previous:
         # Reprocessed into sizes another image already has: its old zip is no longer its.
-        _retire_archive(image.archive)
-    image.status = Image.Status.DUPLICATE
+        _retire_archive(previous)
     put_original_away(image)
     return Image.Status.DUPLICATE
 

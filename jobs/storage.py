@@ -15,17 +15,17 @@ from typing import BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_file(destination: Path) -> Iterator[BinaryIO]:
+def atomic_file(destination: Path, tag: str = "") -> Iterator[BinaryIO]:
     """A file to write that appears at `destination` only complete, or not at all.
 
-    The temporary file is named after the destination (`.<name>.<random>.part`), so that
-    one left by a killed process can be found and removed. Folders it had to create are
-    removed again if nothing was written.
+    The temporary file is named after the destination and the writer's `tag`
+    (`.<name>.<tag>.<random>.part`), so that one a killed process left can be found and
+    removed, and only that one. Folders it had to create are removed again if nothing was
+    written.
     """
     created = _make_folders(destination.parent)
-    fd, temp_name = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
-    )
+    prefix = f".{destination.name}." + (f"{tag}." if tag else "")
+    fd, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=prefix, suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle

@@ -19,15 +19,15 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from .models import Image, Sweep, SweepLock
+from .models import LEASE_EXPIRED, Image, Sweep, SweepLock
 from .pipeline import parse_sizes, safe_stem
 from .storage import fsync_directory
 
@@ -72,6 +72,7 @@ class SweepOutcome:
 
 
 def this_worker() -> str:
+    """A label for people reading the admin; nothing decides by it (hosts reuse PIDs)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -365,7 +366,7 @@ def reconcile(folder: Path, requeue_after: float | None = None) -> list[int]:
     """Repair images waiting under folder that a crash or a lost message left behind.
 
     Returns the ids to queue again. Images already final but whose original was never
-    moved are put away now; work on a dead worker is retried until MAX_ATTEMPTS.
+    moved are put away now; a run whose lease ran out is retried until MAX_ATTEMPTS.
     """
     prefix = str(folder).rstrip("/") + "/"
     return _repair(
@@ -411,11 +412,12 @@ def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> list[int]:
     requeue: list[int] = []
     # No ordering: the model's default (-queued_at) would make the database walk that index.
     waiting = waiting.order_by()
-    for image in waiting.exclude(status=Image.Status.PENDING):
+    # Runs with a live lease are never read here, wherever they run.
+    for image in waiting.filter(Q(status__in=Image.FINAL_STATUSES) | LEASE_EXPIRED):
         try:
             if image.is_final:
                 put_original_away(image)
-            elif _is_abandoned(image, now):
+            else:
                 requeue.extend(_retry_or_fail(image))
         except OSError as exc:
             # One stuck original must not stop the sweep; it is tried again next time.
@@ -431,48 +433,24 @@ def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> list[int]:
     if lost:
         # The message may be sitting in the queue still: a second copy is harmless, since
         # only one run can move the image from pending to processing.
-        Image.objects.filter(id__in=lost, status=Image.Status.PENDING).update(queued_at=now)
+        Image.objects.requeue_lost(lost)
         requeue.extend(lost)
     return requeue
 
 
-def _is_abandoned(image: Image, now: datetime) -> bool:
-    """Processing, but its worker is gone or it outlived the hard time limit."""
-    limit = timedelta(seconds=settings.IMAGE_TIME_LIMIT) + timedelta(seconds=30)
-    if image.started_at is None or image.started_at < now - limit:
-        return True
-    host, _, pid = image.worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _retry_or_fail(image: Image) -> list[int]:
+    """Take over an image whose run's lease ran out: queue it again, or fail it at last."""
+    outcome = image.retry(settings.MAX_ATTEMPTS)
+    if outcome is None:
+        return []  # its run renewed the lease meanwhile, or another sweep took it over
     discard_partial_archives(image)
-    if image.attempts >= settings.MAX_ATTEMPTS:
-        reason = (
-            f"processing stopped without a result {image.attempts} times (worker killed or "
-            "crashed, or the time limit passed); giving up on this file"
-        )
-        failed = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING).update(
-            status=Image.Status.FAILED, error=reason, finished_at=timezone.now()
-        )
-        if failed:
-            image.status = Image.Status.FAILED
-            image.error = reason
-            put_original_away(image)
+    if outcome == Image.Status.FAILED:
+        put_original_away(image)
         return []
-    logger.warning("image %s was abandoned by %s; queueing it again", image.id, image.worker)
-    retried = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING).update(
-        status=Image.Status.PENDING, queued_at=timezone.now()
+    logger.warning(
+        "image %s: the lease of its run on %s ran out; queueing it again", image.id, image.worker
     )
-    return [image.id] if retried else []
+    return [image.id]
 
 
 def work_is_stalled(window: timedelta, beat_running: bool) -> bool:
@@ -509,9 +487,12 @@ def archive_path(image: Image) -> Path:
 
 
 def discard_partial_archives(image: Image) -> None:
-    """Remove temporary zips a dead run of this image left (only it writes under this name)."""
+    """Remove the temporary zips the run of `image.token` left: its name is only that run's."""
+    if image.token is None:
+        return
     destination = archive_path(image)
-    for partial in destination.parent.glob(f".{glob.escape(destination.name)}.*.part"):
+    pattern = f".{glob.escape(destination.name)}.{image.token.hex}.*.part"
+    for partial in destination.parent.glob(pattern):
         partial.unlink(missing_ok=True)
         logger.info("removed %s, left by a run that died", partial)
 

@@ -231,6 +231,9 @@ IMAGE_SOFT_TIME_LIMIT = envint("IMAGE_SOFT_TIME_LIMIT", "120", minimum=1)
 IMAGE_TIME_LIMIT = envint("IMAGE_TIME_LIMIT", "150", minimum=2)
 # A file whose processing dies this many times (poison file) is failed, not retried forever.
 MAX_ATTEMPTS = envint("MAX_ATTEMPTS", "3", minimum=1)
+# A running image renews its lease (database clock) every third of this; once it runs out,
+# the next sweep on any host retries the image.
+LEASE_SECONDS = envfloat("LEASE_SECONDS", "30", minimum=1)
 # A queued image with no progress for this long is assumed lost with its message and requeued.
 REQUEUE_AFTER = envint("REQUEUE_AFTER", "60", minimum=1)
 RECOVER_INTERVAL = max(SWEEP_INTERVAL, 10.0)

@@ -89,6 +89,8 @@ def system(transactional_db, folders, redis_server, tmp_path, request):
         "SWEEP_INTERVAL": "1",
         "SETTLE_SECONDS": "0.5",
         "REQUEUE_AFTER": "5",
+        # A killed worker's images come back within seconds, not the default 30.
+        "LEASE_SECONDS": "3",
         "DJANGO_SECRET_KEY": "integration-tests",
     }
     logs = tmp_path / "logs"

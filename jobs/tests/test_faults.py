@@ -165,12 +165,17 @@ def test_killing_one_pool_process_loses_nothing(system, folders):
         what="an image in progress",
     )
     busy = Image.objects.filter(status=Image.Status.PROCESSING).first()
+    # The label says which pool process it is (one host, so its PIDs are unique here).
     victim = int(busy.worker.rpartition(":")[2])
     assert victim in {child.pid for child in pool_children(worker)}
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch after a child died")
     assert_each_done_once(batch, folders["media"])
-    assert Image.objects.get(id=busy.id).attempts == 2
+    retried = Image.objects.get(id=busy.id)
+    assert retried.attempts == 2, "taken over once its lease ran out"
+    assert retried.token != busy.token
+    others = Image.objects.exclude(id=busy.id).values_list("attempts", flat=True)
+    assert list(others) == [1] * (len(batch) - 1), "no live run was taken over"
 
 
 def test_a_poison_file_fails_after_max_attempts_and_spares_the_rest(system, folders):

@@ -5,10 +5,15 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import threading
+import time
 import zipfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.db import connection
+from django.db.models.functions import Now
 from PIL import Image as PILImage
 
 from jobs import intake, processing, sweep
@@ -16,6 +21,7 @@ from jobs.models import Image, Sweep
 from jobs.tasks import SweepArgumentsError, make_thumbnails, sweep_folder
 
 from .conftest import image_bytes, jpeg_tables, noise_jpeg
+from .processes import wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -277,3 +283,106 @@ def test_reprocessing_keeps_the_old_archive_until_the_new_one_is_recorded(
         assert sorted(bundle.namelist()) == ["photo.jpg", "photo_20x20.jpg"]
     assert image.thumbnails == {"20x20": [20, 15]}
     assert Path(image.original_path).is_file()
+
+
+def lease_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("lease-")]
+
+
+def database_sessions() -> int | None:
+    """Open sessions on the test database (PostgreSQL only; SQLite has no server to ask)."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("select count(*) from pg_stat_activity where datname = current_database()")
+        return cursor.fetchone()[0]
+
+
+def lease_expired(image_id: int) -> bool:
+    return Image.objects.lease_expired().filter(id=image_id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_keep_lease_renews_from_a_thread_and_stops_with_the_run(folders, drop, settings):
+    settings.LEASE_SECONDS = 1
+    image = claim(folders, drop)
+    token = Image.objects.start(image.id)
+    sessions = database_sessions()
+    with processing.keep_lease(image.id, token):
+        Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=5))
+        wait_for(lambda: not lease_expired(image.id), timeout=30, what="a renewal")
+        assert [thread.name for thread in lease_threads()] == [f"lease-{image.id}"]
+    assert lease_threads() == [], "the renewer stops with the run"
+    assert database_sessions() == sessions, "the renewer closed its own connection"
+    Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=5))
+    time.sleep(1)  # three renewal periods: a renewer still running would have renewed
+    assert lease_expired(image.id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_keep_lease_stops_renewing_once_the_run_was_taken_over(folders, drop, settings):
+    settings.LEASE_SECONDS = 1
+    image = claim(folders, drop)
+    token = Image.objects.start(image.id)
+    with processing.keep_lease(image.id, token):
+        Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=5))
+        dead = Image.objects.get(id=image.id)
+        assert dead.retry(settings.MAX_ATTEMPTS) == Image.Status.PENDING
+        wait_for(lambda: not lease_threads(), timeout=30, what="the renewer to give up")
+    stored = Image.objects.get(id=image.id)
+    assert (stored.status, stored.lease_until) == (Image.Status.PENDING, None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_process_image_outliving_its_lease_is_not_taken_over(folders, drop, settings, monkeypatch):
+    settings.LEASE_SECONDS = 2
+    image = claim(folders, drop)
+    real_write_archive = processing.pipeline.write_archive
+    retried = []
+
+    def slow_write_archive(*args, **kwargs):
+        # Past the first lease by the database's clock, with a sweep looking for dead runs.
+        wait_for(
+            lambda: Image.objects.filter(
+                id=image.id, started_at__lt=Now() - timedelta(seconds=3)
+            ).exists(),
+            timeout=30,
+            what="the first lease to pass",
+        )
+        retried.extend(sweep.reconcile(folders["watch"]))
+        return real_write_archive(*args, **kwargs)
+
+    monkeypatch.setattr(processing.pipeline, "write_archive", slow_write_archive)
+    assert processing.process_image(image.id) == Image.Status.DONE
+    assert retried == []
+    image.refresh_from_db()
+    assert image.attempts == 1
+
+
+def test_process_image_taken_over_records_nothing_and_spares_the_new_run(
+    folders, drop, monkeypatch
+):
+    image = claim(folders, drop)
+    real_write_archive = processing.pipeline.write_archive
+    later: dict[str, object] = {}
+
+    def taken_over_while_writing(*args, **kwargs):
+        # This run froze; its lease ran out; a sweep retried the image; a new run started.
+        Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=1))
+        assert sweep.reconcile(folders["watch"]) == [image.id]
+        later["token"] = Image.objects.start(image.id)
+        new_run = Image.objects.get(id=image.id)
+        destination = sweep.archive_path(new_run)
+        partial = destination.parent / f".{destination.name}.{later['token'].hex}.abc123.part"
+        partial.write_bytes(b"the new run's half zip")
+        later["partial"] = partial
+        return real_write_archive(*args, **kwargs)
+
+    monkeypatch.setattr(processing.pipeline, "write_archive", taken_over_while_writing)
+    assert processing.process_image(image.id) == "skipped"
+    stored = Image.objects.get(id=image.id)
+    assert stored.status == Image.Status.PROCESSING
+    assert stored.token == later["token"]
+    assert stored.archive == ""
+    assert later["partial"].exists(), "the new run's partial zip is left alone"
+    assert (folders["watch"] / "photo.jpg").exists(), "the original waits for the new run"

@@ -340,7 +340,7 @@ def test_killing_the_whole_system_mid_batch_then_starting_again_loses_nothing(
     start_run: Callable[..., Run],
 ) -> None:
     batch = {f"{index:02}.jpg": jpeg_bytes(index) for index in range(12)}
-    slow = {"PARROTER_FAULT_DELAY": "0.4", "REQUEUE_AFTER": "3"}
+    slow = {"PARROTER_FAULT_DELAY": "0.4", "REQUEUE_AFTER": "3", "LEASE_SECONDS": "3"}
     arguments = ("--celery-app", "jobs.tests.fault_app")
     # Nothing answers at the default address: the bundled Redis dies with the rest.
     default_redis = f"127.0.0.1:{free_port()}"

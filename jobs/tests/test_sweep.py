@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from jobs import sweep
@@ -154,31 +156,41 @@ def claim_one(folders, drop, name: str = "a.jpg") -> Image:
     return Image.objects.get(name=name)
 
 
-def test_reconcile_requeues_work_of_a_dead_worker(folders, drop):
+def expire_lease(image: Image) -> None:
+    """What a run that stopped renewing its lease leaves: a lease in the past."""
+    Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=1))
+
+
+def test_reconcile_requeues_an_image_whose_lease_ran_out(folders, drop):
     image = claim_one(folders, drop)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    Image.start(image.id, f"{sweep.socket.gethostname()}:{dead.pid}", "task")
+    # Its label names this very process, alive: the lease decides, not the PID.
+    Image.objects.start(image.id, "task", worker=sweep.this_worker())
+    expire_lease(image)
     assert run(folders["watch"]).to_queue == [image.id]
     image.refresh_from_db()
     assert image.status == Image.Status.PENDING
     assert image.attempts == 1
 
 
-def test_reconcile_leaves_work_of_a_live_worker(folders, drop):
+def test_reconcile_leaves_a_run_whose_lease_is_live(folders, drop):
     image = claim_one(folders, drop)
-    Image.start(image.id, sweep.this_worker(), "task")
+    # Its label names a PID that is gone on this host: the lease decides, not the PID.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    token = Image.objects.start(image.id, "task", worker=f"{sweep.socket.gethostname()}:{dead.pid}")
+    Image.objects.filter(id=image.id).update(started_at=timezone.now() - timedelta(days=1))
     assert run(folders["watch"]).to_queue == []
     image.refresh_from_db()
     assert image.status == Image.Status.PROCESSING
+    assert image.token == token
 
 
 def test_reconcile_fails_a_poison_file_after_max_attempts(folders, drop, settings):
     settings.MAX_ATTEMPTS = 2
     image = claim_one(folders, drop)
     Image.objects.filter(id=image.id).update(attempts=1)
-    Image.start(image.id, "elsewhere:1", "task")
-    Image.objects.filter(id=image.id).update(started_at=timezone.now() - timedelta(days=1))
+    Image.objects.start(image.id, "task", worker="elsewhere:1")
+    expire_lease(image)
     run(folders["watch"])
     image.refresh_from_db()
     assert image.status == Image.Status.FAILED
@@ -239,18 +251,22 @@ def test_kept_path_truncates_very_long_names(folders, drop):
     assert path.suffix == ".jpg"
 
 
-def test_reconcile_removes_the_partial_archive_of_a_dead_run(folders, drop):
+def test_reconcile_removes_the_partial_archive_of_the_dead_run_only(folders, drop):
     image = claim_one(folders, drop)
-    Image.start(image.id, "elsewhere:1", "task")
-    Image.objects.filter(id=image.id).update(started_at=timezone.now() - timedelta(days=1))
+    dead = Image.objects.start(image.id, "task", worker="elsewhere:1")
+    expire_lease(image)
     destination = sweep.archive_path(image)
     destination.parent.mkdir(parents=True)
-    partial = destination.parent / f".{destination.name}.k2j3h4.part"
+    partial = destination.parent / f".{destination.name}.{dead.hex}.k2j3h4.part"
     partial.write_bytes(b"half a zip")
+    # Another run of the same image, writing right now, and another image's.
+    live = destination.parent / f".{destination.name}.{uuid.uuid4().hex}.x7y8z9.part"
+    live.write_bytes(b"a live run's half zip")
     other = destination.parent / ".99-other.zip.abc.part"
     other.write_bytes(b"someone else's")
     assert run(folders["watch"]).to_queue == [image.id]
     assert not partial.exists()
+    assert live.exists()
     assert other.exists()
 
 
@@ -268,8 +284,8 @@ def test_recover_unswept_requeues_an_upload_whose_worker_died(folders):
         sizes=["64x64"],
         sizes_key="64x64",
     )
-    Image.start(image.id, "elsewhere:1", "task")
-    Image.objects.filter(id=image.id).update(started_at=timezone.now() - timedelta(days=1))
+    Image.objects.start(image.id, "task", worker="elsewhere:1")
+    expire_lease(image)
     assert sweep.recover_unswept() == [image.id]
     assert Image.objects.get(id=image.id).status == Image.Status.PENDING
 
