@@ -116,6 +116,10 @@ class Image(models.Model):
     in_folder = models.BooleanField(default=True)
     file_size = models.BigIntegerField()
     mtime_ns = models.BigIntegerField()
+    # With size and mtime, which file was claimed: what is found at source_path is read or
+    # moved only if it is this one. Empty on records made before they were kept.
+    device = models.BigIntegerField(null=True, blank=True)
+    inode = models.BigIntegerField(null=True, blank=True)
     sha256 = models.CharField(max_length=64, blank=True, db_index=True)
     width = models.PositiveIntegerField(null=True, blank=True)
     height = models.PositiveIntegerField(null=True, blank=True)

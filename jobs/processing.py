@@ -9,8 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import os
-import stat
 from pathlib import Path
 
 from django.conf import settings
@@ -20,7 +18,7 @@ from django.utils import timezone
 
 from . import pipeline, storage
 from .models import Image
-from .sweep import archive_path, put_original_away, this_worker
+from .sweep import put_original_away, this_worker
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +78,15 @@ def fail(image: Image, reason: str, worker: str | None = None) -> str:
 
 def _process(image: Image, worker: str) -> str:
     try:
-        data = read_original(Path(image.source_path), (image.file_size, image.mtime_ns))
-    except FileChanged:
-        return _release_changed(image, worker)
+        data = storage.read_original(
+            Path(image.source_path),
+            storage.FileIdentity.claimed(image),
+            max_bytes=settings.MAX_IMAGE_BYTES,
+        )
+    except storage.FileChanged:
+        return _release_changed(image, worker, CHANGED)
+    except storage.NotBeneath as exc:
+        return _release_changed(image, worker, f"{exc}; the file was left untouched, unread")
     sha256 = hashlib.sha256(data).hexdigest()
     Image.objects.filter(id=image.id).update(sha256=sha256)
     image.sha256 = sha256
@@ -91,7 +95,7 @@ def _process(image: Image, worker: str) -> str:
         recorded = _record_duplicate(image, first, worker)
         if recorded is not None:
             return recorded
-    destination = archive_path(image)
+    destination = storage.archive_path(image)
     sizes = pipeline.parse_sizes(image.sizes)
     with storage.atomic_file(destination) as out:
         info = pipeline.write_archive(
@@ -121,7 +125,7 @@ def _process(image: Image, worker: str) -> str:
             )
     except IntegrityError:
         # Same content with the same sizes finished first in another worker.
-        destination.unlink(missing_ok=True)
+        storage.remove_archive(relative)
         first = _first_done(image)
         recorded = _record_duplicate(image, first, worker) if first is not None else None
         if recorded is None:
@@ -148,16 +152,18 @@ def encode_options(options: dict[str, object]) -> pipeline.EncodeOptions:
 
 def _retire_archive(relative: str) -> None:
     """Delete a previous run's zip once the database no longer points to it."""
-    old = Path(settings.MEDIA_ROOT) / relative
-    transaction.on_commit(lambda: old.unlink(missing_ok=True))
+    transaction.on_commit(lambda: storage.remove_archive(relative))
 
 
-def _release_changed(image: Image, worker: str) -> str:
-    """The file changed after it was claimed: fail this claim, leave the file for a new one."""
-    reason = (
-        "the file changed after it was claimed (still being written?); it was left in place "
-        "and is taken again, as a new image, once it stops changing"
-    )
+CHANGED = (
+    "the file changed after it was claimed (still being written?); it was left in place "
+    "and is taken again, as a new image, once it stops changing"
+)
+
+
+def _release_changed(image: Image, worker: str, reason: str) -> str:
+    """What is at the claimed path is not the claimed file, or is reached through a link
+    now: fail this claim and leave the file untouched (a new file is claimed anew)."""
     rows = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING, worker=worker)
     if rows.update(
         status=Image.Status.FAILED, error=reason, in_folder=False, finished_at=timezone.now()
@@ -165,52 +171,6 @@ def _release_changed(image: Image, worker: str) -> str:
         logger.warning("image %s (%s): %s", image.id, image.name, reason)
         return Image.Status.FAILED
     return "skipped"
-
-
-class FileChanged(Exception):
-    """The file is no longer the one that was claimed (its size or mtime moved)."""
-
-
-def read_original(path: Path, claimed: tuple[int, int] | None = None) -> bytes:
-    """Read a regular file without following symlinks, refusing paths outside our folders.
-
-    With `claimed` (size, mtime_ns), raises FileChanged when the file is not that one.
-    """
-    if not is_allowed_source(path):
-        raise pipeline.ImageRejected(f"{path} is outside the configured folders; not read")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise pipeline.ImageRejected(
-                "symbolic link: links are not followed, so nothing outside the folder is read"
-            ) from None
-        raise
-    with os.fdopen(fd, "rb") as handle:
-        status = os.fstat(handle.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            raise pipeline.ImageRejected("not a regular file")
-        if claimed is not None and (status.st_size, status.st_mtime_ns) != claimed:
-            raise FileChanged(path)
-        if status.st_size > settings.MAX_IMAGE_BYTES:
-            raise pipeline.ImageRejected(
-                f"file is {status.st_size:,} bytes, over the {settings.MAX_IMAGE_BYTES:,} limit"
-            )
-        return handle.read()
-
-
-def is_allowed_source(path: Path) -> bool:
-    """True when path lies in a watch root, the upload area, or where we keep originals.
-
-    Kept originals (originals/, failed/) are written only by us; reading them again is how
-    an image is reprocessed. The last part of the path is left unresolved.
-    """
-    if not path.is_absolute():
-        return False
-    parent = path.parent.resolve()
-    media = Path(settings.MEDIA_ROOT)
-    roots = [*settings.WATCH_ROOTS, media / "uploads", media / "originals", media / "failed"]
-    return any(parent.is_relative_to(Path(root).resolve()) for root in roots)
 
 
 def _first_done(image: Image) -> Image | None:

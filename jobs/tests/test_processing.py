@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from jobs import intake, processing, sweep
+from jobs import intake, storage, sweep
 from jobs.models import Image, Sweep
 from jobs.tasks import SweepArgumentsError, make_thumbnails, sweep_folder
 
@@ -123,10 +123,10 @@ def test_make_thumbnails_records_a_file_that_vanished(folders, drop):
 def test_read_original_refuses_paths_outside_the_configured_folders(folders, tmp_path):
     outside = tmp_path / "elsewhere.jpg"
     outside.write_bytes(image_bytes())
-    with pytest.raises(processing.pipeline.ImageRejected, match="outside the configured"):
-        processing.read_original(outside)
-    with pytest.raises(processing.pipeline.ImageRejected, match="outside the configured"):
-        processing.read_original(folders["watch"] / ".." / ".." / "elsewhere.jpg")
+    with pytest.raises(storage.NotBeneath, match="outside the configured"):
+        storage.read_original(outside, None, max_bytes=10**9)
+    with pytest.raises(storage.NotBeneath, match="outside the configured"):
+        storage.read_original(folders["watch"] / ".." / ".." / "elsewhere.jpg", None, 10**9)
 
 
 @pytest.fixture
