@@ -589,11 +589,18 @@ def move_original(
         origin = open_folder(source.parent, source_roots())
     except FileNotFoundError:
         return destination if _kept_exists(destination) else None
+    except NotBeneath:
+        # Put away by the other hand before the folder was swapped: that stands.
+        if _kept_exists(destination):
+            return destination
+        raise
     with origin:
         status = origin.find(source.name)
-        if status is None:
-            return destination if _kept_exists(destination) else None
-        if not claimed.matches(status):
+        if status is None or not claimed.matches(status):
+            if _kept_exists(destination):
+                return destination
+            if status is None:
+                return None
             raise FileChanged(f"{source} is not the file that was claimed")
         with open_folder(destination.parent, kept_roots(), create=True) as target:
             try:
