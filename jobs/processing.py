@@ -84,7 +84,7 @@ def _process(image: Image, worker: str) -> str:
             max_bytes=settings.MAX_IMAGE_BYTES,
         )
     except storage.FileChanged:
-        return _release_changed(image, worker, CHANGED)
+        return _release_changed(image, worker)
     except storage.NotBeneath as exc:
         return _release_changed(image, worker, f"{exc}; the file was left untouched, unread")
     sha256 = hashlib.sha256(data).hexdigest()
@@ -161,7 +161,7 @@ CHANGED = (
 )
 
 
-def _release_changed(image: Image, worker: str, reason: str) -> str:
+def _release_changed(image: Image, worker: str, reason: str = CHANGED) -> str:
     """What is at the claimed path is not the claimed file, or is reached through a link
     now: fail this claim and leave the file untouched (a new file is claimed anew)."""
     rows = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING, worker=worker)

@@ -449,7 +449,12 @@ def scan(folder: Path, settle_seconds: float, exclude: Iterable[Path] = ()) -> S
     # ctime moves on every write and on every rename into the folder, and cannot be set
     # back by the writer (unlike mtime, which `cp -p` preserves): "unchanged since" uses it.
     settled_before = time.time_ns() - int(settle_seconds * 1e9)
-    with open_folder(folder, settings.WATCH_ROOTS) as top:
+    try:
+        top = open_folder(folder, settings.WATCH_ROOTS)
+    except OSError as exc:
+        logger.warning("cannot list %s: %s", folder, exc)
+        return result
+    with top:
         for name, status in _walk(top, folder, excluded, result):
             if max(status.st_ctime_ns, status.st_mtime_ns) > settled_before:
                 result.unstable += 1

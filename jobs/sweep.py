@@ -1,4 +1,4 @@
-"""The file-system side of Parroter: finding ready files, claiming them, putting originals away.
+"""Finding ready files, claiming them and putting originals away, through jobs.storage.
 
 The watched folder and the database are the truth; a broker message is only a nudge. So a
 sweep both claims new files and repairs whatever a crash left half done (reconciliation).

@@ -174,6 +174,13 @@ def test_scan_does_not_follow_a_folder_swapped_while_it_lists(folders, drop, out
     assert found.ready == []
 
 
+def test_scan_refuses_a_folder_that_became_a_link_and_skips_one_that_is_gone(folders, outside):
+    (folders["watch"] / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(storage.NotBeneath, match="sub is a symbolic link"):
+        storage.scan(folders["watch"] / "sub", settle_seconds=0)
+    assert storage.scan(folders["watch"] / "gone", settle_seconds=0).ready == []
+
+
 def test_scan_records_the_device_and_inode_of_each_file(folders, drop):
     path = drop(folders["watch"], "a.jpg")
     [candidate] = storage.scan(folders["watch"], settle_seconds=0).ready
