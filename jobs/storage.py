@@ -646,7 +646,11 @@ def _copy_across(
         link = os.readlink(name, dir_fd=origin.fd)
         temporary = _temporary_name(new)
         os.symlink(link, temporary, dir_fd=target.fd)
-        os.replace(temporary, new, src_dir_fd=target.fd, dst_dir_fd=target.fd)
+        try:
+            os.replace(temporary, new, src_dir_fd=target.fd, dst_dir_fd=target.fd)
+        except BaseException:
+            target.unlink(temporary)
+            raise
     else:
         with os.fdopen(origin.open_read(name), "rb") as handle:
             if not claimed.matches(os.fstat(handle.fileno())):
