@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -29,7 +28,7 @@ from django_celery_beat.admin import PeriodicTaskAdmin as BasePeriodicTaskAdmin
 from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_results.models import TaskResult
 
-from . import beat, intake, stats, views
+from . import beat, intake, stats, storage, views
 from .forms import SizesForm, SweepNowForm, SweepTaskForm, default_sizes
 from .models import Image, Sweep
 from .tasks import SWEEP_TASK, queue_images, sweep_folder
@@ -613,18 +612,10 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
                     messages.WARNING,
                 )
             final = final.exclude(id__in=list(used))
-            paths = [views.archive_file(image) for image in final.only("id", "archive")]
+            archives = list(final.values_list("archive", flat=True))
             final.delete()
             # Files go only once the records are gone for good.
-            transaction.on_commit(lambda: remove_archives([p for p in paths if p]))
-
-
-def remove_archives(paths: list[Path]) -> None:
-    for archive in paths:
-        try:
-            archive.unlink(missing_ok=True)
-        except OSError as exc:
-            logger.warning("cannot delete archive %s: %s", archive, exc)
+            transaction.on_commit(lambda: storage.remove_archives(archives))
 
 
 # --- Periodic tasks -----------------------------------------------------------------------

@@ -13,24 +13,22 @@ Neither may take a zip away from duplicates that use it (see `duplicates_using`)
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
-import uuid
+import stat
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from . import storage
 from .models import Image, Sweep
 from .pipeline import safe_stem
-from .storage import fsync_directory
+from .storage import SavedUploads
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +49,6 @@ class Reclaim:
     skipped: list[tuple[Image, str]] = field(default_factory=list)
 
 
-def upload_area() -> Path:
-    return Path(settings.MEDIA_ROOT) / "uploads"
-
-
-def kept_areas() -> tuple[Path, Path]:
-    media = Path(settings.MEDIA_ROOT)
-    return media / "originals", media / "failed"
-
-
 def upload_name(name: str, taken: set[str]) -> str:
     """A safe file name for an uploaded file, unique among `taken` (which it joins)."""
     suffix = Path(name).suffix
@@ -74,60 +63,20 @@ def upload_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def save_upload(upload: UploadedFile, destination: Path) -> None:
-    """Write an uploaded file under a temporary name, fsync, then rename into place."""
-    fd, temporary = tempfile.mkstemp(dir=destination.parent, prefix=".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in upload.chunks():
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-@dataclass(frozen=True)
-class SavedUploads:
-    """Uploaded files written to their own new folder of the upload area, not yet claimed."""
-
-    folder: Path
-    files: list[tuple[str, Path]]
-
-
 def save_uploads(uploads: Sequence[UploadedFile]) -> SavedUploads:
-    """Write uploaded files into a new folder of the upload area; all of them or none.
+    """Write uploaded files, under safe names, into a new folder of the upload area; all
+    of them or none.
 
     Call outside any transaction: writing and fsyncing big files must not hold the
     database's write lock.
     """
-    day = timezone.localtime().strftime("%Y/%m/%d")
-    saved = SavedUploads(upload_area() / day / uuid.uuid4().hex, [])
-    saved.folder.mkdir(parents=True)
     taken: set[str] = set()
-    try:
-        for upload in uploads:
-            name = upload_name(upload.name, taken)
-            path = saved.folder / name
-            save_upload(upload, path)
-            saved.files.append((name, path))
-        fsync_directory(saved.folder)
-    except BaseException:
-        discard_uploads(saved)
-        raise
-    return saved
+    return storage.save_uploads([(upload_name(upload.name, taken), upload) for upload in uploads])
 
 
 def discard_uploads(saved: SavedUploads) -> None:
     """Remove saved uploads that were never claimed, and their folder."""
-    for _, path in saved.files:
-        path.unlink(missing_ok=True)
-    try:
-        saved.folder.rmdir()
-    except OSError as exc:
-        logger.warning("cannot remove upload folder %s: %s", saved.folder, exc)
+    storage.discard_uploads(saved)
 
 
 def claim_uploads(
@@ -143,17 +92,18 @@ def claim_uploads(
     )
     now = timezone.now()
     ids = []
-    for name, path in saved.files:
-        status = path.stat()
+    for saved_file in saved.files:
         image = Image.objects.create(
             sweep=sweep,
             source=Image.Source.UPLOAD,
             uploaded_by=user,
             folder=str(saved.folder),
-            name=name,
-            source_path=str(path),
-            file_size=status.st_size,
-            mtime_ns=status.st_mtime_ns,
+            name=saved_file.name,
+            source_path=str(saved_file.path),
+            file_size=saved_file.identity.size,
+            mtime_ns=saved_file.identity.mtime_ns,
+            device=saved_file.identity.device,
+            inode=saved_file.identity.inode,
             sizes=sizes,
             sizes_key=Image.sizes_key_for(sizes),
             queued_at=now,
@@ -191,9 +141,13 @@ def why_not_reprocess(image: Image) -> str:
     if image.in_folder or not image.original_path:
         return "its original has not been put away yet (the next sweep of its folder does it)"
     original = Path(image.original_path)
-    if not any(original.parent.resolve().is_relative_to(area.resolve()) for area in kept_areas()):
+    try:
+        kept = storage.kept_original(original)
+    except storage.NotBeneath:
         return f"its original {original} is not in MEDIA_ROOT's originals or failed area"
-    if not original.is_file() or original.is_symlink():
+    except OSError:
+        kept = None
+    if kept is None or not stat.S_ISREG(kept.st_mode):
         return f"its original is missing from {original}"
     dependents = duplicates_using(Image.objects.filter(id=image.id))[image.id]
     if dependents:
@@ -220,17 +174,20 @@ def claim_again(images: Iterable[Image], sizes: list[str] | None = None) -> Recl
         labels = list(sizes or image.sizes)
         # The kept original as it is now: a failed one may have been replaced by a fixed file.
         try:
-            kept = Path(image.original_path).lstat()
+            kept = storage.FileIdentity.of(storage.kept_original(Path(image.original_path)))
         except OSError as exc:
             result.skipped.append((image, f"its original cannot be read: {exc.strerror}"))
             continue
+        except storage.NotBeneath as exc:
+            result.skipped.append((image, f"its original cannot be read: {exc}"))
+            continue
         was_failed = image.status == Image.Status.FAILED
-        if not image.reclaim(labels, kept.st_size, kept.st_mtime_ns):
+        if not image.reclaim(labels, kept):
             result.skipped.append((image, "someone else changed it at the same moment"))
             continue
         if was_failed:
             # The note beside a failed original describes the old failure; a new one is
             # written if this run fails too.
-            Path(image.original_path + ".error.txt").unlink(missing_ok=True)
+            storage.remove_note(Path(image.original_path))
         result.queued.append(image.id)
     return result

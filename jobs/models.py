@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.db.models.functions import Now
 from django.utils import timezone
+
+if TYPE_CHECKING:
+    from .storage import FileIdentity
 
 
 class Sweep(models.Model):
@@ -177,6 +181,10 @@ class Image(models.Model):
     in_folder = models.BooleanField(default=True)
     file_size = models.BigIntegerField()
     mtime_ns = models.BigIntegerField()
+    # With size and mtime, which file was claimed: what is found at source_path is read or
+    # moved only if it is this one. Empty on records made before they were kept.
+    device = models.BigIntegerField(null=True, blank=True)
+    inode = models.BigIntegerField(null=True, blank=True)
     sha256 = models.CharField(max_length=64, blank=True, db_index=True)
     width = models.PositiveIntegerField(null=True, blank=True)
     height = models.PositiveIntegerField(null=True, blank=True)
@@ -365,8 +373,10 @@ class Image(models.Model):
         self.status = self.Status.PENDING
         return self.status
 
-    def reclaim(self, sizes: list[str], file_size: int, mtime_ns: int) -> bool:
+    def reclaim(self, sizes: list[str], kept: FileIdentity) -> bool:
         """final -> pending, to be processed again from its kept original with sizes.
+
+        `kept` is the identity of the kept original as read just now.
 
         Only if nobody changed it since it was read, and no duplicate gets its zip from it.
         The old archive stays recorded until the new run records its own. Its output options
@@ -374,8 +384,10 @@ class Image(models.Model):
         """
         fresh = {
             "status": self.Status.PENDING,
-            "file_size": file_size,
-            "mtime_ns": mtime_ns,
+            "file_size": kept.size,
+            "mtime_ns": kept.mtime_ns,
+            "device": kept.device,
+            "inode": kept.inode,
             "sizes": sizes,
             "sizes_key": self.sizes_key_for(sizes, self.options),
             "error": "",

@@ -14,8 +14,6 @@ import contextlib
 import errno
 import hashlib
 import logging
-import os
-import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from . import pipeline, storage
 from .models import Image
-from .sweep import archive_path, put_original_away, this_worker
+from .sweep import put_original_away, this_worker
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +119,15 @@ def fail(image: Image, reason: str) -> str:
 
 def _process(image: Image) -> str:
     try:
-        data = read_original(Path(image.source_path), (image.file_size, image.mtime_ns))
-    except FileChanged:
+        data = storage.read_original(
+            Path(image.source_path),
+            storage.FileIdentity.claimed(image),
+            max_bytes=settings.MAX_IMAGE_BYTES,
+        )
+    except storage.FileChanged:
         return _release_changed(image)
+    except storage.NotBeneath as exc:
+        return _release_changed(image, f"{exc}; the file was left untouched, unread")
     sha256 = hashlib.sha256(data).hexdigest()
     Image.objects.filter(id=image.id, token=image.token).update(sha256=sha256)
     image.sha256 = sha256
@@ -132,7 +136,7 @@ def _process(image: Image) -> str:
         recorded = _record_duplicate(image, first)
         if recorded is not None:
             return recorded
-    destination = archive_path(image)
+    destination = storage.archive_path(image)
     sizes = pipeline.parse_sizes(image.sizes)
     # The partial zip is named after this run: a sweep that takes over a dead run deletes
     # that run's partial zip only, never the one of a run still writing.
@@ -162,7 +166,7 @@ def _process(image: Image) -> str:
         # Same content with the same sizes finished first in another worker. The zip goes,
         # unless a run that took this image over may be writing that name now.
         if image.is_current_run():
-            destination.unlink(missing_ok=True)
+            storage.remove_archive(relative)
         first = _first_done(image)
         recorded = _record_duplicate(image, first) if first is not None else None
         if recorded is None:
@@ -188,66 +192,22 @@ def encode_options(options: dict[str, object]) -> pipeline.EncodeOptions:
 
 def _retire_archive(relative: str) -> None:
     """Delete a previous run's zip once the database no longer points to it."""
-    old = Path(settings.MEDIA_ROOT) / relative
-    transaction.on_commit(lambda: old.unlink(missing_ok=True))
+    transaction.on_commit(lambda: storage.remove_archive(relative))
 
 
-def _release_changed(image: Image) -> str:
-    """The file changed after it was claimed: fail this claim, leave the file for a new one."""
-    reason = (
-        "the file changed after it was claimed (still being written?); it was left in place "
-        "and is taken again, as a new image, once it stops changing"
-    )
+CHANGED = (
+    "the file changed after it was claimed (still being written?); it was left in place "
+    "and is taken again, as a new image, once it stops changing"
+)
+
+
+def _release_changed(image: Image, reason: str = CHANGED) -> str:
+    """What is at the claimed path is not the claimed file, or is reached through a link
+    now: fail this claim and leave the file untouched (a new file is claimed anew)."""
     if image.release_changed(reason):
         logger.warning("image %s (%s): %s", image.id, image.name, reason)
         return Image.Status.FAILED
     return "skipped"
-
-
-class FileChanged(Exception):
-    """The file is no longer the one that was claimed (its size or mtime moved)."""
-
-
-def read_original(path: Path, claimed: tuple[int, int] | None = None) -> bytes:
-    """Read a regular file without following symlinks, refusing paths outside our folders.
-
-    With `claimed` (size, mtime_ns), raises FileChanged when the file is not that one.
-    """
-    if not is_allowed_source(path):
-        raise pipeline.ImageRejected(f"{path} is outside the configured folders; not read")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise pipeline.ImageRejected(
-                "symbolic link: links are not followed, so nothing outside the folder is read"
-            ) from None
-        raise
-    with os.fdopen(fd, "rb") as handle:
-        status = os.fstat(handle.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            raise pipeline.ImageRejected("not a regular file")
-        if claimed is not None and (status.st_size, status.st_mtime_ns) != claimed:
-            raise FileChanged(path)
-        if status.st_size > settings.MAX_IMAGE_BYTES:
-            raise pipeline.ImageRejected(
-                f"file is {status.st_size:,} bytes, over the {settings.MAX_IMAGE_BYTES:,} limit"
-            )
-        return handle.read()
-
-
-def is_allowed_source(path: Path) -> bool:
-    """True when path lies in a watch root, the upload area, or where we keep originals.
-
-    Kept originals (originals/, failed/) are written only by us; reading them again is how
-    an image is reprocessed. The last part of the path is left unresolved.
-    """
-    if not path.is_absolute():
-        return False
-    parent = path.parent.resolve()
-    media = Path(settings.MEDIA_ROOT)
-    roots = [*settings.WATCH_ROOTS, media / "uploads", media / "originals", media / "failed"]
-    return any(parent.is_relative_to(Path(root).resolve()) for root in roots)
 
 
 def _first_done(image: Image) -> Image | None:

@@ -1,4 +1,4 @@
-"""The file-system side of Parroter: finding ready files, claiming them, putting originals away.
+"""Finding ready files, claiming them and putting originals away, through jobs.storage.
 
 The watched folder and the database are the truth; a broker message is only a nudge. So a
 sweep both claims new files and repairs whatever a crash left half done (reconciliation).
@@ -7,17 +7,10 @@ No image work happens here.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fnmatch
-import glob
 import logging
 import os
-import shutil
 import socket
-import tempfile
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -27,42 +20,19 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from . import storage
 from .models import LEASE_EXPIRED, Image, Sweep, SweepLock
-from .pipeline import parse_sizes, safe_stem
-from .storage import fsync_directory
+from .pipeline import parse_sizes
+from .storage import Candidate, discard_partial_archives, kept_path, scan
 
 logger = logging.getLogger(__name__)
 
-# Names a person or a program leaves while a file is still arriving, and system clutter.
-JUNK_PATTERNS = (".*", "~*", "*.part", "*.tmp", "*.crdownload", "*.download", "Thumbs.db")
-JUNK_DIRECTORIES = ("__MACOSX",)
-MAX_NAME_BYTES = 200
 CLAIM_BATCH = 500
-# The lengths of Image.name and Image.source_path.
-MAX_STORED_NAME = 1024
-MAX_STORED_PATH = 2048
 LOCK_SLACK = timedelta(minutes=5)
 
 
 class FolderRejected(ValueError):
     """A folder a sweep may not touch; the message says why."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    path: Path
-    name: str
-    size: int
-    mtime_ns: int
-
-
-@dataclass
-class Scan:
-    ready: list[Candidate] = field(default_factory=list)
-    unstable: int = 0
-    ignored: int = 0
-    # Files whose names the database cannot hold (not UTF-8, or too long): left in place.
-    unstorable: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -141,74 +111,6 @@ def resolve_options(raw: Mapping[str, object] | None) -> dict[str, int]:
             )
         options["quality"] = quality
     return options
-
-
-def is_junk(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in JUNK_PATTERNS)
-
-
-def scan(folder: Path, settle_seconds: float, exclude: Iterable[Path] = ()) -> Scan:
-    """List files under folder; only those unchanged for settle_seconds are ready."""
-    result = Scan()
-    excluded = {Path(path) for path in exclude}
-    # ctime moves on every write and on every rename into the folder, and cannot be set
-    # back by the writer (unlike mtime, which `cp -p` preserves): "unchanged since" uses it.
-    settled_before = time.time_ns() - int(settle_seconds * 1e9)
-    for entry in _walk(folder, excluded, result):
-        try:
-            stat = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if max(stat.st_ctime_ns, stat.st_mtime_ns) > settled_before:
-            result.unstable += 1
-            continue
-        name = Path(entry.path).relative_to(folder).as_posix()
-        if not _storable(entry.path, name):
-            result.ignored += 1
-            result.unstorable.append(os.fsencode(name).decode("utf-8", "backslashreplace"))
-            continue
-        result.ready.append(
-            Candidate(
-                path=Path(entry.path),
-                name=name,
-                size=stat.st_size,
-                mtime_ns=stat.st_mtime_ns,
-            )
-        )
-    return result
-
-
-def _storable(path: str, name: str) -> bool:
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return len(name) <= MAX_STORED_NAME and len(path) <= MAX_STORED_PATH
-
-
-def _walk(folder: Path, excluded: set[Path], result: Scan) -> Iterator[os.DirEntry[str]]:
-    stack = [folder]
-    while stack:
-        directory = stack.pop()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError as exc:
-            logger.warning("cannot list %s: %s", directory, exc)
-            continue
-        for entry in entries:
-            if is_junk(entry.name):
-                result.ignored += 1
-            elif entry.is_dir(follow_symlinks=False):
-                if entry.name in JUNK_DIRECTORIES or Path(entry.path) in excluded:
-                    result.ignored += 1
-                else:
-                    stack.append(Path(entry.path))
-            elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
-                # Symlinks are claimed too, so that they fail with a reason ("not followed")
-                # instead of sitting there unexplained.
-                yield entry
-            else:
-                result.ignored += 1
 
 
 def start_sweep(
@@ -291,7 +193,7 @@ def _unstorable_note(names: list[str]) -> str:
     shown = "; ".join(names[:20]) + (f"; and {len(names) - 20} more" if len(names) > 20 else "")
     return (
         f"{len(names)} file(s) left in place: their names are not valid UTF-8 or longer than "
-        f"{MAX_STORED_NAME} characters, so they cannot be recorded; rename them: {shown}"
+        f"{storage.MAX_STORED_NAME} characters, so they cannot be recorded; rename them: {shown}"
     )
 
 
@@ -344,6 +246,8 @@ def claim(
             source_path=str(candidate.path),
             file_size=candidate.size,
             mtime_ns=candidate.mtime_ns,
+            device=candidate.device,
+            inode=candidate.inode,
             sizes=sizes,
             sizes_key=Image.sizes_key_for(sizes, sweep.options),
             options=sweep.options,
@@ -469,112 +373,35 @@ def work_is_stalled(window: timedelta, beat_running: bool) -> bool:
     )
 
 
-# --- Where files go --------------------------------------------------------------------
-
-
-def archive_path(image: Image) -> Path:
-    """Where this run of an image writes its zip.
-
-    Unique per image and the same on every try of its first run. An image that already has
-    an archive (it is being reprocessed) gets a name of this run's own, so that the old zip
-    stays whole and recorded until the new one is.
-    """
-    day = timezone.localtime(image.queued_at).strftime("%Y/%m/%d")
-    name = f"{image.id}-{safe_stem(image.name)}"
-    if image.archive and image.started_at:
-        name += timezone.localtime(image.started_at).strftime("-%Y%m%d-%H%M%S-%f")
-    return Path(settings.MEDIA_ROOT) / "archives" / day / f"{name}.zip"
-
-
-def discard_partial_archives(image: Image) -> None:
-    """Remove the temporary zips the run of `image.token` left: its name is only that run's."""
-    if image.token is None:
-        return
-    destination = archive_path(image)
-    pattern = f".{glob.escape(destination.name)}.{image.token.hex}.*.part"
-    for partial in destination.parent.glob(pattern):
-        partial.unlink(missing_ok=True)
-        logger.info("removed %s, left by a run that died", partial)
-
-
-def kept_path(image: Image) -> Path:
-    """Where the original goes once its image is final: processed or failed area."""
-    area = "failed" if image.status == Image.Status.FAILED else "originals"
-    day = timezone.localtime(image.queued_at).strftime("%Y/%m/%d")
-    name = _truncate_name(Path(image.name).name)
-    return Path(settings.MEDIA_ROOT) / area / day / f"{image.id}-{name}"
+# --- Putting originals away -----------------------------------------------------------
 
 
 def put_original_away(image: Image) -> None:
     """Move a final image's original out of the watched folder and record where it went.
 
     Idempotent, and safe when a worker and a sweep's repair both get here: whoever renames
-    second finds the original already at its destination.
+    second finds the original already at its destination. The original moves only while
+    it is still the file that was claimed, reached without following a link; otherwise it
+    stays where it is and the image says why.
     """
-    source = Path(image.source_path)
-    destination = kept_path(image)
+    note = f"{image.name}\n{image.error}\n" if image.status == Image.Status.FAILED else None
+    left = ""
     try:
-        status = os.lstat(source)
-    except FileNotFoundError:
-        status = None
-    if status is not None and (status.st_size, status.st_mtime_ns) != (
-        image.file_size,
-        image.mtime_ns,
-    ):
+        kept = storage.move_original(
+            Path(image.source_path), storage.FileIdentity.claimed(image), kept_path(image), note
+        )
+    except storage.FileChanged as exc:
         # Someone replaced the file after it was claimed: the new one is not this image's
         # (the next sweep claims it); this image's bytes are in its archive, if any.
-        logger.warning("%s changed after image %s claimed it; leaving it", source, image.id)
-        kept = ""
-    else:
-        if status is not None:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                move_file(source, destination)
-                if image.status == Image.Status.FAILED:
-                    write_reason(destination, image)
-        kept = str(destination) if os.path.lexists(destination) else ""
-    Image.objects.filter(id=image.id).update(in_folder=False, original_path=kept)
+        kept, left = None, f"{exc} (replaced after the claim)"
+    except storage.NotBeneath as exc:
+        kept, left = None, str(exc)
+    recorded: dict[str, object] = {"in_folder": False, "original_path": str(kept or "")}
+    if left:
+        logger.warning("image %s: original left where it was found: %s", image.id, left)
+        left = f"the original was left where it was found: {left}"
+        image.error = f"{image.error}; {left}" if image.error else left
+        recorded["error"] = image.error
+    Image.objects.filter(id=image.id).update(**recorded)
     image.in_folder = False
-    image.original_path = kept
-
-
-def write_reason(kept: Path, image: Image) -> None:
-    """A note beside a failed original saying why it failed."""
-    reason_file = kept.with_name(kept.name + ".error.txt")
-    try:
-        reason_file.write_text(f"{image.name}\n{image.error}\n", encoding="utf-8")
-    except OSError as exc:
-        # The reason is in the database already; the note beside the file is a kindness.
-        logger.warning("cannot write %s: %s", reason_file, exc)
-
-
-def move_file(source: Path, destination: Path) -> None:
-    """Rename, or copy-fsync-delete across file systems; the source goes only when safe."""
-    try:
-        os.rename(source, destination)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        # A name of its own: a worker and a sweep may both be finishing this image.
-        fd, name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-        os.close(fd)
-        temporary = Path(name)
-        os.unlink(temporary)  # copy2 will not copy a symlink over an existing file
-        shutil.copy2(source, temporary, follow_symlinks=False)
-        if not temporary.is_symlink():
-            with open(temporary, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.replace(temporary, destination)
-        fsync_directory(destination.parent)
-        source.unlink()
-        return
-    fsync_directory(destination.parent)
-
-
-def _truncate_name(name: str) -> str:
-    encoded = name.encode("utf-8", "surrogateescape")
-    if len(encoded) <= MAX_NAME_BYTES:
-        return name
-    suffix = Path(name).suffix[:16]
-    stem = encoded[: MAX_NAME_BYTES - len(suffix.encode())].decode("utf-8", "ignore")
-    return stem + suffix
+    image.original_path = str(kept or "")

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -34,7 +34,7 @@ from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from . import intake
+from . import intake, storage
 from .forms import UploadForm, default_sizes, upload_max_bytes, upload_max_files
 from .models import Image, Sweep
 from .pipeline import EXTENSIONS, safe_stem
@@ -99,14 +99,6 @@ def archive_holder(image: Image) -> Image | None:
     return image if image.archive else None
 
 
-def archive_file(image: Image) -> Path | None:
-    media_root = Path(settings.MEDIA_ROOT).resolve()
-    path = (media_root / image.archive).resolve()
-    if not image.archive or not path.is_relative_to(media_root) or not path.is_file():
-        return None
-    return path
-
-
 def thumbnail_member(names: list[str], label: str) -> str | None:
     """The zip member holding the thumbnail of size `label` (never the original)."""
     endings = tuple(f"_{label}{extension}" for extension in set(EXTENSIONS.values()))
@@ -142,40 +134,39 @@ def preview_url(image: Image) -> str | None:
     return reverse("jobs:thumbnail", args=[image.id, label]) + f"?v={version(holder)}"
 
 
-def visible_archive(request: HttpRequest, image_id: int) -> tuple[Image, Image, Path]:
-    """An image this user may see, the image whose zip it uses, and that zip; else 404."""
+def visible_archive(request: HttpRequest, image_id: int) -> tuple[Image, Image, BinaryIO]:
+    """An image this user may see, the image whose zip it uses, and that zip opened; else
+    404. The caller closes the zip."""
     image = get_object_or_404(
         visible_images(request.user).select_related("duplicate_of"), id=image_id
     )
     holder = archive_holder(image)
-    path = archive_file(holder) if holder else None
-    if holder is None or path is None:
+    archive = storage.open_archive(holder.archive) if holder else None
+    if holder is None or archive is None:
         raise Http404("archive not found")
-    return image, holder, path
+    return image, holder, archive
 
 
 @login_required(login_url=LOGIN_URL)
 @require_GET
 def download_archive(request: HttpRequest, image_id: int) -> HttpResponseBase:
     """The zip of one image. For a duplicate, the first one's zip under this image's name."""
-    image, holder, path = visible_archive(request, image_id)
+    image, holder, archive = visible_archive(request, image_id)
     filename = f"{image.id}-{safe_stem(image.name)}.zip"
     if holder.id == image.id:
-        return FileResponse(path.open("rb"), as_attachment=True, filename=filename)
-    return FileResponse(
-        renamed_zip(path, safe_stem(holder.name), safe_stem(image.name)),
-        as_attachment=True,
-        filename=filename,
-    )
+        return FileResponse(archive, as_attachment=True, filename=filename)
+    with archive:
+        renamed = renamed_zip(archive, safe_stem(holder.name), safe_stem(image.name))
+    return FileResponse(renamed, as_attachment=True, filename=filename)
 
 
-def renamed_zip(path: Path, old_stem: str, new_stem: str) -> Any:
+def renamed_zip(archive: BinaryIO, old_stem: str, new_stem: str) -> Any:
     """A copy of a zip whose members are named after another image (for duplicates).
 
     The first upload of some content may be another person's: its name stays theirs.
     """
     spool = tempfile.SpooledTemporaryFile(max_size=16 * 1024 * 1024)  # noqa: SIM115
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as out:
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as out:
         for info in source.infolist():
             name = info.filename
             if name.startswith(old_stem):
@@ -189,15 +180,15 @@ def renamed_zip(path: Path, old_stem: str, new_stem: str) -> Any:
 @require_GET
 def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
     """One thumbnail, read from the image's zip."""
-    *_, path = visible_archive(request, image_id)
+    _, holder, handle = visible_archive(request, image_id)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with handle, zipfile.ZipFile(handle) as archive:
             member = thumbnail_member(archive.namelist(), label)
             if member is None:
                 raise Http404("no thumbnail of that size")
             data = archive.read(member)
     except (zipfile.BadZipFile, OSError) as exc:
-        logger.warning("cannot read %s: %s", path, exc)
+        logger.warning("cannot read %s: %s", holder.archive, exc)
         raise Http404("archive unreadable") from None
     response = HttpResponse(data, content_type=mimetypes.guess_type(member)[0] or "image/png")
     response["Cache-Control"] = FILE_CACHE
@@ -207,14 +198,14 @@ def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
 def zip_listing(image: Image) -> list[tuple[str, int]] | None:
     """(member name, bytes) of an image's zip, or None when there is none."""
     holder = archive_holder(image)
-    path = archive_file(holder) if holder else None
-    if path is None:
+    handle = storage.open_archive(holder.archive) if holder else None
+    if handle is None:
         return None
     try:
-        with zipfile.ZipFile(path) as archive:
+        with handle, zipfile.ZipFile(handle) as archive:
             return [(info.filename, info.file_size) for info in archive.infolist()]
     except (zipfile.BadZipFile, OSError) as exc:
-        logger.warning("cannot read %s: %s", path, exc)
+        logger.warning("cannot read %s: %s", holder.archive, exc)
         return None
 
 

@@ -6,6 +6,11 @@ kills its pool process outright, on every attempt, like a file that crashes a de
 PARROTER_FAULT_DIE_AFTER: "archive" (the zip is renamed into place, the database not told
 yet) or "done" (the database says done, the original not moved yet): the pool process dies
 at that point, once per image (markers in PARROTER_FAULT_MARKERS).
+PARROTER_FAULT_PAUSE_AT: "claim" (a sweep has listed its folder and is about to claim what
+it found), "read" (a run is about to open its file) or "put_away" (the image is final in
+the database, its original not moved yet): the first pool process to get there writes
+`paused-<stage>` into PARROTER_FAULT_MARKERS and waits until `resume-<stage>` appears, so
+that a test can change the folder at exactly that moment.
 """
 
 import os
@@ -26,16 +31,44 @@ def die_once(stage: str, name: str) -> None:
         os._exit(70)
 
 
+def pause_once(stage: str) -> None:
+    if os.environ.get("PARROTER_FAULT_PAUSE_AT") != stage:
+        return
+    markers = Path(os.environ["PARROTER_FAULT_MARKERS"])
+    try:
+        (markers / f"paused-{stage}").touch(exist_ok=False)  # once, in one pool process
+    except FileExistsError:
+        return
+    deadline = time.monotonic() + 120
+    while not (markers / f"resume-{stage}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @worker_process_init.connect
 def inject_faults(**kwargs):
     """Patch each pool process once Django is ready (it is not when this module loads)."""
-    global real_write_archive, real_put_original_away
-    from jobs import pipeline, processing
+    global real_write_archive, real_put_original_away, real_claim, real_read_original
+    from jobs import pipeline, processing, storage, sweep
 
     real_write_archive = pipeline.write_archive
     real_put_original_away = processing.put_original_away
+    real_claim = sweep.claim
+    real_read_original = storage.read_original
     pipeline.write_archive = faulty_write_archive
     processing.put_original_away = faulty_put_original_away
+    sweep.claim = paused_claim
+    storage.read_original = paused_read_original
+
+
+def paused_claim(sweep, ready, *args, **kwargs):
+    if ready:
+        pause_once("claim")
+    return real_claim(sweep, ready, *args, **kwargs)
+
+
+def paused_read_original(*args, **kwargs):
+    pause_once("read")
+    return real_read_original(*args, **kwargs)
 
 
 def faulty_write_archive(data, original_name, *args, **kwargs):
@@ -49,6 +82,7 @@ def faulty_write_archive(data, original_name, *args, **kwargs):
 
 
 def faulty_put_original_away(image):
+    pause_once("put_away")
     if image.status == "done":
         die_once("done", image.name)
     return real_put_original_away(image)

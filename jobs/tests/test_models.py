@@ -10,6 +10,7 @@ from django.db import IntegrityError
 from django.db.models.functions import Now
 
 from jobs.models import Image
+from jobs.storage import FileIdentity
 
 pytestmark = pytest.mark.django_db
 
@@ -252,11 +253,12 @@ def test_image_reclaim_puts_a_final_image_back_to_pending_without_its_last_run()
     assert image.mark_failed("broken")
     Image.objects.filter(id=image.id).update(in_folder=False, original_path="/kept/a.jpg")
     image = Image.objects.get(id=image.id)
-    assert image.reclaim(["32x32"], 20, 2)
+    assert image.reclaim(["32x32"], FileIdentity(20, 2, 7, 9))
     stored = row(image)
     assert stored["status"] == Image.Status.PENDING
     assert stored["source_path"] == "/kept/a.jpg"
     assert (stored["file_size"], stored["mtime_ns"], stored["sizes"]) == (20, 2, ["32x32"])
+    assert (stored["device"], stored["inode"]) == (7, 9)
     assert (stored["attempts"], stored["token"], stored["lease_until"]) == (0, None, None)
     assert (stored["error"], stored["started_at"], stored["finished_at"]) == ("", None, None)
     assert Image.objects.start(image.id) is not None
@@ -267,8 +269,9 @@ def test_image_reclaim_refuses_what_changed_since_it_was_read():
     assert image.mark_failed("broken")
     Image.objects.filter(id=image.id).update(in_folder=False, original_path="/kept/a.jpg")
     seen = Image.objects.get(id=image.id)
-    assert Image.objects.get(id=image.id).reclaim(["32x32"], 20, 2)  # someone else, first
-    assert not seen.reclaim(["16x16"], 20, 2)
+    # Someone else, first:
+    assert Image.objects.get(id=image.id).reclaim(["32x32"], FileIdentity(20, 2, 7, 9))
+    assert not seen.reclaim(["16x16"], FileIdentity(20, 2, 7, 9))
     assert row(image)["sizes"] == ["32x32"]
 
 
@@ -277,7 +280,7 @@ def test_image_reclaim_refuses_an_image_whose_zip_a_duplicate_uses():
         "first.jpg", status=Image.Status.DONE, in_folder=False, original_path="/kept/f.jpg"
     )
     pending("second.jpg", status=Image.Status.DUPLICATE, duplicate_of=first)
-    assert not first.reclaim(["32x32"], 20, 2)
+    assert not first.reclaim(["32x32"], FileIdentity(20, 2, 7, 9))
     assert row(first)["status"] == Image.Status.DONE
 
 

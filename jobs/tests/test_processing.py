@@ -16,7 +16,7 @@ from django.db import connection
 from django.db.models.functions import Now
 from PIL import Image as PILImage
 
-from jobs import intake, processing, sweep
+from jobs import intake, processing, storage, sweep
 from jobs.models import Image, Sweep
 from jobs.tasks import SweepArgumentsError, make_thumbnails, sweep_folder
 
@@ -129,10 +129,10 @@ def test_make_thumbnails_records_a_file_that_vanished(folders, drop):
 def test_read_original_refuses_paths_outside_the_configured_folders(folders, tmp_path):
     outside = tmp_path / "elsewhere.jpg"
     outside.write_bytes(image_bytes())
-    with pytest.raises(processing.pipeline.ImageRejected, match="outside the configured"):
-        processing.read_original(outside)
-    with pytest.raises(processing.pipeline.ImageRejected, match="outside the configured"):
-        processing.read_original(folders["watch"] / ".." / ".." / "elsewhere.jpg")
+    with pytest.raises(storage.NotBeneath, match="outside the configured"):
+        storage.read_original(outside, None, max_bytes=10**9)
+    with pytest.raises(storage.NotBeneath, match="outside the configured"):
+        storage.read_original(folders["watch"] / ".." / ".." / "elsewhere.jpg", None, 10**9)
 
 
 @pytest.fixture
@@ -372,7 +372,7 @@ def test_process_image_taken_over_records_nothing_and_spares_the_new_run(
         assert sweep.reconcile(folders["watch"]) == [image.id]
         later["token"] = Image.objects.start(image.id)
         new_run = Image.objects.get(id=image.id)
-        destination = sweep.archive_path(new_run)
+        destination = storage.archive_path(new_run)
         partial = destination.parent / f".{destination.name}.{later['token'].hex}.abc123.part"
         partial.write_bytes(b"the new run's half zip")
         later["partial"] = partial

@@ -1,12 +1,23 @@
-"""The file-system module: files appear whole or not at all."""
+"""The file-system module: files appear whole or not at all, and nothing outside the
+configured folders is ever reached, whatever is swapped for a link and when."""
 
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import zipfile
+from pathlib import Path
 
 import pytest
 
+from jobs import storage
+from jobs.models import Image
 from jobs.storage import atomic_file
+from jobs.tasks import sweep_folder
+
+from .conftest import image_bytes
+from .processes import wait_for
 
 
 def write_half_then_fail(destination):
@@ -50,3 +61,347 @@ def test_atomic_file_creates_the_folder_and_replaces_an_old_file(tmp_path):
         out.write(b"hello")
     assert destination.read_bytes() == b"hello"
     assert [path.name for path in destination.parent.iterdir()] == ["a.zip"]
+
+
+# --- The anchored walk ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A folder outside every configured root, holding a file nobody may touch."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    (folder / "x.jpg").write_bytes(b"outside bytes, not to be read or moved")
+    return folder
+
+
+def untouched(path):
+    """What must not change about a file outside the folders: bytes, inode, mtime."""
+    status = os.lstat(path)
+    return path.read_bytes(), status.st_dev, status.st_ino, status.st_mtime_ns
+
+
+def test_open_folder_refuses_a_symlinked_intermediate_folder(tmp_path, outside):
+    root = tmp_path / "root"
+    root.mkdir()
+    (outside / "deeper").mkdir()
+    (root / "inbox").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(storage.NotBeneath, match="inbox is a symbolic link"):
+        storage.open_folder(root / "inbox" / "deeper", [root])
+    with pytest.raises(storage.NotBeneath, match="inbox is a symbolic link"):
+        storage.open_folder(root / "inbox", [root], create=True)
+
+
+def test_open_folder_refuses_dot_dot_and_paths_outside_its_roots(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    for path in (root / "sub" / ".." / "..", tmp_path / "other", Path("root/sub")):
+        with pytest.raises(storage.NotBeneath, match="outside the configured folders"):
+            storage.open_folder(path, [root])
+    folder = storage.open_folder(root / "sub", [root])
+    with folder, pytest.raises(storage.NotBeneath, match="not a plain name"):
+        folder.stat("..")
+
+
+def test_open_folder_starts_from_the_outermost_root(tmp_path, outside):
+    # WATCH_ROOTS may name a folder and its parent: the walk starts from the parent, so a
+    # link put in the place of the inner one is refused too.
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "watch").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(storage.NotBeneath, match="watch is a symbolic link"):
+        storage.open_folder(root / "watch", [root / "watch", root])
+
+
+def test_folder_acts_where_it_was_opened_after_its_path_is_swapped(tmp_path, outside):
+    root = tmp_path / "root"
+    inbox = root / "inbox"
+    inbox.mkdir(parents=True)
+    (inbox / "x.jpg").write_bytes(b"the claimed file")
+    claimed = os.lstat(inbox / "x.jpg")
+    before = untouched(outside / "x.jpg")
+    with storage.open_folder(inbox, [root]) as folder:
+        inbox.rename(root / "moved")
+        inbox.symlink_to(outside, target_is_directory=True)
+        assert folder.stat("x.jpg").st_ino == claimed.st_ino
+        folder.unlink("x.jpg")
+    assert not (root / "moved" / "x.jpg").exists()
+    assert untouched(outside / "x.jpg") == before
+    with pytest.raises(storage.NotBeneath):
+        storage.open_folder(inbox, [root])
+
+
+def test_atomic_file_refuses_a_symlinked_folder_on_the_way(folders, outside):
+    archives = folders["media"] / "archives"
+    archives.mkdir()
+    (archives / "2026").symlink_to(outside, target_is_directory=True)
+    with (
+        pytest.raises(storage.NotBeneath, match="2026 is a symbolic link"),
+        atomic_file(archives / "2026" / "01" / "a.zip") as out,
+    ):
+        out.write(b"zip")
+    assert sorted(path.name for path in outside.iterdir()) == ["x.jpg"]
+
+
+# --- Scanning -------------------------------------------------------------------------------
+
+
+def test_scan_lists_a_symlinked_folder_as_a_link_and_never_enters_it(folders, drop, outside):
+    drop(folders["watch"], "real/a.jpg")
+    (folders["watch"] / "linked").symlink_to(outside, target_is_directory=True)
+    found = storage.scan(folders["watch"], settle_seconds=0)
+    assert sorted(candidate.name for candidate in found.ready) == ["linked", "real/a.jpg"]
+    link = next(candidate for candidate in found.ready if candidate.name == "linked")
+    assert link.inode == os.lstat(folders["watch"] / "linked").st_ino
+
+
+def test_scan_does_not_follow_a_folder_swapped_while_it_lists(folders, drop, outside, monkeypatch):
+    drop(folders["watch"], "inbox/a.jpg")
+    inbox = folders["watch"] / "inbox"
+    real_is_junk = storage.is_junk
+
+    def swap_when_listed(name):
+        # Called while the parent is listed: the folder is swapped after its listing said
+        # "directory" and before the walk opens it.
+        if name == "inbox" and not inbox.is_symlink():
+            inbox.rename(folders["root"] / "stash")
+            inbox.symlink_to(outside, target_is_directory=True)
+        return real_is_junk(name)
+
+    monkeypatch.setattr(storage, "is_junk", swap_when_listed)
+    found = storage.scan(folders["watch"], settle_seconds=0)
+    assert inbox.is_symlink()
+    assert found.ready == []
+
+
+def test_scan_refuses_a_folder_that_became_a_link_and_skips_one_that_is_gone(folders, outside):
+    (folders["watch"] / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(storage.NotBeneath, match="sub is a symbolic link"):
+        storage.scan(folders["watch"] / "sub", settle_seconds=0)
+    assert storage.scan(folders["watch"] / "gone", settle_seconds=0).ready == []
+
+
+def test_scan_records_the_device_and_inode_of_each_file(folders, drop):
+    path = drop(folders["watch"], "a.jpg")
+    [candidate] = storage.scan(folders["watch"], settle_seconds=0).ready
+    status = os.lstat(path)
+    assert (candidate.device, candidate.inode) == (status.st_dev, status.st_ino)
+    assert (candidate.size, candidate.mtime_ns) == (status.st_size, status.st_mtime_ns)
+
+
+# --- Identity ---------------------------------------------------------------------------------
+
+
+def same_size_and_mtime(path, other, data):
+    """Write `data` at `other` with the size and mtime of `path`: only the inode tells."""
+    other.write_bytes(data)
+    status = os.lstat(path)
+    os.utime(other, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert len(data) == status.st_size
+
+
+def test_read_original_refuses_another_file_with_the_same_size_and_mtime(folders, drop):
+    path = drop(folders["watch"], "x.jpg", b"claimed bytes")
+    claimed = storage.FileIdentity.of(os.lstat(path))
+    same_size_and_mtime(path, folders["watch"] / "new.jpg", b"another file!")
+    os.replace(folders["watch"] / "new.jpg", path)
+    with pytest.raises(storage.FileChanged):
+        storage.read_original(path, claimed, max_bytes=1000)
+    # A record from before device and inode were kept: size and mtime alone decide.
+    old_record = storage.FileIdentity(claimed.size, claimed.mtime_ns)
+    assert storage.read_original(path, old_record, max_bytes=1000) == b"another file!"
+
+
+def test_read_original_refuses_a_folder_swapped_for_a_link_after_the_claim(folders, drop, outside):
+    path = drop(folders["watch"], "inbox/x.jpg", b"claimed bytes")
+    same_size_and_mtime(path, outside / "x.jpg", b"outside bytes")
+    claimed = storage.FileIdentity.of(os.lstat(path))
+    before = untouched(outside / "x.jpg")
+    (folders["watch"] / "inbox").rename(folders["root"] / "stash")
+    (folders["watch"] / "inbox").symlink_to(outside, target_is_directory=True)
+    for identity in (claimed, storage.FileIdentity(claimed.size, claimed.mtime_ns)):
+        with pytest.raises(storage.NotBeneath, match="inbox is a symbolic link"):
+            storage.read_original(path, identity, max_bytes=1000)
+    assert untouched(outside / "x.jpg") == before
+
+
+def test_move_original_leaves_a_file_reached_through_a_swapped_folder(folders, drop, outside):
+    path = drop(folders["watch"], "inbox/x.jpg", b"claimed bytes")
+    same_size_and_mtime(path, outside / "x.jpg", b"outside bytes")
+    # As a record from before device and inode were kept: only the walk protects it.
+    claimed = storage.FileIdentity(len(b"claimed bytes"), os.lstat(path).st_mtime_ns)
+    before = untouched(outside / "x.jpg")
+    (folders["watch"] / "inbox").rename(folders["root"] / "stash")
+    (folders["watch"] / "inbox").symlink_to(outside, target_is_directory=True)
+    destination = folders["media"] / "failed" / "2026" / "1-x.jpg"
+    with pytest.raises(storage.NotBeneath):
+        storage.move_original(path, claimed, destination, note="why")
+    assert untouched(outside / "x.jpg") == before
+    assert sorted(path.name for path in outside.iterdir()) == ["x.jpg"]
+    assert not [path for path in folders["media"].rglob("*") if not path.is_dir()]
+
+
+def test_move_original_leaves_another_file_at_the_claimed_path(folders, drop):
+    path = drop(folders["watch"], "x.jpg", b"claimed bytes")
+    claimed = storage.FileIdentity.of(os.lstat(path))
+    same_size_and_mtime(path, folders["watch"] / "new.jpg", b"another file!")
+    os.replace(folders["watch"] / "new.jpg", path)
+    destination = folders["media"] / "originals" / "1-x.jpg"
+    with pytest.raises(storage.FileChanged):
+        storage.move_original(path, claimed, destination)
+    assert path.read_bytes() == b"another file!"
+    assert not destination.exists()
+
+
+@pytest.fixture
+def originals_on_another_disk(folders):
+    """A real tmpfs mounted where originals go, so that moving there crosses file systems."""
+    originals = folders["media"] / "originals"
+    originals.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(originals)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield originals
+    subprocess.run(["umount", str(originals)], check=True)
+
+
+def test_move_original_across_file_systems_copies_then_removes(
+    folders, drop, originals_on_another_disk
+):
+    path = drop(folders["watch"], "x.jpg", b"claimed bytes")
+    path.chmod(0o640)
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))
+    claimed = storage.FileIdentity.of(os.lstat(path))
+    destination = originals_on_another_disk / "2026" / "1-x.jpg"
+    assert storage.move_original(path, claimed, destination, note="a reason\n") == destination
+    assert not path.exists()
+    assert destination.read_bytes() == b"claimed bytes"
+    status = os.lstat(destination)
+    assert status.st_dev != claimed.device
+    assert (status.st_mtime_ns, status.st_mode & 0o777) == (2_000_000_000, 0o640)
+    assert (destination.parent / "1-x.jpg.error.txt").read_text() == "a reason\n"
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["1-x.jpg", "1-x.jpg.error.txt"]
+
+
+def test_move_original_across_file_systems_keeps_a_link_as_a_link(
+    folders, outside, originals_on_another_disk
+):
+    link = folders["watch"] / "escape.jpg"
+    link.symlink_to(outside / "x.jpg")
+    before = untouched(outside / "x.jpg")
+    claimed = storage.FileIdentity.of(os.lstat(link))
+    destination = originals_on_another_disk / "1-escape.jpg"
+    assert storage.move_original(link, claimed, destination) == destination
+    assert not os.path.lexists(link)
+    assert os.readlink(destination) == str(outside / "x.jpg")
+    assert untouched(outside / "x.jpg") == before
+
+
+# --- Archives ---------------------------------------------------------------------------------
+
+
+def test_archive_look_ups_stay_in_the_archives_area(folders, outside):
+    kept = folders["media"] / "failed" / "x.jpg"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"kept original")
+    day = folders["media"] / "archives" / "2026"
+    day.mkdir(parents=True)
+    (day / "link.zip").symlink_to(outside / "x.jpg")
+    (day / "a.zip").write_bytes(b"zip")
+    for relative in ("archives/../failed/x.jpg", "failed/x.jpg", "/etc/passwd"):
+        assert storage.open_archive(relative) is None
+        storage.remove_archive(relative)
+    assert kept.read_bytes() == b"kept original"
+    assert storage.open_archive("archives/2026/link.zip") is None
+    storage.remove_archives(["archives/2026/link.zip", "archives/2026/a.zip", ""])
+    assert not os.path.lexists(day / "link.zip")
+    assert not (day / "a.zip").exists()
+    assert (outside / "x.jpg").exists()
+
+
+# --- A folder swapped for a link, in a real worker (running as whoever runs the tests: root
+# on CI, which may read and move any file on the machine) -------------------------------------
+
+FAULT_APP = "jobs.tests.fault_app"
+PICTURE = image_bytes((320, 240))
+NOT_A_PICTURE = b"this is not an image, whatever its name says\n" * 20
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("stage", "data"),
+    [
+        pytest.param("claim", PICTURE, id="between-scan-and-claim"),
+        pytest.param("read", PICTURE, id="between-claim-and-processing"),
+        pytest.param("put_away", PICTURE, id="between-processing-and-moving-the-original"),
+        pytest.param("put_away", NOT_A_PICTURE, id="before-moving-a-bad-file-to-failed"),
+    ],
+)
+def test_a_folder_swapped_for_a_link_leaves_the_file_outside_untouched(
+    system, folders, redis_server, tmp_path, outside, stage, data
+):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    system.environment.update(
+        PARROTER_FAULT_PAUSE_AT=stage, PARROTER_FAULT_MARKERS=str(markers), SETTLE_SECONDS="0"
+    )
+    # watch/inbox/x.jpg and elsewhere/x.jpg: same name, size and mtime, other bytes.
+    inbox = folders["watch"] / "inbox"
+    inbox.mkdir()
+    dropped = inbox / "x.jpg"
+    dropped.write_bytes(data)
+    same_size_and_mtime(dropped, outside / "x.jpg", bytes(reversed(data)))
+    before = untouched(outside / "x.jpg")
+    system.worker(app=FAULT_APP)
+    # One sweep, run by the worker; no beat, so no later sweep repairs anything meanwhile.
+    with sweep_folder.app.connection_for_write(redis_server.url) as connection:
+        sweep_folder.apply_async(kwargs={"folder": str(folders["watch"])}, connection=connection)
+    wait_for(lambda: (markers / f"paused-{stage}").exists(), what=f"the worker at {stage!r}")
+    if stage == "put_away":
+        image = Image.objects.get()
+        assert image.is_final, "paused after the result was recorded"
+        assert image.in_folder, "paused before the original moved"
+
+    inbox.rename(tmp_path / "stash")  # the real folder leaves; a link takes its place
+    inbox.symlink_to(outside, target_is_directory=True)
+    (markers / f"resume-{stage}").touch()
+
+    wait_for(
+        lambda: Image.objects.filter(status__in=Image.FINAL_STATUSES, in_folder=False).exists(),
+        what="the image to be finished with",
+    )
+    image = Image.objects.get()
+    assert untouched(outside / "x.jpg") == before
+    assert sorted(path.name for path in outside.iterdir()) == ["x.jpg"]
+    outside_bytes, outside_device, outside_inode, _ = before
+    for path in folders["media"].rglob("*"):
+        status = os.lstat(path)
+        assert (status.st_dev, status.st_ino) != (outside_device, outside_inode), path
+        if stat.S_ISREG(status.st_mode):
+            assert path.read_bytes() != outside_bytes, path
+            if path.suffix == ".zip":
+                with zipfile.ZipFile(path) as archive:
+                    assert outside_bytes not in [archive.read(name) for name in archive.namelist()]
+    assert image.original_path == ""
+    assert "inbox is a symbolic link" in image.error, image.error
+    if stage in ("claim", "read"):
+        # Nothing was read: the claim fails, and the file is left for whoever sorts it out.
+        assert image.status == Image.Status.FAILED
+        assert "left untouched, unread" in image.error
+        assert not image.archive
+    elif data == PICTURE:
+        assert image.status == Image.Status.DONE
+        assert image.error.startswith("the original was left where it was found")
+        with zipfile.ZipFile(folders["media"] / image.archive) as archive:
+            assert archive.read("x.jpg") == PICTURE  # read before the swap, from the real file
+    else:
+        assert image.status == Image.Status.FAILED
+        assert image.error.startswith("not an image")
+        assert "; the original was left where it was found" in image.error
+        assert not list((folders["media"] / "failed").rglob("*"))
+    assert (tmp_path / "stash" / "x.jpg").read_bytes() == data

@@ -13,7 +13,7 @@ import pytest
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from jobs import sweep
+from jobs import storage, sweep
 from jobs.models import Image, Sweep, SweepLock
 
 pytestmark = pytest.mark.django_db
@@ -47,14 +47,14 @@ def test_scan_skips_junk_hidden_and_partial_files(folders, drop):
         "__MACOSX/photo.jpg",
     ]:
         drop(watch, name)
-    found = sweep.scan(watch, settle_seconds=0)
+    found = storage.scan(watch, settle_seconds=0)
     assert sorted(c.name for c in found.ready) == ["photo.jpg", "sub/deeper/photo.jpg"]
     assert found.ignored == 8
 
 
 def test_scan_leaves_recently_changed_files(folders, drop):
     drop(folders["watch"], "fresh.jpg")
-    found = sweep.scan(folders["watch"], settle_seconds=60)
+    found = storage.scan(folders["watch"], settle_seconds=60)
     assert found.ready == []
     assert found.unstable == 1
 
@@ -63,13 +63,13 @@ def test_scan_waits_for_a_copied_file_even_with_an_old_mtime(folders, drop):
     # `cp -p` keeps an old mtime: the change time still says the file just arrived.
     path = drop(folders["watch"], "copied.jpg")
     os.utime(path, (0, 0))
-    assert sweep.scan(folders["watch"], settle_seconds=60).unstable == 1
+    assert storage.scan(folders["watch"], settle_seconds=60).unstable == 1
 
 
 def test_scan_skips_excluded_subfolders(folders, drop):
     drop(folders["watch"], "a.jpg")
     drop(folders["watch"], "nested/b.jpg")
-    found = sweep.scan(folders["watch"], 0, exclude=[folders["watch"] / "nested"])
+    found = storage.scan(folders["watch"], 0, exclude=[folders["watch"] / "nested"])
     assert [c.name for c in found.ready] == ["a.jpg"]
 
 
@@ -92,7 +92,7 @@ def test_run_sweep_claims_each_file_once(folders, drop):
 
 def test_claim_of_racing_sweeps_has_one_winner(folders, drop):
     drop(folders["watch"], "a.jpg")
-    ready = sweep.scan(folders["watch"], 0).ready
+    ready = storage.scan(folders["watch"], 0).ready
     first, second = new_sweep(folders["watch"]), new_sweep(folders["watch"])
     # Both read the folder before either inserted: the unique claim decides.
     assert sweep.claim(first, ready, ["64x64"])
@@ -226,7 +226,7 @@ def test_reconcile_puts_away_originals_of_finished_images(folders, drop):
 def test_put_original_away_is_idempotent_after_a_crash_mid_move(folders, drop):
     image = claim_one(folders, drop)
     image.status = Image.Status.DONE
-    destination = sweep.kept_path(image)
+    destination = storage.kept_path(image)
     destination.parent.mkdir(parents=True)
     os.rename(image.source_path, destination)  # moved, but the database never heard
     sweep.put_original_away(image)
@@ -246,7 +246,7 @@ def test_a_new_file_at_a_finished_path_is_claimed_anew(folders, drop):
 
 def test_kept_path_truncates_very_long_names(folders, drop):
     image = claim_one(folders, drop, name="é" * 120 + ".jpg")
-    path = sweep.kept_path(image)
+    path = storage.kept_path(image)
     assert len(path.name.encode()) <= 255
     assert path.suffix == ".jpg"
 
@@ -255,7 +255,7 @@ def test_reconcile_removes_the_partial_archive_of_the_dead_run_only(folders, dro
     image = claim_one(folders, drop)
     dead = Image.objects.start(image.id, "task", worker="elsewhere:1")
     expire_lease(image)
-    destination = sweep.archive_path(image)
+    destination = storage.archive_path(image)
     destination.parent.mkdir(parents=True)
     partial = destination.parent / f".{destination.name}.{dead.hex}.k2j3h4.part"
     partial.write_bytes(b"half a zip")
@@ -353,7 +353,7 @@ def test_prune_idle_sweeps_forgets_only_old_sweeps_that_did_nothing(folders, dro
 def test_put_original_away_by_two_hands_at_once_keeps_the_record_right(folders, drop):
     image = claim_one(folders, drop)
     image.status = Image.Status.DONE
-    destination = sweep.kept_path(image)
+    destination = storage.kept_path(image)
     destination.parent.mkdir(parents=True)
     # The worker renamed it a moment ago; this (the sweep's repair) arrives second.
     os.rename(image.source_path, destination)
