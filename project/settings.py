@@ -160,6 +160,9 @@ MIDDLEWARE = [
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # Refuses oversized or anonymous uploads from their headers: its process_view must run
+    # before CSRF's, which reads (and so stores) the whole body.
+    "jobs.upload_limits.BodyLimitMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -238,6 +241,14 @@ RECOVER_INTERVAL = max(SWEEP_INTERVAL, 10.0)
 IDLE_SWEEP_DAYS = envint("IDLE_SWEEP_DAYS", "7", minimum=1)
 UPLOAD_MAX_FILES = envint("UPLOAD_MAX_FILES", "20", minimum=1)
 UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", str(MAX_IMAGE_BYTES), minimum=1)
+# Django's own cap on files per request, one above ours so that the upload says it in words.
+DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES + 1
+# Where uploads over 2.5 MB are spooled while the request is read (unset: the system's).
+FILE_UPLOAD_TEMP_DIR = (
+    str(envpath("FILE_UPLOAD_TEMP_DIR", BASE_DIR))
+    if os.environ.get("FILE_UPLOAD_TEMP_DIR")
+    else None
+)
 # `make run` waits this long for a REDIS_URL that does not answer yet, then gives up.
 REDIS_WAIT = envfloat("REDIS_WAIT", "30")
 # A worker that starts nothing for this long while work waits is restarted by `make run`.
