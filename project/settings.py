@@ -4,8 +4,10 @@ A bad value stops start-up with ImproperlyConfigured naming the variable; `manag
 turns that into a single line.
 """
 
+import fcntl
 import os
 import secrets
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -114,17 +116,45 @@ def database_from_url(url: str) -> dict:
 
 def secret_key() -> str:
     """DJANGO_SECRET_KEY, or a random key generated once and kept beside the project."""
-    if value := os.environ.get("DJANGO_SECRET_KEY"):
-        return value
-    key_file = BASE_DIR / ".secret_key"
+    return os.environ.get("DJANGO_SECRET_KEY") or kept_secret_key(BASE_DIR / ".secret_key")
+
+
+def kept_secret_key(key_file: Path) -> str:
+    """The key kept in `key_file`, made on first use; processes starting at once agree on it.
+
+    An empty or blank file (a crash mid-write) counts as missing, never as an empty key. A
+    new key is written under a temporary name, fsynced and renamed into place under a lock
+    on the folder: a reader sees a whole key or none, and two first starts make one key.
+    """
+    if key := _read_key(key_file):
+        return key
+    folder = os.open(key_file.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if key := _read_key(key_file):
+            return key  # another process made it while this one waited
+        key = secrets.token_urlsafe(50)
+        fd, temporary = tempfile.mkstemp(dir=key_file.parent, prefix=f".{key_file.name}.")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(key)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, key_file)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        os.fsync(folder)
+        return key
+    finally:
+        os.close(folder)  # and with it the lock
+
+
+def _read_key(key_file: Path) -> str:
     try:
         return key_file.read_text().strip()
     except FileNotFoundError:
-        key = secrets.token_urlsafe(50)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(key)
-        return key
+        return ""
 
 
 DEBUG = envbool("DJANGO_DEBUG", "0")
