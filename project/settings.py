@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
+from jobs.logs import escape_log_arguments
 from jobs.pipeline import parse_sizes
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -345,6 +346,9 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+# File names and other outside text reach log lines as arguments: their control characters
+# are escaped, so no name can forge a line. Set per process, so Celery's handlers get it too.
+escape_log_arguments()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
