@@ -79,6 +79,13 @@ class EscapedMapping(Mapping):
     def __len__(self) -> int:
         return len(self.mapping)
 
+    # `logger.info("%s", some_dict)`: the mapping is then the one argument itself.
+    def __str__(self) -> str:
+        return escape_controls(str(self.mapping))
+
+    def __repr__(self) -> str:
+        return escape_controls(repr(self.mapping))
+
 
 def escaped_arguments(args: Any) -> Any:
     if isinstance(args, Mapping):

@@ -53,11 +53,13 @@ def test_log_records_escape_their_arguments_not_their_format(log_lines):
         "%(name)s is %(size)d bytes, %(ratio).1f%%", {"name": name, "size": 3, "ratio": 2}
     )
     logger.warning("repr %r", name)
+    logger.warning("a mapping as the one argument: %s", {"name": name})
     assert stream.getvalue().splitlines() == [
         "WARNING image 7 (x.jpg\\nERROR forged line\\x1b[2J) failed:",  # the format's own
         "\t[Errno 2] cannot read x.jpg\\nERROR forged line\\x1b[2J",  # newline is kept
         "WARNING x.jpg\\nERROR forged line\\x1b[2J is 3 bytes, 2.0%",
         "WARNING repr 'x.jpg\\\\nERROR forged line\\\\x1b[2J'",
+        "WARNING a mapping as the one argument: {'name': 'x.jpg\\nERROR forged line\\x1b[2J'}",
     ]
 
 

@@ -190,7 +190,9 @@ def test_body_limit_middleware_refuses_a_large_body_for_any_other_view(client, s
 
 
 @pytest.mark.django_db
-def test_upload_reports_a_file_over_the_limit_and_takes_the_others(client, folders, settings):
+def test_upload_reports_a_file_over_the_limit_and_takes_the_others(
+    client, folders, settings, temp_dir
+):
     settings.UPLOAD_MAX_BYTES = 5000
     client.force_login(User.objects.create_user("alice"))
     big, small = image_bytes((900, 900)), image_bytes((40, 40))
@@ -206,6 +208,9 @@ def test_upload_reports_a_file_over_the_limit_and_takes_the_others(client, folde
     assert body["rejected"] == [
         {"name": "big.jpg", "error": "over the limit of 4.9\xa0KB per file"}
     ]
+    # Judged from its spooled file (every file is spooled here), which is gone with the request.
+    assert Path(Image.objects.get().source_path).read_bytes() == small
+    assert list(temp_dir.iterdir()) == []
 
 
 # --- Against the real web server -------------------------------------------------------
