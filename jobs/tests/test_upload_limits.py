@@ -380,3 +380,36 @@ def test_upload_file_over_its_limit_is_dropped_at_the_limit_while_it_streams(web
     assert [image["name"] for image in body["sweep"]["images"]] == ["photo.jpg"]
     assert Path(Image.objects.get().source_path).read_bytes() == photo
     assert files_under(spool) == []
+
+
+@pytest.mark.integration
+def test_upload_whose_body_lies_about_its_length_stores_nothing(web, folders):
+    base_url, spool = web
+    User.objects.create_user("alice", password=PASSWORD)
+    cookies = sign_in(base_url, "alice")
+    photo = image_bytes((300, 200))
+    data = multipart(("photo.jpg", photo))
+
+    # Shorter than it said: the client stops halfway through the file and closes its side.
+    with connect(base_url) as sock:
+        send_head(
+            sock, "/uploads/", upload_headers(cookies, **{"Content-Length": str(len(data) + 10**6)})
+        )
+        sock.sendall(data[: len(data) // 2])
+        sock.shutdown(socket.SHUT_WR)
+        status, body = read_response(sock)
+    assert status == 400, body
+
+    # Longer than it said: nothing past the declared length is read as part of the upload,
+    # so the file is cut before its closing boundary and dropped.
+    with connect(base_url) as sock:
+        send_head(
+            sock, "/uploads/", upload_headers(cookies, **{"Content-Length": str(len(data) // 2)})
+        )
+        sock.sendall(data)
+        status, body = read_response(sock)
+    assert status == 400, body
+
+    assert files_under(spool) == []
+    assert files_under(folders["media"]) == []
+    assert not Image.objects.exists()
