@@ -16,20 +16,13 @@ from django_celery_beat.models import PeriodicTask
 from . import pipeline
 from .sweep import MAX_QUALITY, MIN_QUALITY, FolderRejected, resolve_folder, resolve_sizes
 from .tasks import SWEEP_TASK
+from .upload_limits import file_over_limit
 
 SIZES_HELP = "Bounding boxes like 128x128, separated by commas or spaces. Never upscaled."
 
 
 def default_sizes() -> str:
     return ", ".join(settings.THUMBNAIL_SIZES)
-
-
-def upload_max_files() -> int:
-    return settings.UPLOAD_MAX_FILES
-
-
-def upload_max_bytes() -> int:
-    return settings.UPLOAD_MAX_BYTES
 
 
 class SizesField(forms.CharField):
@@ -95,28 +88,33 @@ class MultipleImageField(forms.FileField):
     def clean(self, data: Any, initial: Any = None) -> list[UploadedFile]:
         files = [item for item in (data if isinstance(data, list | tuple) else [data]) if item]
         if not files:
-            raise forms.ValidationError("Choose at least one image.")
-        if len(files) > upload_max_files():
-            raise forms.ValidationError(
-                f"{len(files)} files chosen; at most {upload_max_files()} per upload."
-            )
+            if self.required:
+                raise forms.ValidationError("Choose at least one image.")
+            return []
+        limit = settings.UPLOAD_MAX_FILES
+        if len(files) > limit:
+            raise forms.ValidationError(f"{len(files)} files chosen; at most {limit} per upload.")
         return files
 
 
 def check_upload(upload: UploadedFile) -> str:
-    """Why an uploaded file cannot be taken (empty when it can): size, type, pixels."""
-    limit = upload_max_bytes()
+    """Why an uploaded file cannot be taken (empty when it can): size, type, pixels.
+
+    Judged from the file object: Pillow reads the header it needs, not the whole file.
+    """
+    limit = settings.UPLOAD_MAX_BYTES
     if upload.size > limit:
-        return f"{filesizeformat(upload.size)}, over the limit of {filesizeformat(limit)} per file"
-    upload.seek(0)
-    data = upload.read()
-    upload.seek(0)
+        return f"{filesizeformat(upload.size)}, {file_over_limit(limit)}"
     limits = pipeline.Limits(max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=limit)
     try:
-        with pipeline.open_image(data, limits):
+        with pipeline.open_image(upload, limits):
             pass
     except pipeline.ImageRejected as exc:
         return str(exc)
+    finally:
+        # Pillow closes a file it refused after reading its header; such a file is not kept.
+        if not upload.closed:
+            upload.seek(0)
     return ""
 
 
@@ -124,11 +122,20 @@ class UploadForm(forms.Form):
     images = MultipleImageField(label="Images")
     sizes = SizesField(initial=default_sizes)
 
+    def __init__(
+        self, *args: Any, refused: list[dict[str, str]] | None = None, **kwargs: Any
+    ) -> None:
+        """`refused`: files the upload handler already dropped, with the reason."""
+        super().__init__(*args, **kwargs)
+        self.refused = list(refused or [])
+        if self.refused:
+            self.fields["images"].required = False
+
     def clean(self) -> dict[str, Any]:
         data = super().clean()
         if "sizes" in data and not data["sizes"]:
             data["sizes"] = list(settings.THUMBNAIL_SIZES)
-        accepted, rejected = [], []
+        accepted, rejected = [], list(self.refused)
         for upload in data.get("images") or []:
             reason = check_upload(upload)
             if reason:

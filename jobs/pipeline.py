@@ -178,17 +178,23 @@ def safe_stem(name: str) -> str:
     return stem or "image"
 
 
-def open_image(data: bytes, limits: Limits = Limits()) -> Image.Image:
-    """Identify the bytes as a supported image and check its limits, without decoding pixels."""
-    if not data:
+def open_image(data: bytes | BinaryIO, limits: Limits = Limits()) -> Image.Image:
+    """Identify the input as a supported image and check its limits, without decoding pixels.
+
+    `data` is the file's bytes, or a seekable binary file of which only the header is read.
+    """
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    size = stream.seek(0, io.SEEK_END)
+    stream.seek(0)
+    if not size:
         raise ImageRejected("empty file (0 bytes)")
-    if len(data) > limits.max_bytes:
-        raise ImageRejected(f"file is {len(data):,} bytes, over the {limits.max_bytes:,} limit")
+    if size > limits.max_bytes:
+        raise ImageRejected(f"file is {size:,} bytes, over the {limits.max_bytes:,} limit")
     try:
         with _pixel_limit(limits.max_pixels):
-            image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+            image = Image.open(stream, formats=SUPPORTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageRejected(_too_many_pixels(_header_size(data), limits)) from None
+        raise ImageRejected(_too_many_pixels(_header_size(stream), limits)) from None
     except UnidentifiedImageError:
         raise ImageRejected(
             f"not an image, or not a supported format (supported: {', '.join(SUPPORTED_FORMATS)})"
@@ -366,12 +372,12 @@ def _too_many_pixels(size: tuple[int, int] | None, limits: Limits) -> str:
     )
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
+def _header_size(stream: BinaryIO) -> tuple[int, int] | None:
     """The size an image header claims, for a message, without Pillow's limit in the way."""
     previous = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = None
-        with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as image:
+        with Image.open(stream, formats=SUPPORTED_FORMATS) as image:
             return image.size
     except _DECODE_ERRORS:
         return None

@@ -35,10 +35,11 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from . import intake, storage
-from .forms import UploadForm, default_sizes, upload_max_bytes, upload_max_files
+from .forms import UploadForm, default_sizes
 from .models import Image, Sweep
 from .pipeline import EXTENSIONS, safe_stem
 from .tasks import queue_images
+from .upload_limits import accepts_uploads, upload_handler_of, upload_refused
 
 logger = logging.getLogger(__name__)
 
@@ -369,28 +370,28 @@ def upload_page(request: HttpRequest) -> HttpResponse:
         {
             "form": UploadForm(initial={"sizes": default_sizes()}),
             "recent": [image_data(image, staff) for image in recent],
-            "max_files": upload_max_files(),
-            "max_bytes": upload_max_bytes(),
+            "max_files": settings.UPLOAD_MAX_FILES,
+            "max_bytes": settings.UPLOAD_MAX_BYTES,
             "max_pixels": settings.MAX_IMAGE_PIXELS,
             "staff": staff,
         },
     )
 
 
+@accepts_uploads
 @api_login_required
 @require_POST
 def upload(request: HttpRequest) -> JsonResponse:
-    """Take uploaded images (multipart, field `images`, plus `sizes`) and queue them."""
-    limit = upload_max_files() * upload_max_bytes() + 1024 * 1024
-    try:
-        length = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        length = 0
-    if length > limit:
-        return JsonResponse(
-            {"errors": {"images": [f"The upload is too large ({length:,} bytes)."]}}, status=413
-        )
-    form = UploadForm(request.POST, request.FILES)
+    """Take uploaded images (multipart, field `images`, plus `sizes`) and queue them.
+
+    The body was bounded before it was read (`jobs.upload_limits`): too large, too many
+    files or a file over its limit never got further than the limit.
+    """
+    limiter = upload_handler_of(request)
+    form = UploadForm(request.POST, request.FILES, refused=limiter.rejected)
+    if limiter.refusal:
+        refusal = limiter.refusal
+        return upload_refused(refusal.message, refusal.status, refusal.code)
     if not form.is_valid():
         rejected = form.cleaned_data.get("rejected", []) if hasattr(form, "cleaned_data") else []
         return JsonResponse(

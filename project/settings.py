@@ -4,8 +4,10 @@ A bad value stops start-up with ImproperlyConfigured naming the variable; `manag
 turns that into a single line.
 """
 
+import fcntl
 import os
 import secrets
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -13,6 +15,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Queue
 
+from jobs.logs import escape_log_arguments
 from jobs.pipeline import parse_sizes
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -114,17 +117,45 @@ def database_from_url(url: str) -> dict:
 
 def secret_key() -> str:
     """DJANGO_SECRET_KEY, or a random key generated once and kept beside the project."""
-    if value := os.environ.get("DJANGO_SECRET_KEY"):
-        return value
-    key_file = BASE_DIR / ".secret_key"
+    return os.environ.get("DJANGO_SECRET_KEY") or kept_secret_key(BASE_DIR / ".secret_key")
+
+
+def kept_secret_key(key_file: Path) -> str:
+    """The key kept in `key_file`, made on first use; processes starting at once agree on it.
+
+    An empty or blank file (a crash mid-write) counts as missing, never as an empty key. A
+    new key is written under a temporary name, fsynced and renamed into place under a lock
+    on the folder: a reader sees a whole key or none, and two first starts make one key.
+    """
+    if key := _read_key(key_file):
+        return key
+    folder = os.open(key_file.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        if key := _read_key(key_file):
+            return key  # another process made it while this one waited
+        key = secrets.token_urlsafe(50)
+        fd, temporary = tempfile.mkstemp(dir=key_file.parent, prefix=f".{key_file.name}.")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(key)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, key_file)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        os.fsync(folder)
+        return key
+    finally:
+        os.close(folder)  # and with it the lock
+
+
+def _read_key(key_file: Path) -> str:
     try:
         return key_file.read_text().strip()
     except FileNotFoundError:
-        key = secrets.token_urlsafe(50)
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(key)
-        return key
+        return ""
 
 
 DEBUG = envbool("DJANGO_DEBUG", "0")
@@ -160,6 +191,9 @@ MIDDLEWARE = [
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # Refuses oversized or anonymous uploads from their headers: its process_view must run
+    # before CSRF's, which reads (and so stores) the whole body.
+    "jobs.upload_limits.BodyLimitMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -241,6 +275,14 @@ RECOVER_INTERVAL = max(SWEEP_INTERVAL, 10.0)
 IDLE_SWEEP_DAYS = envint("IDLE_SWEEP_DAYS", "7", minimum=1)
 UPLOAD_MAX_FILES = envint("UPLOAD_MAX_FILES", "20", minimum=1)
 UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", str(MAX_IMAGE_BYTES), minimum=1)
+# Django's own cap on files per request, one above ours so that the upload says it in words.
+DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES + 1
+# Where uploads over 2.5 MB are spooled while the request is read (unset: the system's).
+FILE_UPLOAD_TEMP_DIR = (
+    str(envpath("FILE_UPLOAD_TEMP_DIR", BASE_DIR))
+    if os.environ.get("FILE_UPLOAD_TEMP_DIR")
+    else None
+)
 # `make run` waits this long for a REDIS_URL that does not answer yet, then gives up.
 REDIS_WAIT = envfloat("REDIS_WAIT", "30")
 # A worker that starts nothing for this long while work waits is restarted by `make run`.
@@ -307,6 +349,9 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+# File names and other outside text reach log lines as arguments: their control characters
+# are escaped, so no name can forge a line. Set per process, so Celery's handlers get it too.
+escape_log_arguments()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -11,7 +11,7 @@ import pytest
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from project.settings import database_from_url
+from project.settings import database_from_url, kept_secret_key
 
 
 def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[str]:
@@ -85,3 +85,52 @@ def test_database_from_url_reads_postgres_credentials():
 def test_database_from_url_refuses_a_url_without_a_name():
     with pytest.raises(ImproperlyConfigured, match="database name"):
         database_from_url("postgres://localhost")
+
+
+def test_kept_secret_key_replaces_a_blank_file_left_by_a_crash(tmp_path):
+    key_file = tmp_path / ".secret_key"
+    key_file.write_text(" \n")
+    key = kept_secret_key(key_file)
+    assert len(key) >= 50
+    assert key_file.read_text() == key
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert kept_secret_key(key_file) == key  # kept, not made again
+    assert [path.name for path in tmp_path.iterdir()] == [".secret_key"]  # no temporary left
+
+
+# Waits for the starting gun, then reads or makes the key, like a process starting up.
+FIRST_START = """
+import sys, time
+from pathlib import Path
+from project.settings import kept_secret_key
+print("ready", flush=True)
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.001)
+print(kept_secret_key(Path(sys.argv[1])), flush=True)
+"""
+
+
+@pytest.mark.parametrize("left_by_a_crash", ["", "missing"])
+def test_kept_secret_key_is_the_same_for_processes_starting_at_once(tmp_path, left_by_a_crash):
+    key_file = tmp_path / ".secret_key"
+    if left_by_a_crash == "":
+        key_file.write_text("")
+    go = tmp_path / "go"
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_START, str(key_file), str(go)],
+            cwd=settings.BASE_DIR,
+            env={**os.environ, "DJANGO_SECRET_KEY": "not-this-one"},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    for start in starts:
+        assert start.stdout.readline() == "ready\n"
+    go.touch()
+    keys = {start.communicate(timeout=60)[0].strip() for start in starts}
+    assert all(start.returncode == 0 for start in starts)
+    assert len(keys) == 1
+    assert keys == {key_file.read_text()}
+    assert len(key_file.read_text()) >= 50
