@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from jobs.pipeline import parse_sizes
 
@@ -263,7 +263,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, IMAGE_TIME_LI
 IMAGE_QUEUE = "parroter.images"
 SWEEP_QUEUE = "parroter.sweeps"
 CELERY_TASK_DEFAULT_QUEUE = IMAGE_QUEUE
-CELERY_TASK_QUEUES = (Queue(IMAGE_QUEUE), Queue(SWEEP_QUEUE))
+# Each queue on an exchange and routing key of its own: without them Celery binds every queue
+# to the default queue's exchange and key, and a message sent there lands in both queues.
+CELERY_TASK_QUEUES = (
+    Queue(IMAGE_QUEUE, Exchange(IMAGE_QUEUE), routing_key=IMAGE_QUEUE),
+    Queue(SWEEP_QUEUE, Exchange(SWEEP_QUEUE), routing_key=SWEEP_QUEUE),
+)
 CELERY_TASK_ROUTES = {
     "jobs.sweep_folder": {"queue": SWEEP_QUEUE},
     "jobs.recover": {"queue": SWEEP_QUEUE},
