@@ -192,6 +192,8 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = envstr("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
+# Times everywhere as 2026-11-28 08:05:13: seconds matter when sweeps run every few seconds.
+FORMAT_MODULE_PATH = ["project.formats"]
 
 STATIC_URL = "static/"
 # WhiteNoise serves static files straight from the apps (indexed once at start-up), so no
