@@ -41,7 +41,7 @@ def require_chromium() -> None:
 
 
 @contextmanager
-def chromium_page(base_url: str) -> Iterator:
+def chromium_page(base_url: str, width: int = 1360, height: int = 900) -> Iterator:
     """A fresh page in headless Chromium, its downloads allowed, at a desktop size."""
     from playwright.sync_api import sync_playwright
 
@@ -51,7 +51,9 @@ def chromium_page(base_url: str) -> Iterator:
         )
         try:
             context = browser.new_context(
-                base_url=base_url, accept_downloads=True, viewport={"width": 1360, "height": 900}
+                base_url=base_url,
+                accept_downloads=True,
+                viewport={"width": width, "height": height},
             )
             context.set_default_timeout(20_000)
             yield context.new_page()
