@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from django.db import connections
 
 from jobs.management.commands.run import child_commands
 from jobs.redis_server import free_port
@@ -59,6 +60,9 @@ def chromium_page(base_url: str, width: int = 1360, height: int = 900) -> Iterat
             yield context.new_page()
         finally:
             browser.close()
+            # Inside Playwright's event loop Django hands out database connections of their
+            # own; closed here, or PostgreSQL refuses to drop the test database at the end.
+            connections.close_all()
 
 
 def start_web(processes: Processes) -> str:
