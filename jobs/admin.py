@@ -6,9 +6,11 @@ sweeps through a form, and the dashboard (wired in project/urls.py).
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
-from datetime import timedelta
+import re
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
@@ -16,16 +18,18 @@ from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import OuterRef, QuerySet, Subquery
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.db.models import OuterRef, Q, QuerySet, Subquery
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.template.defaultfilters import filesizeformat
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.formats import date_format
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 from django_celery_beat.admin import PeriodicTaskAdmin as BasePeriodicTaskAdmin
-from django_celery_beat.models import PeriodicTask, PeriodicTasks
+from django_celery_beat.models import CrontabSchedule, PeriodicTask, PeriodicTasks
+from django_celery_results.admin import TaskResultAdmin as BaseTaskResultAdmin
 from django_celery_results.models import TaskResult
 
 from . import beat, intake, stats, storage, views
@@ -63,6 +67,35 @@ def seconds(delta: timedelta | None) -> str:
     return f"{delta.total_seconds():.2f} s" if delta is not None else "—"
 
 
+def when(moment: datetime | None) -> str:
+    """A time in the site's time zone, in the one format used throughout (with seconds)."""
+    return date_format(timezone.localtime(moment), "DATETIME_FORMAT") if moment else "—"
+
+
+def wrap_path(path: str) -> SafeString:
+    """A path, escaped, that may break after each "/" on a narrow screen."""
+    *parents, last = str(path).split("/")
+    return format_html(
+        "{}{}", format_html_join("", "{}/<wbr>", ((part,) for part in parents)), last
+    )
+
+
+def sizes_text(sizes: object) -> str:
+    """Sizes for people: ["128x128", "256x256"] reads as two sizes with multiplication signs."""
+    if isinstance(sizes, str):
+        sizes = [size for size in re.split(r"[\s,]+", sizes) if size]
+    if not isinstance(sizes, list | tuple) or not sizes:
+        return "—"
+    return ", ".join(re.sub(r"^(\d+)x(\d+)$", r"\1×\2", str(size)) for size in sizes)
+
+
+def shortened(text: str, limit: int) -> str:
+    """The start of a long text (an error naming paths), all of it in a tooltip."""
+    if len(text) <= limit:
+        return wrap_path(text)
+    return format_html('<span title="{}">{}…</span>', text, wrap_path(text[: limit - 1].rstrip()))
+
+
 def task_result_link(task_id: str) -> str:
     if not task_id:
         return "—"
@@ -89,6 +122,8 @@ def sweep_kwargs(task: PeriodicTask) -> dict[str, Any]:
 
 
 class ParroterAdminMixin:
+    empty_value_display = "—"
+
     class Media:
         css = {"all": ["jobs/admin.css"]}
 
@@ -106,25 +141,41 @@ class RecordAdminMixin(ParroterAdminMixin):
 # --- Sweeps -------------------------------------------------------------------------------
 
 
+class SweepScheduleFilter(admin.SimpleListFilter):
+    """The periodic task that sent a sweep (sweeps of no schedule are under "trigger")."""
+
+    title = "schedule"
+    parameter_name = "schedule_name"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        names = (
+            Sweep.objects.exclude(schedule_name="")
+            .order_by("schedule_name")
+            .values_list("schedule_name", flat=True)
+            .distinct()
+        )
+        return [(name, name) for name in names]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Sweep]) -> QuerySet[Sweep]:
+        return queryset.filter(schedule_name=self.value()) if self.value() else queryset
+
+
 @admin.register(Sweep)
 class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
+    # Merged columns keep the list within a laptop screen, what it found first; every figure
+    # is on the sweep's page.
     list_display = [
         "id",
-        "started_at",
+        "started",
         "status_badge",
-        "trigger",
-        "schedule_name",
-        "folder",
         "seen",
-        "claimed",
-        "unstable",
-        "ignored",
-        "requeued",
-        "took",
-        "images_link",
+        "claimed_link",
+        "others",
+        "sent_by",
+        "folder_display",
         "short_error",
     ]
-    list_filter = ["status", "trigger", "schedule_name", "started_at"]
+    list_filter = ["status", "trigger", SweepScheduleFilter, "started_at"]
     show_facets = admin.ShowFacets.ALWAYS
     search_fields = ["folder", "schedule_name", "error", "task_id"]
     date_hierarchy = "started_at"
@@ -137,8 +188,8 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
                     "status_badge",
                     "trigger",
                     "schedule_name",
-                    "folder",
-                    "sizes",
+                    "folder_display",
+                    "sizes_display",
                     "output_options",
                 ]
             },
@@ -161,6 +212,50 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
     def took(self, obj: Sweep) -> str:
         return seconds(obj.duration)
 
+    @admin.display(description="started", ordering="started_at")
+    def started(self, obj: Sweep) -> str:
+        if obj.duration is None:
+            return when(obj.started_at)
+        return format_html(
+            '{}<br><small class="parroter-muted">took {}</small>',
+            when(obj.started_at),
+            seconds(obj.duration),
+        )
+
+    @admin.display(description="sent by", ordering="schedule_name")
+    def sent_by(self, obj: Sweep) -> str:
+        if obj.schedule_name:
+            return obj.schedule_name
+        return {
+            Sweep.Trigger.MANUAL: "sweep now / command",
+            Sweep.Trigger.UPLOAD: "upload page",
+        }.get(obj.trigger, obj.get_trigger_display())
+
+    @admin.display(description="folder", ordering="folder")
+    def folder_display(self, obj: Sweep) -> str:
+        return wrap_path(obj.folder)
+
+    @admin.display(description="sizes")
+    def sizes_display(self, obj: Sweep) -> str:
+        return sizes_text(obj.sizes)
+
+    @admin.display(description="claimed", ordering="claimed")
+    def claimed_link(self, obj: Sweep) -> str:
+        url = reverse("admin:jobs_image_changelist") + f"?sweep__id__exact={obj.id}"
+        return format_html('<a href="{}" title="its images">{}</a>', url, obj.claimed)
+
+    @admin.display(description="also")
+    def others(self, obj: Sweep) -> str:
+        counts = [
+            (obj.unstable, "still changing", Sweep._meta.get_field("unstable").help_text),
+            (obj.ignored, "ignored", Sweep._meta.get_field("ignored").help_text),
+            (obj.requeued, "redone", Sweep._meta.get_field("requeued").help_text),
+        ]
+        shown = [(count, label, why) for count, label, why in counts if count]
+        if not shown:
+            return "—"
+        return format_html_join("", '<span class="parroter-line" title="{2}">{0} {1}</span>', shown)
+
     @admin.display(description="output options")
     def output_options(self, obj: Sweep) -> str:
         return options_text(obj.options)
@@ -172,7 +267,7 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="error")
     def short_error(self, obj: Sweep) -> str:
-        return obj.error[:120]
+        return shortened(obj.error, 90)
 
     @admin.display(description="task result")
     def task_result(self, obj: Sweep) -> str:
@@ -285,22 +380,41 @@ class ScheduleFilter(admin.SimpleListFilter):
         return queryset
 
 
+class FormatFilter(admin.SimpleListFilter):
+    """The format an image was read as; failed and duplicate images have none recorded."""
+
+    title = "format"
+    parameter_name = "format"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        formats = (
+            Image.objects.exclude(format="")
+            .order_by("format")
+            .values_list("format", flat=True)
+            .distinct()
+        )
+        return [*[(name, name) for name in formats], ("none", "none recorded")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Image]) -> QuerySet[Image]:
+        if self.value() == "none":
+            return queryset.filter(format="")
+        return queryset.filter(format=self.value()) if self.value() else queryset
+
+
 @admin.register(Image)
 class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
+    # Merged columns keep the list within a laptop screen; each figure is on the image's page.
     list_display = [
         "preview",
-        "name",
+        "name_display",
         "status_badge",
-        "pixels",
         "sizes_made",
         "archive_size_display",
-        "took",
         "schedule",
-        "finished_at",
-        "download",
+        "finished",
     ]
-    list_display_links = ["preview", "name"]
-    list_filter = ["status", ScheduleFilter, "source", "finished_at", "format"]
+    list_display_links = ["preview", "name_display"]
+    list_filter = ["status", ScheduleFilter, "source", "finished_at", FormatFilter]
     show_facets = admin.ShowFacets.ALWAYS
     search_fields = ["name", "=sha256", "source_path", "error"]
     date_hierarchy = "queued_at"
@@ -316,10 +430,10 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
             {
                 "fields": [
                     "status_badge",
-                    "name",
+                    "path_name",
                     "source",
                     "uploaded_by",
-                    "folder",
+                    "folder_display",
                     "sweep_link",
                     "duplicate_link",
                 ]
@@ -359,7 +473,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
                 ]
             },
         ),
-        ("Files", {"fields": ["source_path", "original_path", "archive"]}),
+        ("Files", {"fields": ["source_path_display", "original_path_display", "archive_display"]}),
     ]
     # Nothing here is edited by hand: every field shown is read-only.
     readonly_fields = [name for _, section in fieldsets for name in section["fields"]]
@@ -388,6 +502,24 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
     def status_badge(self, obj: Image) -> str:
         return badge(obj.status, obj.get_status_display())
 
+    @admin.display(description="name", ordering="name")
+    def name_display(self, obj: Image) -> str:
+        facts = [f"{obj.width}×{obj.height}" if obj.width else "", obj.format]
+        facts.append(filesizeformat(obj.file_size))
+        return format_html(
+            '{}<br><small class="parroter-muted">{}</small>',
+            wrap_path(obj.name),
+            " · ".join(fact for fact in facts if fact),
+        )
+
+    @admin.display(description="name")
+    def path_name(self, obj: Image) -> str:
+        return wrap_path(obj.name)
+
+    @admin.display(description="folder")
+    def folder_display(self, obj: Image) -> str:
+        return wrap_path(obj.folder)
+
     @admin.display(description="pixels")
     def pixels(self, obj: Image) -> str:
         return f"{obj.width}×{obj.height}" if obj.width else "—"
@@ -397,12 +529,12 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         holder = views.archive_holder(obj)
         made = holder.thumbnails if holder else {}
         if not made:
-            return format_html('<span class="parroter-muted">{}</span>', ", ".join(obj.sizes))
+            return format_html('<span class="parroter-muted">{}</span>', sizes_text(obj.sizes))
         return ", ".join(f"{width}×{height}" for _, width, height in views.sorted_thumbnails(made))
 
     @admin.display(description="sizes asked")
     def sizes_asked(self, obj: Image) -> str:
-        return ", ".join(obj.sizes) or "—"
+        return sizes_text(obj.sizes)
 
     @admin.display(description="output options")
     def output_options(self, obj: Image) -> str:
@@ -413,7 +545,11 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         holder = views.archive_holder(obj)
         if holder is None or not holder.archive_size:
             return "—"
-        return filesizeformat(holder.archive_size)
+        return format_html(
+            '<a href="{}" title="download the zip">{}</a>',
+            reverse("jobs:archive", args=[obj.id]),
+            filesizeformat(holder.archive_size),
+        )
 
     @admin.display(description="file size", ordering="file_size")
     def file_size_display(self, obj: Image) -> str:
@@ -423,6 +559,28 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
     def took(self, obj: Image) -> str:
         return seconds(obj.duration)
 
+    @admin.display(description="finished", ordering="finished_at")
+    def finished(self, obj: Image) -> str:
+        if obj.duration is None:
+            return when(obj.finished_at)
+        return format_html(
+            '{}<br><small class="parroter-muted">took {}</small>',
+            when(obj.finished_at),
+            seconds(obj.duration),
+        )
+
+    @admin.display(description="source path")
+    def source_path_display(self, obj: Image) -> str:
+        return wrap_path(obj.source_path)
+
+    @admin.display(description="original path")
+    def original_path_display(self, obj: Image) -> str:
+        return wrap_path(obj.original_path) if obj.original_path else "—"
+
+    @admin.display(description="archive (under MEDIA_ROOT)")
+    def archive_display(self, obj: Image) -> str:
+        return wrap_path(obj.archive) if obj.archive else "—"
+
     @admin.display(description="schedule", ordering="sweep__schedule_name")
     def schedule(self, obj: Image) -> str:
         if obj.sweep and obj.sweep.schedule_name:
@@ -430,12 +588,6 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         if obj.source == Image.Source.UPLOAD:
             return "upload"
         return "sweep now" if obj.sweep else "—"
-
-    @admin.display(description="zip")
-    def download(self, obj: Image) -> str:
-        if views.archive_holder(obj) is None:
-            return "—"
-        return format_html('<a href="{}">download</a>', reverse("jobs:archive", args=[obj.id]))
 
     @admin.display(description="sweep")
     def sweep_link(self, obj: Image) -> str:
@@ -644,14 +796,18 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
     """Periodic tasks, with a form of sweep fields for sweeps and settings rows read-only."""
 
     form = SweepTaskForm
+    # django-celery-beat's own form script shows "Translation: undefined" whenever no crontab
+    # is chosen or one was just added: ours shows the chosen crontab in words, or nothing.
+    change_form_template = "admin/jobs/periodictask/change_form.html"
+    # What a person looks for first comes first: it stays in view on the narrowest screen.
     list_display = [
         "name",
-        "owner",
         "enabled",
         "schedule_display",
-        "sweeps",
         "next_run",
         "last_sweep",
+        "sweeps",
+        "owner",
     ]
     list_filter = ["enabled", OwnerFilter, "task"]
     fieldsets = [
@@ -670,7 +826,6 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
                 "fields": [
                     "interval",
                     "crontab",
-                    "crontab_translation",
                     "solar",
                     "clocked",
                     "start_time",
@@ -735,6 +890,25 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
             return False
         return super().has_change_permission(request, obj)
 
+    def get_urls(self) -> list[URLPattern]:
+        return [
+            path(
+                "crontab-words/<int:crontab_id>/",
+                self.admin_site.admin_view(self.crontab_words_view),
+                name="jobs_crontab_words",
+            ),
+            *super().get_urls(),
+        ]
+
+    def crontab_words_view(self, request: HttpRequest, crontab_id: int) -> JsonResponse:
+        """A crontab in words, for one added through the form's "+" after the page loaded."""
+        if not self.has_view_or_change_permission(request):
+            raise PermissionDenied
+        crontab = CrontabSchedule.objects.filter(id=crontab_id).first()
+        if crontab is None:
+            raise Http404("no such crontab")
+        return JsonResponse({"id": crontab.id, "words": crontab.human_readable})
+
     def has_delete_permission(self, request: HttpRequest, obj: PeriodicTask | None = None) -> bool:
         if obj is not None and beat.is_settings_owned(obj):
             return False
@@ -766,22 +940,21 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
         if obj.task != SWEEP_TASK:
             return obj.task
         kwargs = sweep_kwargs(obj)
-        sizes = kwargs.get("sizes")
-        sizes_text = ", ".join(sizes) if isinstance(sizes, list) else (sizes or "default sizes")
+        sizes = sizes_text(kwargs["sizes"]) if kwargs.get("sizes") else "default sizes"
         if kwargs.get("quality") is not None:
-            sizes_text += f"; quality {kwargs['quality']}"
+            sizes += f"; quality {kwargs['quality']}"
         return format_html(
-            "<code>{}</code><br><small>{}</small>",
-            kwargs.get("folder") or settings.WATCH_FOLDER,
-            sizes_text,
+            '<code>{}</code><br><small class="parroter-muted">{}</small>',
+            wrap_path(kwargs.get("folder") or settings.WATCH_FOLDER),
+            sizes,
         )
 
     @admin.display(description=f"next run ({settings.TIME_ZONE})")
     def next_run(self, obj: PeriodicTask) -> Any:
-        when = beat.next_run(obj)
-        if when is None:
+        due = beat.next_run(obj)
+        if due is None:
             return "—" if obj.enabled else "disabled"
-        return date_format(timezone.localtime(when), "j M H:i:s")
+        return when(due)
 
     @admin.display(description="last sweep")
     def last_sweep(self, obj: PeriodicTask) -> str:
@@ -796,8 +969,199 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
             claimed, error = obj.last_sweep_claimed, obj.last_sweep_error
         url = reverse("admin:jobs_sweep_change", args=[sweep_id])
         label = Sweep.Status(status).label if status in Sweep.Status.values else status
-        detail = error[:100] if error else f"{claimed} claimed"
+        detail = shortened(error, 80) if error else f"{claimed} claimed"
         return format_html('<a href="{}">{}</a> {}', url, badge(status, label), detail)
+
+
+# --- Task results -------------------------------------------------------------------------
+
+# Celery keeps a task's arguments as a repr (at most 1,024 characters); nothing longer is read.
+ARGUMENTS_LIMIT = 4096
+TASK_STATE_COLOURS = {
+    "SUCCESS": "#198754",
+    "FAILURE": "#dc3545",
+    "STARTED": "#0d6efd",
+    "RETRY": "#b35c00",
+    "PENDING": "#6c757d",
+    "RECEIVED": "#6c757d",
+    "REVOKED": "#6c757d",
+}
+
+
+def stored_value(text: str | None) -> Any:
+    """A result as django-celery-results stores it (JSON), or the text as is."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def stored_arguments(text: str | None) -> Any:
+    """Arguments as django-celery-results stores them: JSON holding Celery's repr of them
+    (argsrepr/kwargsrepr), read back as Python literals; otherwise the text as is.
+    """
+    value = stored_value(text)
+    if isinstance(value, str) and len(value) <= ARGUMENTS_LIMIT:
+        try:
+            # Literals only, never code; a repr that Celery cut short may not parse: text.
+            return ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return value
+    return value
+
+
+def value_text(value: Any, limit: int | None = None) -> SafeString:
+    """One argument or result for people: lists joined, paths breakable at "/", a text
+    longer than `limit` cut short with all of it in a tooltip.
+    """
+    if value is Ellipsis:
+        return format_html("{}", "…")  # where Celery's repr left the rest out
+    if isinstance(value, list | tuple | set):
+        return format_html_join(", ", "{}", ((value_text(item, limit),) for item in value))
+    if isinstance(value, dict):
+        value = json.dumps(value, default=str)
+    text = str(value)
+    if limit is not None and len(text) > limit:
+        return format_html('<span title="{}">{}…</span>', text, wrap_path(text[:limit]))
+    return wrap_path(text)
+
+
+def arguments_of(task: TaskResult) -> list[tuple[str, Any]]:
+    """(name, value) per argument: positional ones numbered, then the keyword ones."""
+    args = stored_arguments(task.task_args)
+    kwargs = stored_arguments(task.task_kwargs)
+    rows: list[tuple[str, Any]] = []
+    if isinstance(args, list | tuple):
+        rows += [(f"#{number}", value) for number, value in enumerate(args, 1)]
+    elif args:
+        rows.append(("arguments", args))
+    if isinstance(kwargs, dict):
+        rows += [(str(name), value) for name, value in kwargs.items()]
+    elif kwargs:
+        rows.append(("keyword arguments", kwargs))
+    return rows
+
+
+class PeriodicTaskNameFilter(admin.SimpleListFilter):
+    title = "periodic task"
+    parameter_name = "periodic_task"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        names = (
+            TaskResult.objects.exclude(periodic_task_name__isnull=True)
+            .exclude(periodic_task_name="")
+            .order_by("periodic_task_name")
+            .values_list("periodic_task_name", flat=True)
+            .distinct()
+        )
+        return [*[(f"task:{name}", name) for name in names], ("none", "none (sent otherwise)")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if value == "none":
+            return queryset.filter(Q(periodic_task_name__isnull=True) | Q(periodic_task_name=""))
+        if value and value.startswith("task:"):
+            return queryset.filter(periodic_task_name=value[5:])
+        return queryset
+
+
+admin.site.unregister(TaskResult)
+
+
+@admin.register(TaskResult)
+class TaskResultAdmin(RecordAdminMixin, BaseTaskResultAdmin):
+    """Celery's task results, with their arguments and results readable."""
+
+    list_display = [
+        "task",
+        "status_badge",
+        "completed",
+        "periodic_task_name",
+        "arguments",
+        "worker",
+    ]
+    list_display_links = ["task"]
+    list_filter = ["status", "date_done", PeriodicTaskNameFilter, "task_name", "worker"]
+    fieldsets = [
+        (None, {"fields": ["task_id", "task_name", "periodic_task_name", "status", "worker"]}),
+        ("Arguments", {"fields": ["arguments_table"]}),
+        (
+            "Result",
+            {
+                "fields": [
+                    "result_display",
+                    "date_created",
+                    "date_started",
+                    "date_done",
+                    "traceback",
+                ]
+            },
+        ),
+        (
+            "As stored",
+            {"fields": ["content_type", "content_encoding", "meta"], "classes": ["collapse"]},
+        ),
+    ]
+
+    @admin.display(description="task", ordering="task_name")
+    def task(self, obj: TaskResult) -> str:
+        return format_html(
+            '{}<br><small class="parroter-muted" title="{}">{}…</small>',
+            obj.task_name or "(unnamed)",
+            obj.task_id,
+            obj.task_id[:8],
+        )
+
+    @admin.display(description="arguments")
+    def arguments(self, obj: TaskResult) -> str:
+        rows = arguments_of(obj)
+        if not rows:
+            return "—"
+        return format_html_join(
+            "",
+            '<span class="parroter-line">{}: {}</span>',
+            ((name, value_text(value, limit=200)) for name, value in rows),
+        )
+
+    @admin.display(description="completed", ordering="date_done")
+    def completed(self, obj: TaskResult) -> str:
+        return when(obj.date_done)
+
+    @admin.display(description="state", ordering="status")
+    def status_badge(self, obj: TaskResult) -> str:
+        return badge(obj.status, obj.status, TASK_STATE_COLOURS.get(obj.status, "#6c757d"))
+
+    @admin.display(description="arguments")
+    def arguments_table(self, obj: TaskResult) -> str:
+        rows = arguments_of(obj)
+        if not rows:
+            return "none"
+        return format_html(
+            '<table class="parroter-args"><tbody>{}</tbody></table>',
+            format_html_join(
+                "",
+                "<tr><th>{}</th><td>{}</td></tr>",
+                ((name, value_text(value)) for name, value in rows),
+            ),
+        )
+
+    @admin.display(description="result")
+    def result_display(self, obj: TaskResult) -> str:
+        result = stored_value(obj.result)
+        if result is None:
+            return "—"
+        if isinstance(result, dict):
+            return format_html(
+                '<table class="parroter-args"><tbody>{}</tbody></table>',
+                format_html_join(
+                    "",
+                    "<tr><th>{}</th><td>{}</td></tr>",
+                    ((name, value_text(value)) for name, value in result.items()),
+                ),
+            )
+        return value_text(result)
 
 
 # --- Dashboard ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from jobs.logs import escape_log_arguments
 from jobs.pipeline import parse_sizes
@@ -206,7 +206,8 @@ WSGI_APPLICATION = "project.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        # The admin's site-wide look (favicon, base template); app templates live in apps.
+        "DIRS": [BASE_DIR / "project" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -225,6 +226,8 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = envstr("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
+# Times everywhere as 2026-11-28 08:05:13: seconds matter when sweeps run every few seconds.
+FORMAT_MODULE_PATH = ["project.formats"]
 
 STATIC_URL = "static/"
 # WhiteNoise serves static files straight from the apps (indexed once at start-up), so no
@@ -308,7 +311,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, IMAGE_TIME_LI
 IMAGE_QUEUE = "parroter.images"
 SWEEP_QUEUE = "parroter.sweeps"
 CELERY_TASK_DEFAULT_QUEUE = IMAGE_QUEUE
-CELERY_TASK_QUEUES = (Queue(IMAGE_QUEUE), Queue(SWEEP_QUEUE))
+# Each queue on an exchange and routing key of its own: without them Celery binds every queue
+# to the default queue's exchange and key, and a message sent there lands in both queues.
+CELERY_TASK_QUEUES = (
+    Queue(IMAGE_QUEUE, Exchange(IMAGE_QUEUE), routing_key=IMAGE_QUEUE),
+    Queue(SWEEP_QUEUE, Exchange(SWEEP_QUEUE), routing_key=SWEEP_QUEUE),
+)
 CELERY_TASK_ROUTES = {
     "jobs.sweep_folder": {"queue": SWEEP_QUEUE},
     "jobs.recover": {"queue": SWEEP_QUEUE},

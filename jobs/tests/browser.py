@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from django.db import connections
 
 from jobs.management.commands.run import child_commands
 from jobs.redis_server import free_port
@@ -41,7 +42,7 @@ def require_chromium() -> None:
 
 
 @contextmanager
-def chromium_page(base_url: str) -> Iterator:
+def chromium_page(base_url: str, width: int = 1360, height: int = 900) -> Iterator:
     """A fresh page in headless Chromium, its downloads allowed, at a desktop size."""
     from playwright.sync_api import sync_playwright
 
@@ -51,12 +52,17 @@ def chromium_page(base_url: str) -> Iterator:
         )
         try:
             context = browser.new_context(
-                base_url=base_url, accept_downloads=True, viewport={"width": 1360, "height": 900}
+                base_url=base_url,
+                accept_downloads=True,
+                viewport={"width": width, "height": height},
             )
             context.set_default_timeout(20_000)
             yield context.new_page()
         finally:
             browser.close()
+            # Inside Playwright's event loop Django hands out database connections of their
+            # own; closed here, or PostgreSQL refuses to drop the test database at the end.
+            connections.close_all()
 
 
 def start_web(processes: Processes) -> str:

@@ -491,7 +491,7 @@ def test_periodic_task_list_shows_owner_next_run_and_last_sweep(
     assert ">admin</span>" in text
     assert "next run (utc)" in text.lower()
     assert "3 claimed" in text
-    assert "40x30" in text
+    assert "40×30" in text
 
 
 def test_settings_owned_periodic_task_is_read_only(admin_client, folders, every_second):

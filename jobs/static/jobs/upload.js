@@ -22,6 +22,17 @@
     return node;
   }
 
+  // Sizes as the server's pages write them (Django's filesizeformat): 1 KB = 1,024 bytes,
+  // a no-break space before the unit.
+  function fileSize(bytes) {
+    if (bytes < 1024) return `${bytes}\u00a0byte${bytes === 1 ? "" : "s"}`;
+    const units = ["KB", "MB", "GB", "TB", "PB"];
+    let value = bytes / 1024;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+    return `${value.toFixed(1)}\u00a0${units[unit]}`;
+  }
+
   function showFiles() {
     const count = input.files.length;
     dropText.textContent = count ? `${count} file${count > 1 ? "s" : ""} chosen: ` +
@@ -78,7 +89,7 @@
     else { fill.style.width = "100%"; if (image.status !== "failed") bar.classList.add("done"); }
     const parts = [];
     if (image.width) parts.push(`${image.width}×${image.height} ${image.format}`);
-    if (image.archive_size) parts.push(`zip ${(image.archive_size / 1024).toFixed(1)} KiB`);
+    if (image.archive_size) parts.push(`zip ${fileSize(image.archive_size)}`);
     if (image.seconds != null) parts.push(`${image.seconds.toFixed(2)} s`);
     if (image.is_duplicate) parts.push("same image and sizes as an earlier upload: its zip is reused");
     const thumbs = element("div", { class: "thumbs" });

@@ -1,0 +1,29 @@
+"""The Celery queues: each bound to an exchange and routing key of its own, on a real Redis."""
+
+from __future__ import annotations
+
+import redis
+from django.conf import settings
+
+from project.celery import app as celery_app
+
+
+def test_queues_each_have_their_own_exchange_and_routing_key():
+    queues = celery_app.amqp.queues
+    assert {settings.IMAGE_QUEUE, settings.SWEEP_QUEUE} <= set(queues)
+    for name, queue in queues.items():
+        assert (queue.exchange.name, queue.routing_key) == (name, name)
+
+
+def test_queues_a_message_sent_to_a_queues_exchange_lands_in_that_queue_only(broker):
+    # A periodic task's exchange and routing key options address a queue this way.
+    with celery_app.connection_for_write() as connection:
+        for queue in celery_app.amqp.queues.values():
+            queue(connection.default_channel).declare()
+    for queue in celery_app.amqp.queues.values():
+        celery_app.send_task(
+            "jobs.recover", exchange=queue.exchange.name, routing_key=queue.routing_key
+        )
+    client = redis.Redis.from_url(broker.url)
+    for name in celery_app.amqp.queues:
+        assert client.llen(name) == 1, name
