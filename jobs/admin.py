@@ -29,7 +29,7 @@ from django_celery_beat.admin import PeriodicTaskAdmin as BasePeriodicTaskAdmin
 from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_results.models import TaskResult
 
-from . import beat, intake, stats, views
+from . import beat, broker, intake, stats, views
 from .forms import SizesForm, SweepNowForm, SweepTaskForm, default_sizes
 from .models import Image, Sweep
 from .tasks import SWEEP_TASK, queue_images, sweep_folder
@@ -826,7 +826,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "day_choices": [1, 2, 7, 14],
         "chart": stats.hourly_chart(days),
         "throughput": stats.recent_throughput(),
-        "queue": stats.queue_length(),
+        "queue": broker.queue_state(timeout=0.5),
         "oldest": stats.oldest_waiting(),
         "counts": stats.status_counts(since),
         "disk": stats.archive_disk(),

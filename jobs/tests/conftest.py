@@ -77,7 +77,7 @@ def redis_server():
 
 
 @pytest.fixture
-def system(transactional_db, folders, redis_server, tmp_path, request):
+def system(transactional_db, folders, redis_server, tmp_path, request, settings):
     """Worker and beat processes configured like `make run`, on temporary folders."""
     environment = {
         **os.environ,
@@ -86,6 +86,9 @@ def system(transactional_db, folders, redis_server, tmp_path, request):
         "MEDIA_ROOT": str(folders["media"]),
         "DATABASE_URL": database_url(),
         "REDIS_URL": redis_server.url,
+        "BROKER_URL": redis_server.url,
+        # The test database's name differs from the one this process's settings saw.
+        "INSTANCE": settings.INSTANCE,
         "SWEEP_INTERVAL": "1",
         "SETTLE_SECONDS": "0.5",
         "REQUEUE_AFTER": "5",
