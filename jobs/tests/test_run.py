@@ -134,10 +134,15 @@ def start_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
     logs: list[io.BufferedWriter] = []
 
     def start(
-        default_redis: str, *arguments: str, port: int = 0, make: bool = False, **environment: str
+        default_redis: str,
+        *arguments: str,
+        port: int = 0,
+        make: bool = False,
+        name: str = "run",
+        **environment: str,
     ) -> Run:
         port = port or free_port()
-        log = tmp_path / "run.log"
+        log = tmp_path / f"{name}.log"
         handle = open(log, "wb")  # noqa: SIM115
         logs.append(handle)
         command = [sys.executable, "manage.py", "run", *arguments]
@@ -514,3 +519,71 @@ def test_run_refuses_to_start_beside_a_live_run_of_the_same_instance(
         # The live run is untouched.
         assert login_page_answers(run.port)
         assert stop_with(run, signal.SIGTERM) == 0
+
+
+def celery_status(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "project", "status", "--timeout", "3"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_run_on_rabbitmq_needs_no_redis_and_another_worker_joins_with_one_command(
+    start_run: Callable[..., Run], amqp_url: str, tmp_path: Path
+) -> None:
+    # Nothing answers at the default Redis address: were Redis needed, run would start one.
+    default_redis = f"127.0.0.1:{free_port()}"
+    with start_run(default_redis, BROKER_URL=amqp_url) as run:
+        wait_until_up(run)
+        output = run.output()
+        assert re.search(
+            r"broker \| using RabbitMQ \S+ at amqp://guest:\*\*\*@127.0.0.1:5672/", output
+        )
+        assert "Redis" not in output.replace("(enable -E", "")
+        assert not [p for p in run.seen.values() if "redis" in " ".join(p.cmdline())]
+        (run.watch / "rabbit.jpg").write_bytes(jpeg_bytes())
+        run.wait_for(
+            "the image", lambda: image_statuses(run) == {"rabbit.jpg": "done"}, WORK_TIMEOUT
+        )
+
+        # Another host: the same environment and one command.
+        joining = start_run(default_redis, "--only", "worker", name="joining", BROKER_URL=amqp_url)
+        joining.wait_for("the worker", lambda: " ready." in joining.output(), START_TIMEOUT)
+        assert "started worker" in joining.output()
+        assert "started web" not in joining.output()
+        assert "started beat" not in joining.output()
+        env = {**run_env(tmp_path, run.port, default_redis), "BROKER_URL": amqp_url}
+        status = celery_status(env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        nodes = re.findall(r"->  (\S+): OK", status.stdout)
+        assert len(set(nodes)) == 2, status.stdout
+        assert "2 nodes online" in status.stdout
+        assert "DuplicateNodename" not in status.stdout + status.stderr
+        # The joining worker takes work too (the first one is told to stop taking any).
+        first = next(node for node in nodes if f"{node} ready." in run.output())
+        control = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "project", "control", "cancel_consumer",
+             f"parroter.{run_instance(run)}.images", "-d", first],
+            cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert control.returncode == 0, control.stdout + control.stderr
+        (run.watch / "second.jpg").write_bytes(jpeg_bytes(1))
+        run.wait_for(
+            "the second image",
+            lambda: image_statuses(run).get("second.jpg") == "done",
+            WORK_TIMEOUT,
+        )
+        assert re.search(r"Task jobs.make_thumbnails\[\S+\] received", joining.output())
+        assert stop_with(joining, signal.SIGTERM) == 0
+        assert stop_with(run, signal.SIGTERM) == 0
+
+
+def run_instance(run: Run) -> str:
+    found = re.search(r"instance (\S+): queues", run.output())
+    assert found is not None
+    return found[1]
