@@ -29,7 +29,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from jobs.broker import BrokerUnavailable, broker_version, choose_broker
+from jobs.broker import BrokerUnavailable, broker_version, choose_broker, is_amqp
 from jobs.lifetime import (
     RUN_MARKER,
     AlreadyRunning,
@@ -261,7 +261,7 @@ class Command(BaseCommand):
                     target=follow, args=(server.log_path, tail_stop, self.say), daemon=True
                 )
                 tail.start()
-            self.describe_broker(broker_url, server)
+            self.describe_broker(broker_url, server, joining)
             if not joining:
                 # For `celery -A project status`, Flower and `manage.py sweep` in another
                 # shell: settings read it when neither BROKER_URL nor REDIS_URL is set.
@@ -381,19 +381,20 @@ class Command(BaseCommand):
                 self.say("run", f"{name} did not stop in time; killing it")
             child.kill_group()
 
-    def describe_broker(self, url: str, server: RedisServer | None) -> None:
+    def describe_broker(self, url: str, server: RedisServer | None, joining: bool) -> None:
         try:
             version = broker_version(url)
         except BrokerUnavailable:
             version = "?"
-        name = "broker" if version.startswith("RabbitMQ") else "redis"
+        name = "broker" if is_amqp(url) else "redis"
+        configured = os.environ.get("BROKER_URL", "").strip() or os.environ.get("REDIS_URL")
         if server is not None:
             self.say(
                 "redis",
                 f"started bundled {version} at {redact(url)} (pid {server.pid}); "
                 "it stops with Parroter and keeps no data",
             )
-        elif not (os.environ.get("BROKER_URL", "").strip() or os.environ.get("REDIS_URL")):
+        elif not (configured or joining):
             address = os.environ.get(DEFAULT_ADDRESS_ENV, "").strip() or DEFAULT_ADDRESS
             self.say(
                 "redis",
