@@ -162,7 +162,7 @@ class Watchdog:
 
 
 class Command(BaseCommand):
-    help = "Run Parroter in the foreground: migrate, Redis, web server, Celery worker and beat."
+    help = "Run Parroter in the foreground: migrate, broker, web server, Celery worker and beat."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
