@@ -108,7 +108,8 @@ def jpeg_bytes(seed: int = 0) -> bytes:
 
 
 def run_env(tmp_path: Path, port: int, default_redis: str) -> dict[str, str]:
-    unset = ("REDIS_URL", "BROKER_URL", "INSTANCE")
+    # MAKEFLAGS and friends: `make test`'s, not for the `make run` a test starts.
+    unset = ("REDIS_URL", "BROKER_URL", "INSTANCE", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
     env = {key: value for key, value in os.environ.items() if key not in unset}
     env.update(
         RUN_DIR=str(tmp_path / "var"),
