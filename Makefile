@@ -21,7 +21,8 @@ $(DEV_STAMP): requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $(RUNTIME_STAMP) $@
 
-# Migrates, starts Redis when none is reachable, then web + worker + beat in the foreground.
+# Clears what a killed previous run left, migrates, finds the broker (starts Redis when none is
+# configured or reachable), then web + worker + beat in the foreground.
 run: $(RUNTIME_STAMP)
 	$(BIN)/python manage.py run
 

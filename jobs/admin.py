@@ -32,7 +32,7 @@ from django_celery_beat.models import CrontabSchedule, PeriodicTask, PeriodicTas
 from django_celery_results.admin import TaskResultAdmin as BaseTaskResultAdmin
 from django_celery_results.models import TaskResult
 
-from . import beat, intake, stats, storage, views
+from . import beat, broker, intake, stats, storage, views
 from .forms import SizesForm, SweepNowForm, SweepTaskForm, default_sizes
 from .models import Image, Sweep
 from .tasks import SWEEP_TASK, queue_images, sweep_folder
@@ -1183,7 +1183,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "day_choices": [1, 2, 7, 14],
         "chart": stats.hourly_chart(days),
         "throughput": stats.recent_throughput(),
-        "queue": stats.queue_length(),
+        "queue": broker.queue_state(timeout=0.5),
         "oldest": stats.oldest_waiting(),
         "counts": stats.status_counts(since),
         "disk": stats.archive_disk(),

@@ -2,12 +2,17 @@
 
 Framework-free on purpose: the run command calls it before any Celery process exists, and the
 integration tests use `start_bundled_redis` to get a private Redis on a free port.
+
+The bundled server listens on 127.0.0.1 only and requires a random password (given in a
+configuration file only we can read, never on its command line, which every local user
+sees): another local user or program cannot read or inject messages.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +26,8 @@ from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+
+from .lifetime import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +47,17 @@ class RedisUnavailable(RuntimeError):
 class RedisServer:
     """A redis-server process started by us, and the temporary directory it runs in."""
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int, directory: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, directory: Path, password: str
+    ) -> None:
         self.process = process
         self.port = port
         self.directory = directory
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.password = password
+        # The password is URL-safe by construction (token_urlsafe): no quoting needed.
+        self.url = (
+            f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+        )
 
     @property
     def pid(self) -> int:
@@ -82,7 +95,7 @@ class RedisServer:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"<RedisServer pid={self.pid} url={self.url}>"
+        return f"<RedisServer pid={self.pid} url={redact(self.url)}>"
 
 
 def redis_version(url: str, timeout: float = PROBE_TIMEOUT) -> str:
@@ -131,31 +144,42 @@ def free_port() -> int:
 
 
 def start_bundled_redis(
-    port: int | None = None, *, startup_timeout: float = STARTUP_TIMEOUT
+    port: int | None = None,
+    *,
+    password: str | None = None,
+    startup_timeout: float = STARTUP_TIMEOUT,
 ) -> RedisServer:
     """Start the bundled Redis on 127.0.0.1 (a free port unless one is given).
 
-    Nothing is persisted and its working directory is a fresh temporary directory. Returns
-    once the server we started answers; raises RedisUnavailable if it does not. The server
-    runs in its own session, so a Ctrl-C in the terminal reaches it only through whoever
-    stops it.
+    It requires `password` (None: a new random one; "": none, for tests that stand in for
+    someone else's Redis); its `url` carries it. Nothing is persisted and its working
+    directory is a fresh temporary directory. Returns once the server we started answers;
+    raises RedisUnavailable if it does not. The server runs in its own session, so a Ctrl-C
+    in the terminal reaches it only through whoever stops it, and gets SIGTERM when the
+    thread that started it ends (Linux), so it never outlives a killed `make run`.
     """
+    if password is None:
+        password = secrets.token_urlsafe(24)
     if port is not None:
-        return _start(port, startup_timeout)
+        return _start(port, password, startup_timeout)
     # A free port can be taken by someone else before the server binds it: try another.
     for _ in range(2):
         try:
-            return _start(free_port(), startup_timeout)
+            return _start(free_port(), password, startup_timeout)
         except RedisUnavailable as exc:
             logger.warning("%s; trying another port", exc)
-    return _start(free_port(), startup_timeout)
+    return _start(free_port(), password, startup_timeout)
 
 
-def _start(port: int, startup_timeout: float) -> RedisServer:
+def _start(port: int, password: str, startup_timeout: float) -> RedisServer:
     executable = bundled_executable()
+    # mkdtemp makes it 0700: the configuration file in it is ours alone.
     directory = Path(tempfile.mkdtemp(prefix="parroter-redis-"))
+    config = directory / "redis.conf"
+    config.write_text(f"requirepass {password}\n" if password else "")
     command = [
         str(executable),
+        str(config),
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--save", "",
@@ -170,10 +194,17 @@ def _start(port: int, startup_timeout: float) -> RedisServer:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
-    server = RedisServer(process, port, directory)
+    server = RedisServer(process, port, directory, password)
     deadline = time.monotonic() + startup_timeout
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1)
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        password=password or None,
+        socket_timeout=1,
+        socket_connect_timeout=1,
+    )
     try:
         while True:
             if process.poll() is not None:

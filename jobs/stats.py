@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import redis
-from celery import current_app
 from django.conf import settings
 from django.db.models import Count, F, Max, Min, Q, Sum
 from django.db.models.functions import TruncHour
@@ -66,13 +64,6 @@ class Throughput:
     @property
     def megapixels_per_second(self) -> float:
         return self.megapixels / self.seconds if self.seconds else 0.0
-
-
-@dataclass
-class Queue:
-    waiting: int | None
-    in_flight: int | None
-    error: str = ""
 
 
 def hourly_chart(days: int, now: datetime | None = None) -> Chart:
@@ -166,21 +157,6 @@ def recent_throughput(limit: int = 10) -> list[Throughput]:
             )
         )
     return result
-
-
-def queue_length(timeout: float = 0.5) -> Queue:
-    """Messages waiting in the Celery queue and taken but unacknowledged, from Redis."""
-
-    url = current_app.conf.broker_url or settings.CELERY_BROKER_URL
-    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    try:
-        waiting = client.llen(current_app.conf.task_default_queue or "celery")
-        in_flight = client.hlen("unacked")
-    except (redis.RedisError, OSError) as exc:
-        return Queue(None, None, f"Redis did not answer: {exc}")
-    finally:
-        client.close()
-    return Queue(int(waiting), int(in_flight))
 
 
 def oldest_waiting() -> Image | None:

@@ -8,8 +8,6 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 
-import kombu.exceptions
-import redis
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
@@ -17,6 +15,7 @@ from django.db import transaction
 from django_celery_beat.models import PeriodicTask
 
 from . import processing
+from .broker import queue_length
 from .models import Sweep
 from .sweep import prune_idle_sweeps, recover_unswept, run_sweep, start_sweep
 
@@ -143,17 +142,6 @@ def queue_images(image_ids: Iterable[int]) -> None:
         for image_id in image_ids:
             make_thumbnails.apply_async((image_id,), producer=producer)
     logger.info("queued %d image(s)", len(image_ids))
-
-
-def queue_length(queue: str = settings.IMAGE_QUEUE) -> int | None:
-    """Messages waiting in the broker queue, or None when the broker cannot be asked."""
-    try:
-        with sweep_folder.app.connection_for_read() as connection:
-            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
-            return int(connection.default_channel.client.llen(queue))
-    except (OSError, AttributeError, redis.RedisError, kombu.exceptions.OperationalError):
-        logger.warning("cannot read the length of queue %r", queue, exc_info=True)
-        return None
 
 
 def other_sweep_folders(folder: Path) -> list[Path]:

@@ -5,7 +5,9 @@ turns that into a single line.
 """
 
 import fcntl
+import hashlib
 import os
+import re
 import secrets
 import tempfile
 from datetime import timedelta
@@ -113,6 +115,40 @@ def database_from_url(url: str) -> dict:
     raise ImproperlyConfigured(
         f"DATABASE_URL scheme must be sqlite:// or postgres://, got {parts.scheme!r}"
     )
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+INSTANCE_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
+
+
+def instance_from_database(database: dict) -> str:
+    """A default instance name: the PostgreSQL database's, or the SQLite file's and its path.
+
+    Two checkouts with the default SQLite file get different names (its absolute path is
+    part of it); every host of one PostgreSQL instance gets the same, however it names the
+    server.
+    """
+    name = Path(database["NAME"])
+    if database["ENGINE"].endswith("sqlite3"):
+        digest = hashlib.sha256(str(name.resolve()).encode()).hexdigest()[:8]
+        raw = f"{name.stem}-{digest}"
+    else:
+        raw = str(database["NAME"])
+    cleaned = re.sub(r"[^a-z0-9_-]+", "-", raw.lower()).strip("-_")[:48].strip("-_")
+    return cleaned or "parroter"
+
+
+def broker_url(url_file: Path, redis_url: str) -> str:
+    """BROKER_URL; else an explicit REDIS_URL; else the URL `make run` wrote; else REDIS_URL."""
+    if value := os.environ.get("BROKER_URL", "").strip():
+        return value
+    if os.environ.get("REDIS_URL", "").strip():
+        return redis_url
+    try:
+        return url_file.read_text().strip() or redis_url
+    except OSError:
+        return redis_url
 
 
 def secret_key() -> str:
@@ -296,20 +332,53 @@ if IMAGE_SOFT_TIME_LIMIT >= IMAGE_TIME_LIMIT:
 
 # --- Celery -----------------------------------------------------------------------------
 
-REDIS_URL = envstr("REDIS_URL", "redis://127.0.0.1:6379/0")
-if urlsplit(REDIS_URL).scheme not in ("redis", "rediss", "unix"):
-    raise ImproperlyConfigured(f"REDIS_URL must be a redis:// URL, got {REDIS_URL!r}")
+# This installation's name on a shared broker: its queues, Redis keys, exchanges and worker
+# names carry it, so two instances on one Redis database or RabbitMQ vhost never exchange
+# work. Every web, worker and beat process of one instance must agree on it, which the
+# default (from the database, the one thing they must share anyway) makes sure of.
+INSTANCE = envstr("INSTANCE", "") or instance_from_database(DATABASES["default"])
+if not INSTANCE_PATTERN.fullmatch(INSTANCE):
+    raise ImproperlyConfigured(
+        f"INSTANCE must be 1-48 lowercase letters, digits, '-' or '_', got {INSTANCE!r}"
+    )
+# Where `make run` keeps its pid file and the broker URL it chose (for `celery -A project`).
+RUN_DIR = envpath("RUN_DIR", BASE_DIR / "var")
+BROKER_URL_FILE = RUN_DIR / f"{INSTANCE}.broker"
 
-CELERY_BROKER_URL = REDIS_URL
+REDIS_URL = envstr("REDIS_URL", "redis://127.0.0.1:6379/0")
+if urlsplit(REDIS_URL).scheme not in REDIS_SCHEMES:
+    raise ImproperlyConfigured(f"REDIS_URL must be a redis:// URL, got {REDIS_URL!r}")
+# Redis or RabbitMQ (amqp://). Unset: REDIS_URL if set, else what `make run` chose (its
+# bundled Redis, say), else REDIS_URL's default.
+BROKER_URL = broker_url(BROKER_URL_FILE, REDIS_URL)
+if urlsplit(BROKER_URL).scheme not in REDIS_SCHEMES + AMQP_SCHEMES:
+    raise ImproperlyConfigured(
+        f"BROKER_URL must be a redis:// or amqp:// URL, got {urlsplit(BROKER_URL).scheme!r}"
+    )
+# `make run` waits this long for a configured broker that does not answer yet.
+BROKER_WAIT = envfloat("BROKER_WAIT", str(REDIS_WAIT))
+
+CELERY_BROKER_URL = BROKER_URL
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_MAX_RETRIES = None
-# With acks_late an unacknowledged message returns after this long; keep it far above the
-# hard time limit so a slow image is never delivered twice while it still runs.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, IMAGE_TIME_LIMIT * 10)}
-# Queues of our own, so a Redis shared with another Celery app mixes no messages, and sweeps
-# never wait behind a backlog of images (a worker serves both queues).
-IMAGE_QUEUE = "parroter.images"
-SWEEP_QUEUE = "parroter.sweeps"
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    # With acks_late an unacknowledged message returns after this long; keep it far above
+    # the hard time limit so a slow image is never delivered twice while it still runs.
+    "visibility_timeout": max(3600, IMAGE_TIME_LIMIT * 10),
+    # Every Redis key of this instance (queues, unacked messages, bindings) starts with it.
+    "global_keyprefix": f"{INSTANCE}:",
+}
+# Queues of our own, so a broker shared with another Celery app or another instance mixes no
+# messages, and sweeps never wait behind a backlog of images (a worker serves both queues).
+IMAGE_QUEUE = f"parroter.{INSTANCE}.images"
+SWEEP_QUEUE = f"parroter.{INSTANCE}.sweeps"
+# Remote control (`celery status`, `inspect`) and events (Flower) of this instance only.
+CELERY_CONTROL_EXCHANGE = f"parroter.{INSTANCE}.control"
+CELERY_EVENT_EXCHANGE = f"parroter.{INSTANCE}.events"
+# Task events for Flower and `celery events`; off by default (a message per task state).
+WORKER_EVENTS = envbool("WORKER_EVENTS", "0")
+CELERY_WORKER_SEND_TASK_EVENTS = WORKER_EVENTS
+CELERY_TASK_SEND_SENT_EVENT = WORKER_EVENTS
 CELERY_TASK_DEFAULT_QUEUE = IMAGE_QUEUE
 # Each queue on an exchange and routing key of its own: without them Celery binds every queue
 # to the default queue's exchange and key, and a message sent there lands in both queues.

@@ -69,7 +69,7 @@ def start_web(processes: Processes) -> str:
     """gunicorn serving the project like `make run` does; returns its base URL once it answers."""
     port = free_port()
     # The very command line `make run` uses for its web server.
-    command = child_commands("127.0.0.1", port, processes.log_dir, web=True, beat=False)["web"]
+    command = child_commands("127.0.0.1", port, processes.log_dir, roles=["web"])["web"]
     process = processes.spawn("web", command)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

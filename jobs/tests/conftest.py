@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from jobs.redis_server import start_bundled_redis
 from project.celery import app as celery_app
 
 from .processes import Processes, database_url
+from .rabbitmq import ensure_rabbitmq, own_vhost
 
 
 @pytest.fixture
@@ -77,7 +80,7 @@ def redis_server():
 
 
 @pytest.fixture
-def system(transactional_db, folders, redis_server, tmp_path, request):
+def system(transactional_db, folders, redis_server, tmp_path, request, settings):
     """Worker and beat processes configured like `make run`, on temporary folders."""
     environment = {
         **os.environ,
@@ -86,6 +89,9 @@ def system(transactional_db, folders, redis_server, tmp_path, request):
         "MEDIA_ROOT": str(folders["media"]),
         "DATABASE_URL": database_url(),
         "REDIS_URL": redis_server.url,
+        "BROKER_URL": redis_server.url,
+        # The test database's name differs from the one this process's settings saw.
+        "INSTANCE": settings.INSTANCE,
         "SWEEP_INTERVAL": "1",
         "SETTLE_SECONDS": "0.5",
         "REQUEUE_AFTER": "5",
@@ -102,9 +108,9 @@ def system(transactional_db, folders, redis_server, tmp_path, request):
     request.node.add_report_section("teardown", "celery logs", processes.logs())
 
 
-@pytest.fixture
-def broker(redis_server):
-    """Point this process's Celery app at the test Redis, so that views really send."""
+@contextlib.contextmanager
+def celery_broker(url: str) -> Iterator[None]:
+    """Point this process's Celery app at another broker for a while."""
     app = celery_app
 
     def forget_connections() -> None:
@@ -116,7 +122,33 @@ def broker(redis_server):
 
     previous = app.conf.broker_url
     forget_connections()
-    app.conf.broker_url = redis_server.url
-    yield redis_server
-    forget_connections()
-    app.conf.broker_url = previous
+    app.conf.broker_url = url
+    try:
+        yield
+    finally:
+        forget_connections()
+        app.conf.broker_url = previous
+
+
+@pytest.fixture
+def broker(redis_server):
+    """Point this process's Celery app at the test Redis, so that views really send."""
+    with celery_broker(redis_server.url):
+        yield redis_server
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> None:
+    """A RabbitMQ on 127.0.0.1:5672, started or installed when missing; else the test skips."""
+    reason = ensure_rabbitmq()
+    if not reason and not shutil.which("rabbitmqctl"):
+        reason = "RabbitMQ answers, but rabbitmqctl is not here to make a vhost per test"
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def amqp_url(rabbitmq) -> Iterator[str]:
+    """The AMQP URL of a virtual host of this test's own."""
+    with own_vhost() as url:
+        yield url

@@ -205,7 +205,7 @@ def test_a_redis_restart_mid_batch_loses_nothing(system, folders, redis_server):
     redis_server.process.kill()  # no persistence: every queued message is gone
     redis_server.process.wait()
     time.sleep(1)
-    with start_bundled_redis(port=redis_server.port):
+    with start_bundled_redis(port=redis_server.port, password=redis_server.password):
         wait_for(lambda: all_final(len(batch)), timeout=150, what="the batch after Redis")
     assert_each_done_once(batch, folders["media"])
 

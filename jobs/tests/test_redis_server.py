@@ -29,6 +29,13 @@ def bundled() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture
+def someone_elses() -> Iterator[RedisServer]:
+    """A Redis without a password, as one found already running on a machine would be."""
+    with start_bundled_redis(password="") as server:
+        yield server
+
+
 def ping(url: str) -> bool:
     with redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2) as client:
         return bool(client.ping())
@@ -45,7 +52,7 @@ def gone(pid: int) -> bool:
 def test_start_bundled_redis_answers_ping_and_stops_by_pid() -> None:
     server = start_bundled_redis()
     try:
-        assert server.url.startswith("redis://127.0.0.1:")
+        assert server.url.startswith(f"redis://:{server.password}@127.0.0.1:")
         assert ping(server.url)
         assert version_tuple(redis_version(server.url)) >= (6, 2)
         assert server.directory.is_dir()
@@ -71,7 +78,34 @@ def test_start_bundled_redis_uses_the_port_given() -> None:
     port = free_port()
     with start_bundled_redis(port) as server:
         assert server.port == port
-        assert ping(f"redis://127.0.0.1:{port}/0")
+        assert server.url.endswith(f"@127.0.0.1:{port}/0")
+        assert ping(server.url)
+
+
+@pytest.mark.integration
+def test_start_bundled_redis_requires_a_password_no_local_user_can_see(
+    bundled: RedisServer,
+) -> None:
+    with pytest.raises(redis.AuthenticationError):
+        ping(f"redis://127.0.0.1:{bundled.port}/0")
+    with pytest.raises(redis.AuthenticationError):
+        ping(f"redis://:wrong@127.0.0.1:{bundled.port}/0")
+    assert ping(bundled.url)
+    assert len(bundled.password) >= 24
+    # Not on its command line (every local user can read /proc/PID/cmdline) ...
+    assert bundled.password not in " ".join(psutil.Process(bundled.pid).cmdline())
+    # ... but in a file in a directory only we may enter.
+    assert bundled.directory.stat().st_mode & 0o077 == 0
+    assert bundled.password not in repr(bundled)
+    assert redact(bundled.url) == f"redis://:***@127.0.0.1:{bundled.port}/0"
+
+
+@pytest.mark.integration
+def test_start_bundled_redis_each_server_gets_its_own_password() -> None:
+    with start_bundled_redis() as first, start_bundled_redis() as second:
+        assert first.password != second.password
+        with pytest.raises(redis.AuthenticationError):
+            ping(f"redis://:{first.password}@127.0.0.1:{second.port}/0")
 
 
 @pytest.mark.integration
@@ -111,12 +145,12 @@ def test_ensure_redis_uses_redis_url_as_given(bundled: RedisServer) -> None:
 
 @pytest.mark.integration
 def test_ensure_redis_reuses_a_running_default_redis_without_owning_it(
-    bundled: RedisServer,
+    someone_elses: RedisServer,
 ) -> None:
-    url, server = ensure_redis({"PARROTER_DEFAULT_REDIS": f"127.0.0.1:{bundled.port}"})
-    assert url == f"redis://127.0.0.1:{bundled.port}/0"
+    url, server = ensure_redis({"PARROTER_DEFAULT_REDIS": f"127.0.0.1:{someone_elses.port}"})
+    assert url == f"redis://127.0.0.1:{someone_elses.port}/0"
     assert server is None
-    assert bundled.is_running()
+    assert someone_elses.is_running()
 
 
 @pytest.mark.integration
@@ -135,8 +169,9 @@ def test_ensure_redis_starts_the_bundled_redis_when_none_answers() -> None:
 
 @pytest.mark.integration
 def test_ensure_redis_starts_the_bundled_redis_when_the_default_is_too_old(
-    bundled: RedisServer, monkeypatch: pytest.MonkeyPatch
+    someone_elses: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    bundled = someone_elses
     default = f"redis://127.0.0.1:{bundled.port}/0"
     real_version = redis_server.redis_version
 

@@ -108,8 +108,11 @@ def jpeg_bytes(seed: int = 0) -> bytes:
 
 
 def run_env(tmp_path: Path, port: int, default_redis: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    # MAKEFLAGS and friends: `make test`'s, not for the `make run` a test starts.
+    unset = ("REDIS_URL", "BROKER_URL", "INSTANCE", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")
+    env = {key: value for key, value in os.environ.items() if key not in unset}
     env.update(
+        RUN_DIR=str(tmp_path / "var"),
         WATCH_FOLDER=str(tmp_path / "watch"),
         MEDIA_ROOT=str(tmp_path / "media"),
         DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
@@ -131,14 +134,26 @@ def start_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
     runs: list[Run] = []
     logs: list[io.BufferedWriter] = []
 
-    def start(default_redis: str, *arguments: str, **environment: str) -> Run:
-        port = free_port()
-        log = tmp_path / "run.log"
+    def start(
+        default_redis: str,
+        *arguments: str,
+        port: int = 0,
+        make: bool = False,
+        name: str = "run",
+        **environment: str,
+    ) -> Run:
+        port = port or free_port()
+        log = tmp_path / f"{name}.log"
         handle = open(log, "wb")  # noqa: SIM115
         logs.append(handle)
+        command = [sys.executable, "manage.py", "run", *arguments]
+        if make:
+            # `make run` itself; -o: the requirements are installed, whatever the stamps say.
+            assert not arguments
+            command = ["make", "--silent", "-o", ".venv/.runtime-installed", "run"]
         # A session of its own, like a terminal's foreground job: signals come only from us.
         process = subprocess.Popen(
-            [sys.executable, "manage.py", "run", *arguments],
+            command,
             cwd=settings.BASE_DIR,
             env={**run_env(tmp_path, port, default_redis), **environment},
             stdin=subprocess.DEVNULL,
@@ -177,7 +192,8 @@ def start_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
-    with start_bundled_redis() as server:
+    """A Redis without a password, as one found already running on a machine would be."""
+    with start_bundled_redis(password="") as server:
         yield server
 
 
@@ -208,9 +224,31 @@ def test_run_serves_admin_processes_a_dropped_image_and_stops_on_ctrl_c(
         assert f"watching {run.watch}" in output
         assert "started bundled Redis 6.2" in output
         assert run.query("select username from auth_user where is_superuser") == [("boss",)]
-        found = re.search(r"started bundled Redis \S+ at \S+ \(pid (\d+)\)", output)
+        found = re.search(r"started bundled Redis \S+ at (\S+) \(pid (\d+)\)", output)
         assert found is not None
-        assert int(found[1]) in run.seen
+        assert int(found[2]) in run.seen
+        # Its password stays out of the log, but is where `celery -A project` finds it.
+        assert found[1].startswith("redis://:***@127.0.0.1:")
+        instance = re.search(r"instance (\S+): queues", output)
+        assert instance is not None
+        url_file = run.watch.parent / "var" / f"{instance[1]}.broker"
+        assert url_file.stat().st_mode & 0o777 == 0o600
+        assert url_file.read_text().startswith("redis://:")
+        assert url_file.read_text().split("@")[1] == found[1].split("@")[1] + "\n"
+        run.wait_for("the worker", lambda: re.search(r"\S+@\S+ ready\.", run.output()), 60)
+        status = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "project", "status", "--timeout", "3"],
+            cwd=settings.BASE_DIR,
+            env=run_env(run.watch.parent, run.port, "127.0.0.1:1"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert re.search(rf"->  {instance[1]}-[0-9a-f]+@\S+: OK", status.stdout), status.stdout
+        assert "1 node online" in status.stdout
+        assert "DuplicateNodename" not in status.stdout + status.stderr
 
         (run.watch / "holiday.jpg").write_bytes(jpeg_bytes())
         run.wait_for(
@@ -230,6 +268,8 @@ def test_run_serves_admin_processes_a_dropped_image_and_stops_on_ctrl_c(
         output = run.output()
         assert "stopping (SIGINT)" in output
         assert "stopped bundled Redis" in output
+        assert not url_file.exists()
+        assert list(url_file.parent.iterdir()) == []  # nor the pid file
 
 
 def test_run_stops_everything_and_fails_when_the_worker_dies(
@@ -259,7 +299,12 @@ def test_run_reuses_a_running_redis_stops_on_sigterm_and_leaves_that_redis_alone
 ) -> None:
     with start_run(f"127.0.0.1:{own_redis.port}") as run:
         wait_until_up(run)
-        assert f"using Redis 6.2.14 at redis://127.0.0.1:{own_redis.port}/0" in run.output()
+        reused = [line for line in run.output().splitlines() if "reusing" in line]
+        assert len(reused) == 1
+        assert (
+            f"REDIS_URL is unset: reusing the Redis 6.2.14 found at 127.0.0.1:{own_redis.port}"
+            in reused[0]
+        )
         assert own_redis.pid not in run.seen
 
         assert stop_with(run, signal.SIGTERM) == 0
@@ -319,9 +364,11 @@ def test_run_with_its_port_taken_fails_fast_in_one_line(tmp_path: Path) -> None:
 
 def test_run_waits_for_a_redis_that_comes_up_late(start_run: Callable[..., Run]) -> None:
     port = free_port()
-    with start_run("127.0.0.1:1", REDIS_URL=f"redis://127.0.0.1:{port}/0") as run:
+    url = f"redis://:late-secret@127.0.0.1:{port}/0"
+    with start_run("127.0.0.1:1", REDIS_URL=url) as run:
         run.wait_for("the wait notice", lambda: "waiting for it" in run.output(), START_TIMEOUT)
-        with start_bundled_redis(port):
+        assert "late-secret" not in run.output()
+        with start_bundled_redis(port, password="late-secret"):  # noqa: S106
             wait_until_up(run)
             (run.watch / "late.jpg").write_bytes(jpeg_bytes())
             run.wait_for(
@@ -400,3 +447,144 @@ def test_run_restarts_a_worker_that_stops_taking_work(start_run: Callable[..., R
         )
         assert not psutil.pid_exists(stuck) or not is_alive(psutil.Process(stuck))
         assert stop_with(run, signal.SIGTERM) == 0
+
+
+def test_kill_9_of_make_run_then_make_run_again_leaves_nothing_of_the_old_run(
+    start_run: Callable[..., Run],
+) -> None:
+    default_redis = f"127.0.0.1:{free_port()}"
+    with start_run(default_redis, make=True) as run:
+        wait_until_up(run)
+        run.wait_for(
+            "the worker's pool process",
+            lambda: bool(psutil.Process(run.pid_of("worker")).children()),
+            START_TIMEOUT,
+        )
+        run.collect_descendants()
+        old = dict(run.seen)
+        supervisor = next(p for p in old.values() if "manage.py" in " ".join(p.cmdline()))
+        worker = run.pid_of("worker")
+        frozen = {p.pid for p in old.values() if os.getpgid(p.pid) == worker}
+        assert len(frozen) >= 2  # the worker and its pool
+        # Frozen, the worker cannot act on its parent-death signal: only the next run can
+        # stop it and its pool.
+        os.killpg(worker, signal.SIGSTOP)
+        # The terminal's job, make and the supervisor under it, killed outright.
+        os.killpg(run.process.pid, signal.SIGKILL)
+        run.process.wait()
+
+        def only_the_frozen_left() -> bool:
+            return {p.pid for p in old.values() if is_alive(p)} == frozen
+
+        # Web (and its workers), beat and the bundled Redis die with the supervisor.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while not only_the_frozen_left() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not is_alive(supervisor)
+        assert only_the_frozen_left(), [p.pid for p in old.values() if is_alive(p)]
+
+    # Same instance, same port: the old web server would hold it, had it survived.
+    with start_run(default_redis, make=True, port=run.port) as again:
+        wait_until_up(again)
+        assert "left running by a previous run" in again.output()
+        assert [p.pid for p in old.values() if is_alive(p)] == []
+        (again.watch / "after.jpg").write_bytes(jpeg_bytes())
+        again.wait_for(
+            "the image", lambda: image_statuses(again) == {"after.jpg": "done"}, WORK_TIMEOUT
+        )
+        # make passes the signal on, waits for the run to finish, then dies of it too.
+        assert stop_with(again, signal.SIGTERM) == -signal.SIGTERM
+        assert "run    | stopped\n" in again.output()
+        assert "stopped bundled Redis" in again.output()
+        assert again.alive_descendants() == []
+
+
+def test_run_refuses_to_start_beside_a_live_run_of_the_same_instance(
+    start_run: Callable[..., Run], own_redis: RedisServer, tmp_path: Path
+) -> None:
+    with start_run(f"127.0.0.1:{own_redis.port}") as run:
+        wait_until_up(run)
+        result = subprocess.run(
+            [sys.executable, "manage.py", "run", "--no-web"],
+            cwd=settings.BASE_DIR,
+            env=run_env(tmp_path, free_port(), f"127.0.0.1:{own_redis.port}"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("CommandError")]
+        assert len(errors) == 1, result.stderr
+        assert f"already running here (pid {run.process.pid}" in errors[0]
+        # The live run is untouched.
+        assert login_page_answers(run.port)
+        assert stop_with(run, signal.SIGTERM) == 0
+
+
+def celery_status(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "project", "status", "--timeout", "3"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_run_on_rabbitmq_needs_no_redis_and_another_worker_joins_with_one_command(
+    start_run: Callable[..., Run], amqp_url: str, tmp_path: Path
+) -> None:
+    # Nothing answers at the default Redis address: were Redis needed, run would start one.
+    default_redis = f"127.0.0.1:{free_port()}"
+    with start_run(default_redis, BROKER_URL=amqp_url) as run:
+        wait_until_up(run)
+        output = run.output()
+        assert re.search(
+            r"broker \| using RabbitMQ \S+ at amqp://guest:\*\*\*@127.0.0.1:5672/", output
+        )
+        assert "Redis" not in output.replace("(enable -E", "")
+        assert not [p for p in run.seen.values() if "redis" in " ".join(p.cmdline())]
+        (run.watch / "rabbit.jpg").write_bytes(jpeg_bytes())
+        run.wait_for(
+            "the image", lambda: image_statuses(run) == {"rabbit.jpg": "done"}, WORK_TIMEOUT
+        )
+
+        # Another host: the same environment and one command.
+        joining = start_run(default_redis, "--only", "worker", name="joining", BROKER_URL=amqp_url)
+        joining.wait_for("the worker", lambda: " ready." in joining.output(), START_TIMEOUT)
+        assert "started worker" in joining.output()
+        assert "started web" not in joining.output()
+        assert "started beat" not in joining.output()
+        env = {**run_env(tmp_path, run.port, default_redis), "BROKER_URL": amqp_url}
+        status = celery_status(env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        nodes = re.findall(r"->  (\S+): OK", status.stdout)
+        assert len(set(nodes)) == 2, status.stdout
+        assert "2 nodes online" in status.stdout
+        assert "DuplicateNodename" not in status.stdout + status.stderr
+        # The joining worker takes work too (the first one is told to stop taking any).
+        first = next(node for node in nodes if f"{node} ready." in run.output())
+        control = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "project", "control", "cancel_consumer",
+             f"parroter.{run_instance(run)}.images", "-d", first],
+            cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert control.returncode == 0, control.stdout + control.stderr
+        (run.watch / "second.jpg").write_bytes(jpeg_bytes(1))
+        run.wait_for(
+            "the second image",
+            lambda: image_statuses(run).get("second.jpg") == "done",
+            WORK_TIMEOUT,
+        )
+        assert re.search(r"Task jobs.make_thumbnails\[\S+\] received", joining.output())
+        assert stop_with(joining, signal.SIGTERM) == 0
+        assert stop_with(run, signal.SIGTERM) == 0
+
+
+def run_instance(run: Run) -> str:
+    found = re.search(r"instance (\S+): queues", run.output())
+    assert found is not None
+    return found[1]

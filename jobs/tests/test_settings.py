@@ -11,7 +11,12 @@ import pytest
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from project.settings import database_from_url, kept_secret_key
+from project.settings import (
+    broker_url,
+    database_from_url,
+    instance_from_database,
+    kept_secret_key,
+)
 
 
 def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[str]:
@@ -35,6 +40,9 @@ def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[s
         ("DJANGO_DEBUG", "maybe"),
         ("DATABASE_URL", "mysql://localhost/x"),
         ("REDIS_URL", "http://localhost"),
+        ("BROKER_URL", "http://localhost"),
+        ("INSTANCE", "Two Words"),
+        ("WORKER_EVENTS", "sometimes"),
         ("PORT", "eighty"),
     ],
 )
@@ -134,3 +142,57 @@ def test_kept_secret_key_is_the_same_for_processes_starting_at_once(tmp_path, le
     assert len(keys) == 1
     assert keys == {key_file.read_text()}
     assert len(key_file.read_text()) >= 50
+
+
+def test_instance_from_database_tells_two_sqlite_checkouts_apart():
+    first = instance_from_database(database_from_url("sqlite:////srv/one/db.sqlite3"))
+    second = instance_from_database(database_from_url("sqlite:////srv/two/db.sqlite3"))
+    assert first.startswith("db-")
+    assert first != second
+    assert first == instance_from_database(database_from_url("sqlite:////srv/one/db.sqlite3"))
+
+
+def test_instance_from_database_is_the_postgres_name_whatever_the_host_is_called():
+    by_name = instance_from_database(database_from_url("postgres://u@db.example/Images.Prod"))
+    by_address = instance_from_database(database_from_url("postgres://u@10.0.0.5:5433/Images.Prod"))
+    assert by_name == by_address == "images-prod"
+
+
+def test_broker_url_prefers_broker_url_then_redis_url_then_what_make_run_wrote(
+    monkeypatch, tmp_path
+):
+    written = tmp_path / "x.broker"
+    written.write_text("redis://:secret@127.0.0.1:4242/0\n")
+    default = "redis://127.0.0.1:6379/0"
+    monkeypatch.delenv("BROKER_URL", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert broker_url(written, default) == "redis://:secret@127.0.0.1:4242/0"
+    assert broker_url(tmp_path / "missing.broker", default) == default
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/2")
+    assert broker_url(written, "redis://cache:6379/2") == "redis://cache:6379/2"
+    monkeypatch.setenv("BROKER_URL", "amqp://guest:guest@rabbit:5672/parroter")
+    assert broker_url(written, default) == "amqp://guest:guest@rabbit:5672/parroter"
+
+
+def test_settings_name_queues_keys_and_exchanges_after_the_instance():
+    result = manage(
+        "shell",
+        "--no-imports",
+        "-c",
+        "from django.conf import settings as s; print(s.IMAGE_QUEUE, s.SWEEP_QUEUE, "
+        "s.CELERY_BROKER_TRANSPORT_OPTIONS['global_keyprefix'], s.CELERY_CONTROL_EXCHANGE, "
+        "s.CELERY_EVENT_EXCHANGE, s.CELERY_WORKER_SEND_TASK_EVENTS, s.CELERY_BROKER_URL)",
+        INSTANCE="north",
+        WORKER_EVENTS="1",
+        BROKER_URL="amqp://guest:guest@127.0.0.1:5672//",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "parroter.north.images",
+        "parroter.north.sweeps",
+        "north:",
+        "parroter.north.control",
+        "parroter.north.events",
+        "True",
+        "amqp://guest:guest@127.0.0.1:5672//",
+    ]

@@ -1,7 +1,10 @@
 """`manage.py run` (what `make run` runs): all of Parroter in the foreground.
 
-Migrates, finds or starts Redis, creates the first admin, then supervises the web server, a
-Celery worker and Celery beat, prefixing their output, until Ctrl-C, SIGTERM or a child dies.
+Clears what a killed previous run left, migrates, finds the broker (BROKER_URL, or Redis:
+REDIS_URL, a local one, or the bundled one), creates the first admin, then supervises the
+web server, a Celery worker and Celery beat, prefixing their output, until Ctrl-C, SIGTERM or
+a child dies. `--only worker` (or beat, or web) runs just that against the configured broker
+and database: how another host joins.
 """
 
 from __future__ import annotations
@@ -21,13 +24,23 @@ from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
-import redis
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from jobs.redis_server import RedisServer, RedisUnavailable, ensure_redis, redact, redis_version
+from jobs.broker import BrokerUnavailable, broker_version, choose_broker, is_amqp
+from jobs.lifetime import (
+    RUN_MARKER,
+    AlreadyRunning,
+    RunRecord,
+    clear_stale_run,
+    die_with_parent,
+    remove_record,
+    write_private,
+    write_record,
+)
+from jobs.redis_server import DEFAULT_ADDRESS, DEFAULT_ADDRESS_ENV, RedisServer, redact
 from jobs.sweep import work_is_stalled
 
 POLL_INTERVAL = 0.2
@@ -38,6 +51,7 @@ STOP_TIMEOUTS = {"beat": 10.0, "web": 15.0, "worker": 30.0}
 # Stop the producers of work first, the consumer last.
 STOP_ORDER = ("beat", "web", "worker")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+ROLES = ("web", "worker", "beat")
 
 Writer = Callable[[str, str], None]
 
@@ -59,6 +73,7 @@ class Child:
     def start(self) -> None:
         # A session of its own: the terminal's Ctrl-C reaches it only through us, and its
         # whole process group (pool processes, gunicorn workers) can be killed at the end.
+        # SIGTERM when we die, even by SIGKILL: it then stops its own children as usual.
         self.process = subprocess.Popen(
             self.command,
             cwd=self.cwd,
@@ -67,6 +82,7 @@ class Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         self.reader = threading.Thread(
             target=self._forward, name=f"{self.name}-output", daemon=True
@@ -146,7 +162,7 @@ class Watchdog:
 
 
 class Command(BaseCommand):
-    help = "Run Parroter in the foreground: migrate, Redis, web server, Celery worker and beat."
+    help = "Run Parroter in the foreground: migrate, broker, web server, Celery worker and beat."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -154,6 +170,15 @@ class Command(BaseCommand):
         )
         parser.add_argument("--no-web", action="store_true", help="Do not start the web server.")
         parser.add_argument("--no-beat", action="store_true", help="Do not start Celery beat.")
+        parser.add_argument(
+            "--only",
+            action="append",
+            choices=ROLES,
+            help=(
+                "Run only this (repeatable), against the configured BROKER_URL or REDIS_URL "
+                "and the already migrated database: how another host adds a worker."
+            ),
+        )
         parser.add_argument(
             "--celery-app",
             default="project",
@@ -166,6 +191,7 @@ class Command(BaseCommand):
         port: int,
         no_web: bool,
         no_beat: bool,
+        only: list[str] | None,
         celery_app: str,
         **options: object,
     ) -> None:
@@ -173,9 +199,14 @@ class Command(BaseCommand):
         self.stopping = threading.Event()
         self.hurry = threading.Event()
         self.stop_signal = ""
+        if only:
+            roles = [role for role in ROLES if role in only]
+        else:
+            roles = [role for role in ROLES if not (role == "web" and no_web)]
+            roles = [role for role in roles if not (role == "beat" and no_beat)]
         previous = {signum: signal.signal(signum, self.on_signal) for signum in STOP_SIGNALS}
         try:
-            self.run(port=port, web=not no_web, beat=not no_beat, app=celery_app)
+            self.run(port=port, roles=roles, joining=bool(only), app=celery_app)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -192,22 +223,51 @@ class Command(BaseCommand):
             self.stdout.write(f"{name:<6} | {text}")
             self.stdout.flush()
 
-    def run(self, *, port: int, web: bool, beat: bool, app: str) -> None:
+    def run(self, *, port: int, roles: list[str], joining: bool, app: str) -> None:
+        """Run `roles`; `joining`: only those, against a broker and database already set up."""
+        suffix = "." + "-".join(roles) if joining else ""
+        pid_file = Path(settings.RUN_DIR) / f"{settings.INSTANCE}{suffix}.pid"
+        try:
+            cleared = clear_stale_run(pid_file)
+        except AlreadyRunning as exc:
+            raise CommandError(str(exc)) from None
+        if cleared:
+            self.say(
+                "run",
+                f"stopped {len(cleared)} process(es) left running by a previous run "
+                f"(pids {', '.join(map(str, cleared))})",
+            )
+        record = RunRecord.of_this_process()
+        # Every process started from here on carries it, and so do their children.
+        os.environ[RUN_MARKER] = record.marker
+        write_record(pid_file, record)
+        try:
+            self.run_recorded(port=port, roles=roles, joining=joining, app=app)
+        finally:
+            remove_record(pid_file, record)
+
+    def run_recorded(self, *, port: int, roles: list[str], joining: bool, app: str) -> None:
         host = os.environ.get("DJANGO_BIND", "").strip() or "127.0.0.1"
+        web = "web" in roles
         if web:
             check_port_free(host, port)
-        redis_url, server = self.wait_for_redis(settings.REDIS_WAIT)
+        broker_url, server = self.wait_for_broker(settings.BROKER_WAIT, joining)
         tail_stop = threading.Event()
         tail = None
+        url_file = Path(settings.BROKER_URL_FILE)
         try:
             if server is not None:
                 tail = threading.Thread(
                     target=follow, args=(server.log_path, tail_stop, self.say), daemon=True
                 )
                 tail.start()
-            self.describe_redis(redis_url, server)
-            call_command("migrate", interactive=False, verbosity=0)
-            self.ensure_admin()
+            self.describe_broker(broker_url, server, joining)
+            if not joining:
+                # For `celery -A project status`, Flower and `manage.py sweep` in another
+                # shell: settings read it when neither BROKER_URL nor REDIS_URL is set.
+                write_private(url_file, broker_url + "\n")
+                call_command("migrate", interactive=False, verbosity=0)
+                self.ensure_admin()
             for folder in (settings.WATCH_FOLDER, settings.MEDIA_ROOT):
                 Path(folder).mkdir(parents=True, exist_ok=True)
             if self.stopping.is_set():
@@ -215,20 +275,26 @@ class Command(BaseCommand):
             with tempfile.TemporaryDirectory(prefix="parroter-run-") as scratch:
                 env = {
                     **os.environ,
-                    "REDIS_URL": redis_url,
+                    "BROKER_URL": broker_url,
+                    # Explicit, so that every child agrees on it whatever its settings derive.
+                    "INSTANCE": settings.INSTANCE,
                     "PORT": str(port),
                     "PYTHONUNBUFFERED": "1",
                     "DJANGO_SETTINGS_MODULE": os.environ.get(
                         "DJANGO_SETTINGS_MODULE", "project.settings"
                     ),
                 }
-                commands = child_commands(host, port, Path(scratch), web=web, beat=beat, app=app)
+                commands = child_commands(host, port, Path(scratch), roles=roles, app=app)
                 children = [
                     Child(name, command, env, Path(settings.BASE_DIR), self.say)
                     for name, command in commands.items()
                 ]
                 self.supervise(children, server, admin_url(host, port) if web else None)
         finally:
+            if not joining:
+                with contextlib.suppress(OSError):
+                    if url_file.read_text().strip() == broker_url:
+                        url_file.unlink()
             if server is not None:
                 server.stop()
                 tail_stop.set()
@@ -236,14 +302,29 @@ class Command(BaseCommand):
                     tail.join(timeout=2)
                 self.say("redis", f"stopped bundled Redis (pid {server.pid})")
 
-    def wait_for_redis(self, patience: float) -> tuple[str, RedisServer | None]:
-        """ensure_redis, retried for `patience` seconds: Redis may still be starting."""
+    def wait_for_broker(self, patience: float, joining: bool) -> tuple[str, RedisServer | None]:
+        """The broker to use, retried for `patience` seconds: it may still be starting.
+
+        A joining host uses the configured broker and never starts one: a bundled Redis
+        there would be a broker of its own that no other host sees.
+        """
+        if joining and not (
+            os.environ.get("BROKER_URL", "").strip()
+            or os.environ.get("REDIS_URL", "").strip()
+            or Path(settings.BROKER_URL_FILE).exists()
+        ):
+            raise CommandError(
+                "--only needs the shared broker: set BROKER_URL (or REDIS_URL) as on the first host"
+            )
         deadline = time.monotonic() + patience
         said = 0.0
         while True:
             try:
-                return ensure_redis(os.environ)
-            except RedisUnavailable as exc:
+                if joining:
+                    broker_version(settings.BROKER_URL)
+                    return settings.BROKER_URL, None
+                return choose_broker(os.environ)
+            except BrokerUnavailable as exc:
                 if time.monotonic() >= deadline or self.stopping.is_set():
                     raise CommandError(str(exc)) from None
                 if time.monotonic() - said >= REDIS_WAIT_NOTICE:
@@ -300,19 +381,32 @@ class Command(BaseCommand):
                 self.say("run", f"{name} did not stop in time; killing it")
             child.kill_group()
 
-    def describe_redis(self, url: str, server: RedisServer | None) -> None:
+    def describe_broker(self, url: str, server: RedisServer | None, joining: bool) -> None:
         try:
-            version = redis_version(url)
-        except redis.RedisError:
+            version = broker_version(url)
+        except BrokerUnavailable:
             version = "?"
-        if server is None:
-            self.say("redis", f"using Redis {version} at {redact(url)}")
-        else:
+        name = "broker" if is_amqp(url) else "redis"
+        configured = os.environ.get("BROKER_URL", "").strip() or os.environ.get("REDIS_URL")
+        if server is not None:
             self.say(
                 "redis",
-                f"started bundled Redis {version} at {url} (pid {server.pid}); "
+                f"started bundled {version} at {redact(url)} (pid {server.pid}); "
                 "it stops with Parroter and keeps no data",
             )
+        elif not (configured or joining):
+            address = os.environ.get(DEFAULT_ADDRESS_ENV, "").strip() or DEFAULT_ADDRESS
+            self.say(
+                "redis",
+                f"REDIS_URL is unset: reusing the {version} found at {address}; instance "
+                f"{settings.INSTANCE} keeps its keys and queues apart from others there",
+            )
+        else:
+            self.say(name, f"using {version} at {redact(url)}")
+        self.say(
+            name,
+            f"instance {settings.INSTANCE}: queues {settings.IMAGE_QUEUE}, {settings.SWEEP_QUEUE}",
+        )
 
     def ensure_admin(self) -> None:
         """Create the first superuser: from DJANGO_SUPERUSER_* or "admin" with a new password."""
@@ -348,12 +442,12 @@ class Command(BaseCommand):
 
 
 def child_commands(
-    host: str, port: int, scratch: Path, *, web: bool, beat: bool, app: str = "project"
+    host: str, port: int, scratch: Path, *, roles: Sequence[str], app: str = "project"
 ) -> dict[str, list[str]]:
     """The command line of each child, by name, in start order."""
     python = sys.executable
     commands: dict[str, list[str]] = {}
-    if web:
+    if "web" in roles:
         commands["web"] = [
             python, "-m", "gunicorn", "project.wsgi:application",
             "--bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
@@ -364,11 +458,16 @@ def child_commands(
             # Its default control socket sits in ~/.gunicorn, shared by every instance.
             "--no-control-socket",
         ]  # fmt: skip
-    commands["worker"] = [
-        python, "-m", "celery", "-A", app, "worker", "-l", "info",
-        "--concurrency", str(settings.WORKER_CONCURRENCY),
-    ]  # fmt: skip
-    if beat:
+    if "worker" in roles:
+        # A node name of its own per process, so that `celery status` sees every worker of
+        # every host apart (no DuplicateNodenameWarning, even with one hostname everywhere).
+        node = f"{settings.INSTANCE}-{secrets.token_hex(4)}@%h"
+        commands["worker"] = [
+            python, "-m", "celery", "-A", app, "worker", "-l", "info",
+            "--concurrency", str(settings.WORKER_CONCURRENCY),
+            "--hostname", node,
+        ]  # fmt: skip
+    if "beat" in roles:
         # The schedule lives in the database (DatabaseScheduler); the file is beat's
         # bookkeeping only, kept out of the project.
         commands["beat"] = [

@@ -1,0 +1,134 @@
+"""Talking to the broker, Redis or RabbitMQ: which one `make run` uses, and what waits in it.
+
+Messages are published by Celery (`jobs.tasks`); this module only asks the broker questions,
+each with a short timeout, and answers "unknown" rather than raise when it cannot be asked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import amqp.exceptions
+import kombu
+import kombu.exceptions
+import redis
+from celery import current_app
+from django.conf import settings
+
+from .redis_server import RedisServer, RedisUnavailable, ensure_redis, redact, redis_version
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 1.0
+# What a broker that cannot be asked raises through kombu, py-amqp or redis-py.
+UNREACHABLE = (
+    OSError,
+    kombu.exceptions.KombuError,
+    amqp.exceptions.AMQPError,
+    redis.RedisError,
+)
+
+
+class BrokerUnavailable(RuntimeError):
+    """No usable broker: the message is one line an operator can act on."""
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """Messages ready in a queue, and taken by workers but not yet acknowledged."""
+
+    waiting: int | None
+    # Redis keeps unacknowledged messages in a hash of their own; RabbitMQ tells only its
+    # management API, so None there.
+    in_flight: int | None
+    error: str = ""
+
+
+def is_amqp(url: str) -> bool:
+    return urlsplit(url).scheme in settings.AMQP_SCHEMES
+
+
+def queue_state(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> QueueState:
+    """How many messages wait in `queue` (default: the image queue) of this instance.
+
+    Redis: LLEN of the queue's list, through kombu's own client, so the instance's key prefix
+    is applied as when publishing. RabbitMQ: the message count of a passive queue declare (a
+    queue never declared holds nothing). A broker that does not answer within `timeout`
+    gives waiting=None and says why in `error`.
+    """
+    app = current_app
+    name = queue or settings.IMAGE_QUEUE
+    url = app.conf.broker_url
+    amqp_broker = is_amqp(url)
+    options = (
+        {"read_timeout": timeout, "write_timeout": timeout}
+        if amqp_broker
+        else {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    )
+    try:
+        with app.connection_for_read(
+            connect_timeout=timeout, transport_options=options
+        ) as connection:
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+            )
+            channel = connection.default_channel
+            if amqp_broker:
+                try:
+                    _, waiting, _ = channel.queue_declare(queue=name, passive=True)
+                except amqp.exceptions.NotFound:
+                    return QueueState(0, None)
+                return QueueState(int(waiting), None)
+            # Celery sends no message priorities, so every message is in the plain list.
+            client = channel.client
+            return QueueState(int(client.llen(name)), int(client.hlen(channel.unacked_key)))
+    except UNREACHABLE as exc:
+        logger.warning("cannot read the length of queue %r at %s: %s", name, redact(url), exc)
+        return QueueState(None, None, f"the broker at {redact(url)} did not answer: {exc}")
+
+
+def queue_length(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> int | None:
+    """Messages waiting in `queue` (default: the image queue), None if the broker is silent."""
+    return queue_state(queue, timeout=timeout).waiting
+
+
+def broker_version(url: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """Connect once: "Redis 7.0.15", "RabbitMQ 3.10.8"; BrokerUnavailable if it cannot."""
+    try:
+        if not is_amqp(url):
+            return f"Redis {redis_version(url, timeout)}"
+        with kombu.Connection(url, connect_timeout=timeout) as connection:
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+            )
+            server = connection.connection.server_properties
+            product, version = server.get("product", "AMQP broker"), server.get("version", "")
+            return f"{product} {version}".strip()
+    except UNREACHABLE as exc:
+        raise BrokerUnavailable(f"{redact(url)} is not reachable: {one_line(exc)}") from None
+
+
+def choose_broker(environ: Mapping[str, str]) -> tuple[str, RedisServer | None]:
+    """The broker URL `make run` uses, and the Redis it started for it (None if it did not).
+
+    BROKER_URL, when set, names the broker (Redis or RabbitMQ), which must answer; nothing is
+    started and Redis is not needed at all. Otherwise Redis, as `ensure_redis` finds it:
+    REDIS_URL, a Redis already on 127.0.0.1:6379, or the bundled one.
+    """
+    if url := environ.get("BROKER_URL", "").strip():
+        try:
+            broker_version(url)
+        except BrokerUnavailable as exc:
+            raise BrokerUnavailable(f"BROKER_URL {exc}") from None
+        return url, None
+    try:
+        return ensure_redis(environ)
+    except RedisUnavailable as exc:
+        raise BrokerUnavailable(str(exc)) from None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
