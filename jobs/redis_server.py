@@ -71,6 +71,9 @@ class RedisServer:
     def is_running(self) -> bool:
         return self.process.poll() is None
 
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM, then SIGKILL after `timeout` seconds; remove its directory. Idempotent."""
         if self.process.poll() is None:

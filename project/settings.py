@@ -286,6 +286,8 @@ MEDIA_URL = None
 # Anyone who can edit a periodic task's kwargs can name a folder: this bounds the damage.
 WATCH_ROOTS = [WATCH_FOLDER] + [project_path(item) for item in envlist("WATCH_ROOTS", "")]
 PORT = envint("PORT", "8000", minimum=1)
+# The address `make run`'s web server listens on; 0.0.0.0 to be reached from other machines.
+DJANGO_BIND = envstr("DJANGO_BIND", "127.0.0.1").strip() or "127.0.0.1"
 SWEEP_INTERVAL = envfloat("SWEEP_INTERVAL", "10", minimum=1)
 SETTLE_SECONDS = envfloat("SETTLE_SECONDS", "2")
 try:

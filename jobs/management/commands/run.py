@@ -14,13 +14,11 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -35,130 +33,16 @@ from jobs.lifetime import (
     AlreadyRunning,
     RunRecord,
     clear_stale_run,
-    die_with_parent,
     remove_record,
     write_private,
     write_record,
 )
 from jobs.redis_server import DEFAULT_ADDRESS, DEFAULT_ADDRESS_ENV, RedisServer, redact
-from jobs.sweep import work_is_stalled
+from jobs.supervisor import Child, Supervisor, describe_exit, follow
 
-POLL_INTERVAL = 0.2
 REDIS_WAIT_NOTICE = 5.0
-# Seconds each child gets between SIGTERM and SIGKILL. The worker's warm shutdown lets the
-# images in hand finish; one killed mid-way is redelivered (acks_late) or repaired by a sweep.
-STOP_TIMEOUTS = {"beat": 10.0, "web": 15.0, "worker": 30.0}
-# Stop the producers of work first, the consumer last.
-STOP_ORDER = ("beat", "web", "worker")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ROLES = ("web", "worker", "beat")
-
-Writer = Callable[[str, str], None]
-
-
-class Child:
-    """One supervised process in its own session, its output forwarded line by line."""
-
-    def __init__(
-        self, name: str, command: Sequence[str], env: Mapping[str, str], cwd: Path, write: Writer
-    ) -> None:
-        self.name = name
-        self.command = list(command)
-        self.env = dict(env)
-        self.cwd = cwd
-        self.write = write
-        self.process: subprocess.Popen[bytes] | None = None
-        self.reader: threading.Thread | None = None
-
-    def start(self) -> None:
-        # A session of its own: the terminal's Ctrl-C reaches it only through us, and its
-        # whole process group (pool processes, gunicorn workers) can be killed at the end.
-        # SIGTERM when we die, even by SIGKILL: it then stops its own children as usual.
-        self.process = subprocess.Popen(
-            self.command,
-            cwd=self.cwd,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
-        self.reader = threading.Thread(
-            target=self._forward, name=f"{self.name}-output", daemon=True
-        )
-        self.reader.start()
-
-    def _forward(self) -> None:
-        assert self.process is not None
-        assert self.process.stdout is not None
-        with self.process.stdout as stream:
-            for raw in iter(stream.readline, b""):
-                self.write(self.name, raw.decode("utf-8", "replace").rstrip())
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def exit_code(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def terminate(self) -> None:
-        if self.exit_code() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-
-    def wait(self, timeout: float, hurry: threading.Event) -> bool:
-        """Wait up to timeout for the process to exit; a second Ctrl-C cuts the wait short."""
-        waited = 0.0
-        while self.exit_code() is None and waited < timeout and not hurry.is_set():
-            hurry.wait(POLL_INTERVAL)
-            waited += POLL_INTERVAL
-        return self.exit_code() is not None
-
-    def restart(self, hurry: threading.Event) -> None:
-        self.terminate()
-        self.wait(STOP_TIMEOUTS.get(self.name, 10.0), hurry)
-        self.kill_group()
-        self.start()
-
-    def kill_group(self) -> None:
-        """SIGKILL whatever is left in the process's group: itself and any stragglers."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self.process.wait()
-        if self.reader is not None:
-            self.reader.join(timeout=2)
-
-
-class Watchdog:
-    """Spots a worker that is alive and connected but no longer takes any work.
-
-    Celery has known cases where a worker stops consuming after a broker reconnect. Work is
-    "waiting" while images are pending or beat keeps sending sweeps; if no sweep or image
-    has started for `window` seconds meanwhile, the worker is restarted.
-    """
-
-    def __init__(self, window: float) -> None:
-        self.window = window
-        self.since = time.monotonic()
-        self.next_check = self.since + min(10.0, window / 2)
-
-    def worker_is_stuck(self, worker: Child, beat: Child | None) -> bool:
-        now = time.monotonic()
-        if now < self.next_check or now - self.since < self.window:
-            return False
-        self.next_check = now + min(10.0, self.window / 2)
-        beat_running = beat is not None and beat.exit_code() is None
-        return worker.exit_code() is None and work_is_stalled(
-            timedelta(seconds=self.window), beat_running
-        )
-
-    def restarted(self) -> None:
-        self.since = time.monotonic()
 
 
 class Command(BaseCommand):
@@ -247,7 +131,7 @@ class Command(BaseCommand):
             remove_record(pid_file, record)
 
     def run_recorded(self, *, port: int, roles: list[str], joining: bool, app: str) -> None:
-        host = os.environ.get("DJANGO_BIND", "").strip() or "127.0.0.1"
+        host = settings.DJANGO_BIND
         web = "web" in roles
         if web:
             check_port_free(host, port)
@@ -289,7 +173,24 @@ class Command(BaseCommand):
                     Child(name, command, env, Path(settings.BASE_DIR), self.say)
                     for name, command in commands.items()
                 ]
-                self.supervise(children, server, admin_url(host, port) if web else None)
+                supervisor = Supervisor(
+                    children,
+                    self.say,
+                    self.stopping,
+                    self.hurry,
+                    stall_seconds=settings.STALL_SECONDS,
+                    also_watched={"redis": server.exit_code} if server is not None else {},
+                )
+                supervisor.start()
+                if web:
+                    self.say("run", f"admin: {admin_url(host, port)}")
+                self.say("run", f"watching {settings.WATCH_FOLDER}")
+                self.say("run", "press Ctrl-C to stop")
+                dead = supervisor.watch(lambda: self.stop_signal)
+                if dead is not None:
+                    name, code = dead
+                    raise CommandError(f"{name} {describe_exit(code)} unexpectedly")
+                self.say("run", "stopped")
         finally:
             if not joining:
                 with contextlib.suppress(OSError):
@@ -332,54 +233,6 @@ class Command(BaseCommand):
                     self.say("run", f"{exc}; waiting for it ({left:.0f} s more)")
                     said = time.monotonic()
                 self.stopping.wait(1)
-
-    def supervise(
-        self, children: list[Child], server: RedisServer | None, admin: str | None
-    ) -> None:
-        dead: tuple[str, int] | None = None
-        try:
-            for child in children:
-                child.start()
-                self.say("run", f"started {child.name} (pid {child.pid})")
-            if admin:
-                self.say("run", f"admin: {admin}")
-            self.say("run", f"watching {settings.WATCH_FOLDER}")
-            self.say("run", "press Ctrl-C to stop")
-            watchdog = Watchdog(settings.STALL_SECONDS)
-            while not self.stopping.wait(POLL_INTERVAL):
-                dead = first_dead(children, server)
-                if dead is not None:
-                    break
-                by_name = {child.name: child for child in children}
-                worker = by_name.get("worker")
-                if worker is not None and watchdog.worker_is_stuck(worker, by_name.get("beat")):
-                    self.say(
-                        "run",
-                        f"the worker completed nothing for {settings.STALL_SECONDS} s while "
-                        "work waited (connected but not consuming?); restarting it",
-                    )
-                    worker.restart(self.hurry)
-                    watchdog.restarted()
-        finally:
-            if dead is not None:
-                self.say("run", f"{dead[0]} {describe_exit(dead[1])} on its own; stopping the rest")
-            elif self.stopping.is_set():
-                self.say("run", f"stopping ({self.stop_signal or 'requested'})")
-            self.stop_children(children)
-        if dead is not None:
-            raise CommandError(f"{dead[0]} {describe_exit(dead[1])} unexpectedly")
-        self.say("run", "stopped")
-
-    def stop_children(self, children: list[Child]) -> None:
-        by_name = {child.name: child for child in children}
-        for name in STOP_ORDER:
-            child = by_name.get(name)
-            if child is None or child.process is None:
-                continue
-            child.terminate()
-            if not child.wait(STOP_TIMEOUTS[name], self.hurry):
-                self.say("run", f"{name} did not stop in time; killing it")
-            child.kill_group()
 
     def describe_broker(self, url: str, server: RedisServer | None, joining: bool) -> None:
         try:
@@ -426,12 +279,15 @@ class Command(BaseCommand):
                     "create one with manage.py createsuperuser",
                 )
                 return
-        password = os.environ.get("DJANGO_SUPERUSER_PASSWORD", "")
         email = os.environ.get("DJANGO_SUPERUSER_EMAIL", "")
-        if password:
-            users.objects.create_superuser(username=username, email=email, password=password)
+        if os.environ.get("DJANGO_SUPERUSER_PASSWORD", ""):
+            # Django's own command reads DJANGO_SUPERUSER_PASSWORD and validates the fields.
+            call_command(
+                "createsuperuser", interactive=False, username=username, email=email, verbosity=0
+            )
             self.say("run", f'created superuser "{username}" from DJANGO_SUPERUSER_USERNAME')
             return
+        # No password given: make one and show it once, which createsuperuser cannot do.
         password = secrets.token_urlsafe(12)
         users.objects.create_superuser(username=username, email=email, password=password)
         self.say(
@@ -477,24 +333,6 @@ def child_commands(
     return commands
 
 
-def first_dead(children: list[Child], server: RedisServer | None) -> tuple[str, int] | None:
-    """The name and exit code of the first supervised process that has exited, if any."""
-    for child in children:
-        code = child.exit_code()
-        if code is not None:
-            return child.name, code
-    if server is not None and not server.is_running():
-        return "redis", server.process.returncode
-    return None
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
-
-
 def check_port_free(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -513,23 +351,3 @@ def admin_url(host: str, port: int) -> str:
     if host in ("0.0.0.0", "::", ""):  # noqa: S104
         host = "127.0.0.1"
     return f"http://[{host}]:{port}/admin/" if ":" in host else f"http://{host}:{port}/admin/"
-
-
-def follow(path: Path, stop: threading.Event, write: Writer) -> None:
-    """Forward the lines appended to a log file until stop is set and the end is reached."""
-    try:
-        handle = open(path, "rb")  # noqa: SIM115
-    except OSError:
-        return
-    pending = b""
-    with handle:
-        while True:
-            pending += handle.readline()
-            # A line is forwarded once complete: the server may be half way through writing it.
-            if pending.endswith(b"\n") or (pending and stop.is_set()):
-                write("redis", pending.decode("utf-8", "replace").rstrip())
-                pending = b""
-            elif stop.is_set():
-                return
-            else:
-                stop.wait(POLL_INTERVAL)
