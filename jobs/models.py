@@ -205,3 +205,93 @@ class SweepLock(models.Model):
 
     def __str__(self) -> str:
         return f"lock on {self.folder}"
+
+
+class Heartbeat(models.Model):
+    """The last sign of life of beat or a worker, or what a watch folder was last seen on.
+
+    Written by the processes themselves every few seconds, so that /healthz can tell a
+    live system from a stopped one by reading the database alone.
+    """
+
+    class Kind(models.TextChoices):
+        BEAT = "beat", "beat"
+        WORKER = "worker", "worker"
+        FOLDER = "folder", "watch folder"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    name = models.CharField(
+        max_length=1024, unique=True, help_text="Worker node name, beat@host, or folder path."
+    )
+    seen_at = models.DateTimeField(default=timezone.now)
+    detail = models.JSONField(
+        default=dict, blank=True, help_text="For a folder: the mount point it was seen on."
+    )
+
+    class Meta:
+        indexes = [models.Index(fields=["kind", "-seen_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+    @classmethod
+    def record(cls, kind: str, name: str, **detail: object) -> None:
+        """Mark `name` alive now (one row per name, created on first sight)."""
+        now = timezone.now()
+        fields: dict[str, object] = {"kind": kind, "seen_at": now}
+        if detail:
+            fields["detail"] = detail
+        if not cls.objects.filter(name=name).update(**fields):
+            cls.objects.bulk_create([cls(name=name, **fields)], ignore_conflicts=True)
+
+
+class WebhookDelivery(models.Model):
+    """One webhook POST owed to one URL for one event: the outbox.
+
+    Written in the same transaction as the image's final state, so an event that happened
+    is never left unsent, and never recorded twice for the same run of the same image.
+    """
+
+    class Event(models.TextChoices):
+        DONE = "image.done", "image.done"
+        FAILED = "image.failed", "image.failed"
+        DUPLICATE = "image.duplicate", "image.duplicate"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        SENDING = "sending", "sending"
+        SENT = "sent", "sent"
+        FAILED = "failed", "failed"
+
+    event = models.CharField(max_length=32, choices=Event.choices)
+    image = models.ForeignKey(
+        Image, null=True, blank=True, on_delete=models.SET_NULL, related_name="webhooks"
+    )
+    run = models.CharField(
+        max_length=64, help_text="When the image finished: tells reprocessed runs apart."
+    )
+    url = models.CharField(max_length=2048)
+    body = models.TextField(help_text="The JSON sent, byte for byte what is signed.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_try_at = models.DateTimeField(default=timezone.now)
+    claimed_by = models.CharField(max_length=255, blank=True, help_text="host:pid sending it.")
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    response_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_response = models.TextField(blank=True, help_text="Start of the last answer's body.")
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "webhook deliveries"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["image", "event", "run", "url"], name="one_delivery_per_event_and_url"
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "next_try_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.event} #{self.image_id} to {self.url}"

@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists
 from django.utils import timezone
 
-from . import pipeline, storage
+from . import pipeline, storage, webhooks
 from .models import Image
 from .sweep import archive_path, put_original_away, this_worker
 
@@ -69,7 +69,11 @@ def fail(image: Image, reason: str, worker: str | None = None) -> str:
     rows = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING)
     if worker is not None:
         rows = rows.filter(worker=worker)
-    if rows.update(status=Image.Status.FAILED, error=reason, finished_at=timezone.now()):
+    with transaction.atomic():
+        failed = rows.update(status=Image.Status.FAILED, error=reason, finished_at=timezone.now())
+        if failed:
+            webhooks.record(image, webhooks.IMAGE_FAILED)
+    if failed:
         logger.warning("image %s (%s) failed: %s", image.id, image.name, reason)
         image.status = Image.Status.FAILED
         image.error = reason
@@ -119,6 +123,8 @@ def _process(image: Image, worker: str) -> str:
                 thumbnails={label: list(size) for label, size in info.thumbnails.items()},
                 finished_at=timezone.now(),
             )
+            if done:
+                webhooks.record(image, webhooks.IMAGE_DONE)
     except IntegrityError:
         # Same content with the same sizes finished first in another worker.
         destination.unlink(missing_ok=True)
@@ -159,9 +165,13 @@ def _release_changed(image: Image, worker: str) -> str:
         "and is taken again, as a new image, once it stops changing"
     )
     rows = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING, worker=worker)
-    if rows.update(
-        status=Image.Status.FAILED, error=reason, in_folder=False, finished_at=timezone.now()
-    ):
+    with transaction.atomic():
+        failed = rows.update(
+            status=Image.Status.FAILED, error=reason, in_folder=False, finished_at=timezone.now()
+        )
+        if failed:
+            webhooks.record(image, webhooks.IMAGE_FAILED)
+    if failed:
         logger.warning("image %s (%s): %s", image.id, image.name, reason)
         return Image.Status.FAILED
     return "skipped"
@@ -228,17 +238,20 @@ def _record_duplicate(image: Image, first: Image, worker: str) -> str | None:
     """Record image as a duplicate of first; None if first stopped being done meanwhile."""
     # Only while `first` is still done: a reprocess may have just taken it back to pending.
     first_still_done = Exists(Image.objects.filter(id=first.id, status=Image.Status.DONE))
-    updated = Image.objects.filter(
-        first_still_done, id=image.id, status=Image.Status.PROCESSING, worker=worker
-    ).update(
-        status=Image.Status.DUPLICATE,
-        duplicate_of=first,
-        error="",
-        archive="",
-        archive_size=None,
-        thumbnails={},
-        finished_at=timezone.now(),
-    )
+    with transaction.atomic():
+        updated = Image.objects.filter(
+            first_still_done, id=image.id, status=Image.Status.PROCESSING, worker=worker
+        ).update(
+            status=Image.Status.DUPLICATE,
+            duplicate_of=first,
+            error="",
+            archive="",
+            archive_size=None,
+            thumbnails={},
+            finished_at=timezone.now(),
+        )
+        if updated:
+            webhooks.record(image, webhooks.IMAGE_DUPLICATE)
     if not updated:
         still_ours = Image.objects.filter(
             id=image.id, status=Image.Status.PROCESSING, worker=worker

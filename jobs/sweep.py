@@ -27,6 +27,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from . import webhooks
 from .models import Image, Sweep, SweepLock
 from .pipeline import parse_sizes, safe_stem
 from .storage import fsync_directory
@@ -460,9 +461,12 @@ def _retry_or_fail(image: Image) -> list[int]:
             f"processing stopped without a result {image.attempts} times (worker killed or "
             "crashed, or the time limit passed); giving up on this file"
         )
-        failed = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING).update(
-            status=Image.Status.FAILED, error=reason, finished_at=timezone.now()
-        )
+        with transaction.atomic():
+            failed = Image.objects.filter(id=image.id, status=Image.Status.PROCESSING).update(
+                status=Image.Status.FAILED, error=reason, finished_at=timezone.now()
+            )
+            if failed:
+                webhooks.record(image, webhooks.IMAGE_FAILED)
         if failed:
             image.status = Image.Status.FAILED
             image.error = reason
