@@ -5,7 +5,10 @@ flight when a test kills something. PARROTER_FAULT_POISON: an image whose name c
 kills its pool process outright, on every attempt, like a file that crashes a decoder.
 PARROTER_FAULT_DIE_AFTER: "archive" (the zip is renamed into place, the database not told
 yet) or "done" (the database says done, the original not moved yet): the pool process dies
-at that point, once per image (markers in PARROTER_FAULT_MARKERS).
+at that point, once per image (markers in PARROTER_FAULT_MARKERS). Two more stages for
+webhooks: "webhook-recorded" (an image's final state and its webhook rows are committed,
+no delivery task queued yet) once per image, and "webhook-claimed" (a delivery row is
+claimed, nothing sent yet) once per row.
 """
 
 import os
@@ -29,13 +32,17 @@ def die_once(stage: str, name: str) -> None:
 @worker_process_init.connect
 def inject_faults(**kwargs):
     """Patch each pool process once Django is ready (it is not when this module loads)."""
-    global real_write_archive, real_put_original_away
-    from jobs import pipeline, processing
+    global real_write_archive, real_put_original_away, real_record, real_post
+    from jobs import pipeline, processing, webhooks
 
     real_write_archive = pipeline.write_archive
     real_put_original_away = processing.put_original_away
+    real_record = webhooks.record
+    real_post = webhooks.post
     pipeline.write_archive = faulty_write_archive
     processing.put_original_away = faulty_put_original_away
+    webhooks.record = faulty_record
+    webhooks.post = faulty_post
 
 
 def faulty_write_archive(data, original_name, *args, **kwargs):
@@ -52,6 +59,19 @@ def faulty_put_original_away(image):
     if image.status == "done":
         die_once("done", image.name)
     return real_put_original_away(image)
+
+
+def faulty_record(image, event):
+    from django.db import transaction
+
+    # Registered before the real record's own callback, so it runs first after the commit.
+    transaction.on_commit(lambda: die_once("webhook-recorded", image.name))
+    return real_record(image, event)
+
+
+def faulty_post(url, body, delivery):
+    die_once("webhook-claimed", f"delivery-{delivery.id}")
+    return real_post(url, body, delivery)
 
 
 __all__ = ["app"]

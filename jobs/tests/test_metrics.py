@@ -153,7 +153,7 @@ def test_metrics_on_an_empty_database_say_zero(client, broker):
 
 
 def test_metrics_require_the_token_when_one_is_set(client, settings, broker):
-    settings.METRICS_TOKEN = "s3cret-token"
+    settings.METRICS_TOKEN = "s3cret-token"  # noqa: S105
     url = reverse("jobs:metrics")
     refused = client.get(url)
     assert refused.status_code == 401
