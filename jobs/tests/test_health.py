@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -71,6 +72,13 @@ def test_healthz_is_200_with_everything_up_and_names_beat_when_it_stops(
     assert body["status"] == "unhealthy"
     assert "no tick for" in body["checks"]["beat"]["error"]
     assert body["checks"]["workers"]["ok"], "the worker still beats"
+
+    # A warm shutdown of the worker's main process: it removes its own heartbeat.
+    worker = system.running.pop("worker")
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=60)
+    assert not Heartbeat.objects.filter(kind=Heartbeat.Kind.WORKER).exists()
+    assert answer_is(client, 503, ["beat", "workers"])
 
 
 @pytest.mark.integration
