@@ -456,7 +456,9 @@ def metrics_refusal(request: HttpRequest) -> HttpResponse | None:
     token = settings.METRICS_TOKEN
     if token:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token):
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
             return None
         response = HttpResponse(
             "a valid bearer token is required\n", status=401, content_type="text/plain"

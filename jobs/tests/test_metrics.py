@@ -160,6 +160,7 @@ def test_metrics_require_the_token_when_one_is_set(client, settings, broker):
     assert refused["WWW-Authenticate"].startswith("Bearer")
     assert client.get(url, HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
     assert client.get(url, HTTP_AUTHORIZATION="Basic s3cret-token").status_code == 401
+    assert client.get(url, HTTP_AUTHORIZATION="Bearer s3cret-tökén").status_code == 401
     families = scrape(client, HTTP_AUTHORIZATION="Bearer s3cret-token")
     assert "parroter_images_total" in families
     # With a token, the address does not matter: a scraper elsewhere is let in.
