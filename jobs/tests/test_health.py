@@ -111,6 +111,44 @@ def test_healthz_names_a_watch_folder_whose_mount_disappears(
     assert str(watch) in body["checks"][f"folder {watch}"]["error"]
 
 
+def test_healthz_reports_a_hung_watch_folder_instead_of_waiting_for_it(
+    quick, client, broker, folders
+):
+    """A FUSE mount whose server never answers: every stat of it blocks, as on a dead NFS
+    server. Closing the server's end afterwards releases the blocked probe."""
+    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
+        pytest.skip("mounting a FUSE file system needs root and /dev/fuse")
+    watch = str(folders["watch"])
+    server = os.open("/dev/fuse", os.O_RDWR)
+    try:
+        options = f"fd={server},rootmode=40000,user_id=0,group_id=0"
+        mounted = subprocess.run(
+            ["mount", "-i", "-t", "fuse", "-o", options, "parroter-hung", watch],
+            pass_fds=(server,),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"mounting FUSE is not permitted here: {mounted.stderr.strip()}")
+        quick.HEALTH_TIMEOUT = 0.5
+        for _ in range(2):
+            status, body = healthz(client)
+            assert status == 503
+            assert f"folder {watch}" in body["failing"]
+            assert "no answer within 0.5 s" in body["checks"][f"folder {watch}"]["error"]
+            assert body["checks"][f"folder {folders['media']}"]["ok"], "the others still answer"
+            assert body["checks"]["database"]["ok"]
+        hung = health._folder_probes[watch]
+        assert not hung.done.is_set()
+        healthz(client)
+        assert health._folder_probes[watch] is hung, "the hung probe is waited on, not repeated"
+    finally:
+        os.close(server)  # aborts the connection: the blocked stat fails with ENOTCONN
+        subprocess.run(["umount", "--lazy", watch], capture_output=True, check=False)
+    assert hung.done.wait(10)
+
+
 def test_healthz_names_the_broker_when_redis_is_down(quick, client, broker, folders):
     status, body = healthz(client)
     assert body["checks"]["broker"] == {"ok": True}
