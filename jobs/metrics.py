@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Min, Q, Sum
 from django.utils import timezone
@@ -38,12 +39,13 @@ class DatabaseCollector:
     """Collects every Parroter metric from the database (and the queue from the broker)."""
 
     def collect(self) -> Iterator[Metric]:
-        yield images_by_status()
-        yield processing_seconds()
+        figures = image_figures()
+        yield images_by_status(figures)
+        yield processing_seconds(figures)
         yield from queue()
         yield oldest_pending()
         yield last_good_sweeps()
-        yield archive_bytes()
+        yield archive_bytes(figures)
         yield webhook_deliveries()
 
 
@@ -55,59 +57,64 @@ def registry() -> CollectorRegistry:
     return registry
 
 
-def images_by_status() -> GaugeMetricFamily:
+def image_figures() -> list[dict[str, Any]]:
+    """Per status and schedule: images, archive bytes, and the processing-time histogram.
+
+    One query, one pass over the images: every figure about images comes from it.
+    """
+    duration = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
+    per_bucket = {
+        f"le_{index}": Count("id", filter=Q(duration__lte=timedelta(seconds=bound)))
+        for index, bound in enumerate(BUCKETS)
+    }
+    return list(
+        Image.objects.alias(duration=duration)
+        .values("status", "sweep__schedule_name")
+        .annotate(
+            count=Count("id"),
+            archive_bytes=Sum("archive_size", filter=~Q(archive="")),
+            # A row without both times has a NULL duration, which no filter counts.
+            timed=Count("duration"),
+            seconds=Sum("duration"),
+            **per_bucket,
+        )
+        .order_by()
+    )
+
+
+def images_by_status(figures: list[dict[str, Any]]) -> GaugeMetricFamily:
     metric = GaugeMetricFamily(
         "parroter_images_total",
         "Images on record by status and by the schedule that swept them (empty: uploads "
         "and manual sweeps). A gauge: deleting or reprocessing images lowers it.",
         labels=["status", "schedule"],
     )
-    rows = (
-        Image.objects.values_list("status", "sweep__schedule_name")
-        .annotate(count=Count("id"))
-        .order_by()
+    counts: dict[tuple[str, str], int] = dict.fromkeys(
+        ((status, "") for status in Image.Status.values), 0
     )
-    counts: dict[tuple[str, str], int] = {}
-    for status, schedule, count in rows:
-        key = (status, schedule or "")
-        counts[key] = counts.get(key, 0) + count
-    for status in Image.Status.values:
-        counts.setdefault((status, ""), 0)
+    for row in figures:
+        key = (row["status"], row["sweep__schedule_name"] or "")
+        counts[key] = counts.get(key, 0) + row["count"]
     for (status, schedule), count in sorted(counts.items()):
         metric.add_metric([status, schedule], count)
     return metric
 
 
-def processing_seconds() -> HistogramMetricFamily:
+def processing_seconds(figures: list[dict[str, Any]]) -> HistogramMetricFamily:
     metric = HistogramMetricFamily(
         "parroter_image_processing_seconds",
         "Time from the start of an image's last run to its final state.",
         labels=["status"],
     )
-    duration = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
-    per_bucket = {
-        f"le_{index}": Count("id", filter=Q(duration__lte=timedelta(seconds=bound)))
-        for index, bound in enumerate(BUCKETS)
-    }
-    rows = (
-        Image.objects.filter(
-            status__in=Image.FINAL_STATUSES, started_at__isnull=False, finished_at__isnull=False
-        )
-        .alias(duration=duration)
-        .values("status")
-        .annotate(count=Count("id"), total=Sum("duration"), **per_bucket)
-        .order_by()
-    )
-    found = {row["status"]: row for row in rows}
     for status in Image.FINAL_STATUSES:
-        row = found.get(status, {"count": 0, "total": None})
+        rows = [row for row in figures if row["status"] == status]
         buckets = [
-            (floatToGoString(bound), row.get(f"le_{index}", 0))
+            (floatToGoString(bound), sum(row[f"le_{index}"] for row in rows))
             for index, bound in enumerate(BUCKETS)
         ]
-        buckets.append(("+Inf", row["count"]))
-        total = row["total"]
-        metric.add_metric([status], buckets, total.total_seconds() if total else 0.0)
+        buckets.append(("+Inf", sum(row["timed"] for row in rows)))
+        seconds = sum((row["seconds"] or timedelta(0) for row in rows), timedelta(0))
+        metric.add_metric([status], buckets, seconds.total_seconds())
     return metric
 
 
@@ -151,12 +158,11 @@ def last_good_sweeps() -> GaugeMetricFamily:
     return metric
 
 
-def archive_bytes() -> GaugeMetricFamily:
+def archive_bytes(figures: list[dict[str, Any]]) -> GaugeMetricFamily:
     metric = GaugeMetricFamily(
         "parroter_archive_bytes", "Bytes of the archives on record (under MEDIA_ROOT)."
     )
-    total = Image.objects.exclude(archive="").aggregate(total=Sum("archive_size"))["total"]
-    metric.add_metric([], total or 0)
+    metric.add_metric([], sum(row["archive_bytes"] or 0 for row in figures))
     return metric
 
 
