@@ -1,21 +1,23 @@
-"""Prometheus metrics, computed from the database at scrape time.
+"""Prometheus metrics, read from the database at scrape time.
 
 Why not counters kept in memory: web pages are served by several gunicorn processes and
 images by several worker processes, maybe on several hosts; each would count only its own
 share, and a restart would lose it. prometheus-client's multiprocess mode fixes the first
 for one host only, at the price of a shared directory to clean. The database already holds
-every image with its status and timings, so each scrape asks it a handful of aggregate
-queries (no rows are loaded) and every process gives the same, complete answer.
+every image, so every process gives the same, complete answer from it: gauges from a few
+aggregate queries (no rows are loaded), and the processing-time histogram from the small
+table of counts (`ProcessingTime`) that each image adds to in the transaction that
+finishes it, so that it only grows, as a histogram must, when old images are deleted.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
-from django.db.models import Count, DurationField, ExpressionWrapper, F, Max, Min, Q, Sum
+from django.db.models import Count, Max, Min, Q, Sum
 from django.utils import timezone
 from prometheus_client.core import (
     CollectorRegistry,
@@ -26,13 +28,9 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from . import tasks
-from .models import Image, Sweep, WebhookDelivery
+from .models import Image, ProcessingTime, Sweep, WebhookDelivery
 
 logger = logging.getLogger(__name__)
-
-# Upper bounds (seconds) of the processing-time histogram: small images take tens of
-# milliseconds, large photos a few seconds, the time limit a few minutes.
-BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class DatabaseCollector:
@@ -41,7 +39,7 @@ class DatabaseCollector:
     def collect(self) -> Iterator[Metric]:
         figures = image_figures()
         yield images_by_status(figures)
-        yield processing_seconds(figures)
+        yield processing_seconds()
         yield from queue()
         yield oldest_pending()
         yield last_good_sweeps()
@@ -58,26 +56,10 @@ def registry() -> CollectorRegistry:
 
 
 def image_figures() -> list[dict[str, Any]]:
-    """Per status and schedule: images, archive bytes, and the processing-time histogram.
-
-    One query, one pass over the images: every figure about images comes from it.
-    """
-    duration = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
-    per_bucket = {
-        f"le_{index}": Count("id", filter=Q(duration__lte=timedelta(seconds=bound)))
-        for index, bound in enumerate(BUCKETS)
-    }
+    """Images and archive bytes per status and schedule, in one pass over the images."""
     return list(
-        Image.objects.alias(duration=duration)
-        .values("status", "sweep__schedule_name")
-        .annotate(
-            count=Count("id"),
-            archive_bytes=Sum("archive_size", filter=~Q(archive="")),
-            # A row without both times has a NULL duration, which no filter counts.
-            timed=Count("duration"),
-            seconds=Sum("duration"),
-            **per_bucket,
-        )
+        Image.objects.values("status", "sweep__schedule_name")
+        .annotate(count=Count("id"), archive_bytes=Sum("archive_size", filter=~Q(archive="")))
         .order_by()
     )
 
@@ -100,21 +82,26 @@ def images_by_status(figures: list[dict[str, Any]]) -> GaugeMetricFamily:
     return metric
 
 
-def processing_seconds(figures: list[dict[str, Any]]) -> HistogramMetricFamily:
+def processing_seconds() -> HistogramMetricFamily:
     metric = HistogramMetricFamily(
         "parroter_image_processing_seconds",
-        "Time from the start of an image's last run to its final state.",
+        "Time from the start of an image's run to its final state, counted as each finishes.",
         labels=["status"],
     )
+    counted: dict[str, list[tuple[float, int, float]]] = {}
+    for status, le, count, seconds in ProcessingTime.objects.values_list(
+        "status", "le", "count", "seconds"
+    ):
+        upper = math.inf if le == ProcessingTime.OVER else float(le)
+        counted.setdefault(status, []).append((upper, count, seconds))
     for status in Image.FINAL_STATUSES:
-        rows = [row for row in figures if row["status"] == status]
+        rows = counted.get(status, [])
         buckets = [
-            (floatToGoString(bound), sum(row[f"le_{index}"] for row in rows))
-            for index, bound in enumerate(BUCKETS)
+            (floatToGoString(bound), sum(count for upper, count, _ in rows if upper <= bound))
+            for bound in ProcessingTime.BOUNDS
         ]
-        buckets.append(("+Inf", sum(row["timed"] for row in rows)))
-        seconds = sum((row["seconds"] or timedelta(0) for row in rows), timedelta(0))
-        metric.add_metric([status], buckets, seconds.total_seconds())
+        buckets.append(("+Inf", sum(count for _, count, _ in rows)))
+        metric.add_metric([status], buckets, sum(seconds for _, _, seconds in rows))
     return metric
 
 

@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Exists
 from django.utils import timezone
 
-from . import pipeline, storage, webhooks
+from . import outcomes, pipeline, storage
 from .models import Image
 from .sweep import archive_path, put_original_away, this_worker
 
@@ -72,7 +72,7 @@ def fail(image: Image, reason: str, worker: str | None = None) -> str:
     with transaction.atomic():
         failed = rows.update(status=Image.Status.FAILED, error=reason, finished_at=timezone.now())
         if failed:
-            webhooks.record(image, webhooks.IMAGE_FAILED)
+            outcomes.image_finished(image)
     if failed:
         logger.warning("image %s (%s) failed: %s", image.id, image.name, reason)
         image.status = Image.Status.FAILED
@@ -124,7 +124,7 @@ def _process(image: Image, worker: str) -> str:
                 finished_at=timezone.now(),
             )
             if done:
-                webhooks.record(image, webhooks.IMAGE_DONE)
+                outcomes.image_finished(image)
     except IntegrityError:
         # Same content with the same sizes finished first in another worker.
         destination.unlink(missing_ok=True)
@@ -170,7 +170,7 @@ def _release_changed(image: Image, worker: str) -> str:
             status=Image.Status.FAILED, error=reason, in_folder=False, finished_at=timezone.now()
         )
         if failed:
-            webhooks.record(image, webhooks.IMAGE_FAILED)
+            outcomes.image_finished(image)
     if failed:
         logger.warning("image %s (%s): %s", image.id, image.name, reason)
         return Image.Status.FAILED
@@ -251,7 +251,7 @@ def _record_duplicate(image: Image, first: Image, worker: str) -> str | None:
             finished_at=timezone.now(),
         )
         if updated:
-            webhooks.record(image, webhooks.IMAGE_DUPLICATE)
+            outcomes.image_finished(image)
     if not updated:
         still_ours = Image.objects.filter(
             id=image.id, status=Image.Status.PROCESSING, worker=worker

@@ -27,7 +27,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from . import webhooks
+from . import outcomes
 from .models import Image, Sweep, SweepLock
 from .pipeline import parse_sizes, safe_stem
 from .storage import fsync_directory
@@ -466,7 +466,7 @@ def _retry_or_fail(image: Image) -> list[int]:
                 status=Image.Status.FAILED, error=reason, finished_at=timezone.now()
             )
             if failed:
-                webhooks.record(image, webhooks.IMAGE_FAILED)
+                outcomes.image_finished(image)
         if failed:
             image.status = Image.Status.FAILED
             image.error = reason

@@ -49,11 +49,17 @@ REPAIR_BATCH = 500
 IMAGE_DONE = WebhookDelivery.Event.DONE
 IMAGE_FAILED = WebhookDelivery.Event.FAILED
 IMAGE_DUPLICATE = WebhookDelivery.Event.DUPLICATE
+# The event of each final status.
+EVENTS = {
+    Image.Status.DONE: IMAGE_DONE,
+    Image.Status.FAILED: IMAGE_FAILED,
+    Image.Status.DUPLICATE: IMAGE_DUPLICATE,
+}
 
 
 def record(image: Image, event: str) -> None:
-    """Owe one POST per WEBHOOK_URL for `event` of `image`; call it in the transaction
-    that moved the image to its final state, after that update.
+    """Owe one POST per WEBHOOK_URL for `event` of `image`, in the transaction that moved
+    the image to its final state, after that update (see jobs/outcomes.py).
 
     Nothing is recorded when WEBHOOK_URL is empty. The payload is read back from the row
     as this transaction wrote it; the rows are queued only once the transaction commits.

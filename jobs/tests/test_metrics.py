@@ -5,14 +5,17 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.test import Client, RequestFactory
 from django.urls import reverse
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs import metrics, views
-from jobs.models import Image, Sweep, WebhookDelivery
+from jobs import outcomes, sweep, views
+from jobs.models import Image, ProcessingTime, Sweep, WebhookDelivery
 from jobs.tasks import make_thumbnails
+
+from .conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -71,7 +74,7 @@ def history() -> dict[str, object]:
     for status, seconds in durations.items():
         for duration in seconds:
             index += 1
-            make_image(
+            image = make_image(
                 index,
                 status,
                 inbox if index % 2 else upload,
@@ -80,11 +83,14 @@ def history() -> dict[str, object]:
                 archive=f"archives/{index}.zip" if status == Image.Status.DONE else "",
                 archive_size=1000 * index if status == Image.Status.DONE else None,
             )
+            with transaction.atomic():  # as processing does, with its final-state update
+                outcomes.image_finished(image)
     oldest = now - timedelta(minutes=10)
     make_image(100, Image.Status.PENDING, other, queued_at=oldest)
     make_image(101, Image.Status.PENDING, other, queued_at=now - timedelta(minutes=1))
     make_image(102, Image.Status.PROCESSING, other, queued_at=now - timedelta(hours=2))
-    make_image(103, Image.Status.FAILED, None)  # failed before it ever started
+    with transaction.atomic():
+        outcomes.image_finished(make_image(103, Image.Status.FAILED, None))  # never started
     WebhookDelivery.objects.create(event="image.done", url="http://a/", body="{}", status="sent")
     return {"durations": durations, "oldest": oldest, "inbox": inbox, "other": other}
 
@@ -114,7 +120,7 @@ def test_metrics_match_the_database(client, history, broker, folders):
 
     histogram = families["parroter_image_processing_seconds"]
     for status, seconds in history["durations"].items():
-        for bound in metrics.BUCKETS:
+        for bound in ProcessingTime.BOUNDS:
             expected = sum(1 for duration in seconds if duration <= bound)
             name = "parroter_image_processing_seconds_bucket"
             assert value(histogram, name, status=status, le=str(float(bound))) == expected
@@ -141,6 +147,40 @@ def test_metrics_match_the_database(client, history, broker, folders):
     deliveries = families["parroter_webhook_deliveries"]
     assert value(deliveries, "parroter_webhook_deliveries", status="sent") == 1
     assert value(deliveries, "parroter_webhook_deliveries", status="pending") == 0
+
+
+def test_metrics_histogram_keeps_counting_after_images_are_deleted(client, history, broker):
+    before = scrape(client)
+    Image.objects.filter(status=Image.Status.DONE).delete()
+    after = scrape(client)
+    name = "parroter_image_processing_seconds_count"
+    done = len(history["durations"][Image.Status.DONE])
+    for families in (before, after):
+        histogram = families["parroter_image_processing_seconds"]
+        assert value(histogram, name, status="done") == done, "a histogram never shrinks"
+    images = after["parroter_images_total"]
+    assert not [s for s in images if s.labels["status"] == "done" and s.value]
+    assert value(after["parroter_archive_bytes"], "parroter_archive_bytes") == 0
+
+
+def test_metrics_count_each_processed_image_once(client, broker, folders, drop):
+    drop(folders["watch"], "a.jpg", image_bytes((300, 200), colour=(1, 2, 3)))
+    drop(folders["watch"], "b.jpg", image_bytes((300, 200), colour=(1, 2, 3)))
+    drop(folders["watch"], "c.jpg", b"not an image")
+    record, path, labels = sweep.start_sweep(
+        str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
+    )
+    sweep.run_sweep(record, path, labels)
+    for image in Image.objects.order_by("name"):
+        make_thumbnails(image.id)
+        make_thumbnails(image.id)  # a redelivered message: skipped, not counted again
+    histogram = scrape(client)["parroter_image_processing_seconds"]
+    name = "parroter_image_processing_seconds_count"
+    for status in ("done", "duplicate", "failed"):
+        assert value(histogram, name, status=status) == 1
+    spent = sum(image.duration.total_seconds() for image in Image.objects.all())
+    total = sum(value(histogram, name[:-5] + "sum", status=s) for s in Image.FINAL_STATUSES)
+    assert total == pytest.approx(spent)
 
 
 def test_metrics_on_an_empty_database_say_zero(client, broker):
