@@ -25,6 +25,7 @@ import pytest
 import redis
 from django.conf import settings
 from django.db import transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from jobs import sweep, webhooks
@@ -438,3 +439,30 @@ def test_one_post_per_event_across_a_killed_worker(system, folders, receiver, tm
     assert set(WebhookDelivery.objects.values_list("attempts", flat=True)) == {tries}
     for headers, body in receiver.requests:
         assert_signed(headers, body)
+
+
+# --- Admin --------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_admin_lists_deliveries_read_only_with_a_status_filter(admin_client, settings):
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
+    [sent] = owe(finished_image(1))
+    [failed] = owe(finished_image(2))
+    WebhookDelivery.objects.filter(id=sent.id).update(status="sent", response_code=200)
+    WebhookDelivery.objects.filter(id=failed.id).update(
+        status="failed", response_code=404, last_error="HTTP 404 Not Found"
+    )
+    changelist = reverse("admin:jobs_webhookdelivery_changelist")
+    page = admin_client.get(changelist + "?status__exact=failed").content.decode()
+    assert "2.jpg" in page
+    assert "1.jpg" not in page
+    page = admin_client.get(reverse("admin:jobs_webhookdelivery_change", args=[failed.id]))
+    text = page.content.decode()
+    assert "HTTP 404 Not Found" in text
+    assert "&quot;event&quot;: &quot;image.done&quot;" in text, "the body as sent, readable"
+    assert 'name="_save"' not in text, "nothing to edit"
+    add = admin_client.get(reverse("admin:jobs_webhookdelivery_add"))
+    assert add.status_code == 403
+    delete = admin_client.get(reverse("admin:jobs_webhookdelivery_delete", args=[failed.id]))
+    assert delete.status_code == 403
