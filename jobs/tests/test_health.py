@@ -211,3 +211,10 @@ def test_healthz_needs_no_login_and_says_what_has_never_run(quick, client, broke
 def test_mount_point_is_the_deepest_mount_holding_a_path():
     assert health.mount_point(Path("/")) == "/"
     assert health.mount_point(Path("/proc/self")) == "/proc"
+
+
+def test_healthz_and_metrics_are_not_redirected_to_https(quick, client, broker, folders):
+    quick.SECURE_SSL_REDIRECT = True
+    assert client.get(reverse("jobs:login")).status_code == 301
+    assert client.get(reverse("jobs:healthz")).status_code in (200, 503)
+    assert client.get(reverse("jobs:metrics")).status_code == 200
