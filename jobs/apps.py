@@ -4,3 +4,12 @@ from django.apps import AppConfig
 class JobsConfig(AppConfig):
     name = "jobs"
     verbose_name = "Thumbnail jobs"
+
+    def ready(self) -> None:
+        from celery.signals import worker_ready, worker_shutdown
+
+        from . import health
+
+        # Each worker's main process records that it is alive, for /healthz.
+        worker_ready.connect(health.start_worker_heartbeat, weak=False)
+        worker_shutdown.connect(health.stop_worker_heartbeat, weak=False)

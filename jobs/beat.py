@@ -18,6 +18,8 @@ from django.utils import timezone
 from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_beat.schedulers import DatabaseScheduler
 
+from .health import BeatHeartbeat
+
 logger = logging.getLogger(__name__)
 
 SETTINGS_MARK = "Defined in settings (CELERY_BEAT_SCHEDULE): edits made here are overwritten"
@@ -60,11 +62,21 @@ def retire_removed_entries(owned: set[str]) -> list[str]:
 
 
 class Scheduler(DatabaseScheduler):
-    """django-celery-beat's DatabaseScheduler, plus the settings/admin ownership rule."""
+    """django-celery-beat's DatabaseScheduler, plus the settings/admin ownership rule, and
+    a heartbeat on its ticks for /healthz."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.heartbeat = BeatHeartbeat()
+        super().__init__(*args, **kwargs)
 
     def setup_schedule(self) -> None:
         super().setup_schedule()
         retire_removed_entries(settings_owned_names())
+
+    def tick(self, *args, **kwargs) -> float:
+        interval = super().tick(*args, **kwargs)
+        self.heartbeat.tick()
+        return interval
 
 
 def next_run(task: PeriodicTask, now: datetime | None = None) -> datetime | None:

@@ -298,6 +298,8 @@ class Image(models.Model):
             done = self._this_run().update(
                 status=self.Status.DONE, finished_at=Now(), lease_until=None, **result
             )
+            if done:
+                _finished(self)
         if done:
             self.status = self.Status.DONE
             for name, value in result.items():
@@ -313,9 +315,16 @@ class Image(models.Model):
         return self._finish_failed(reason, in_folder=False)
 
     def _finish_failed(self, reason: str, **extra: object) -> bool:
-        failed = self._this_run().update(
-            status=self.Status.FAILED, error=reason, finished_at=Now(), lease_until=None, **extra
-        )
+        with transaction.atomic():
+            failed = self._this_run().update(
+                status=self.Status.FAILED,
+                error=reason,
+                finished_at=Now(),
+                lease_until=None,
+                **extra,
+            )
+            if failed:
+                _finished(self)
         if failed:
             self.status = self.Status.FAILED
             self.error = reason
@@ -327,20 +336,23 @@ class Image(models.Model):
         """processing -> duplicate of first, while first is still done (a reprocess may have
         just taken it back to pending). False if not recorded."""
         first_still_done = Exists(Image.objects.filter(id=first.id, status=self.Status.DONE))
-        recorded = (
-            self._this_run()
-            .filter(first_still_done)
-            .update(
-                status=self.Status.DUPLICATE,
-                duplicate_of=first,
-                error="",
-                archive="",
-                archive_size=None,
-                thumbnails={},
-                finished_at=Now(),
-                lease_until=None,
+        with transaction.atomic():
+            recorded = (
+                self._this_run()
+                .filter(first_still_done)
+                .update(
+                    status=self.Status.DUPLICATE,
+                    duplicate_of=first,
+                    error="",
+                    archive="",
+                    archive_size=None,
+                    thumbnails={},
+                    finished_at=Now(),
+                    lease_until=None,
+                )
             )
-        )
+            if recorded:
+                _finished(self)
         if recorded:
             self.status = self.Status.DUPLICATE
             self.duplicate_of = first
@@ -361,10 +373,12 @@ class Image(models.Model):
                 "killed or crashed, its host was lost, or the time limit passed); giving up "
                 "on this file"
             )
-            if not dead.update(
-                status=self.Status.FAILED, error=reason, finished_at=Now(), lease_until=None
-            ):
-                return None
+            with transaction.atomic():
+                if not dead.update(
+                    status=self.Status.FAILED, error=reason, finished_at=Now(), lease_until=None
+                ):
+                    return None
+                _finished(self)
             self.status, self.error = self.Status.FAILED, reason
             return self.status
         if not dead.update(status=self.Status.PENDING, queued_at=timezone.now(), lease_until=None):
@@ -436,3 +450,142 @@ class SweepLock(models.Model):
 
     def __str__(self) -> str:
         return f"lock on {self.folder}"
+
+
+class ProcessingTime(models.Model):
+    """How many images reached each final state, by how long their run took: the histogram
+    of /metrics, counted as each image finishes, in the same transaction.
+
+    Counted rather than computed from the images: a Prometheus histogram only ever grows,
+    and deleting old images must not make it shrink; a scrape reads a few dozen rows.
+    """
+
+    # Upper bounds (seconds) of the buckets: small images take tens of milliseconds,
+    # large photos a few seconds, the time limit a few minutes.
+    BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+    OVER = "+Inf"
+
+    status = models.CharField(max_length=16)
+    le = models.CharField(max_length=16, help_text="Upper bound of the bucket, in seconds.")
+    count = models.PositiveBigIntegerField(default=0)
+    seconds = models.FloatField(default=0.0, help_text="Sum of the times counted here.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["status", "le"], name="one_count_per_bucket")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.status} <= {self.le} s: {self.count}"
+
+    @classmethod
+    def label(cls, bound: float) -> str:
+        return repr(float(bound))
+
+    @classmethod
+    def add(cls, status: str, seconds: float) -> None:
+        """Count one image that ended in `status` after `seconds`."""
+        le = next((cls.label(b) for b in cls.BOUNDS if seconds <= b), cls.OVER)
+        rows = cls.objects.filter(status=status, le=le)
+        more = {"count": F("count") + 1, "seconds": F("seconds") + seconds}
+        if not rows.update(**more):
+            cls.objects.bulk_create([cls(status=status, le=le)], ignore_conflicts=True)
+            rows.update(**more)
+
+
+class Heartbeat(models.Model):
+    """The last sign of life of beat or a worker, or what a watch folder was last seen on.
+
+    Written by the processes themselves every few seconds, so that /healthz can tell a
+    live system from a stopped one by reading the database alone.
+    """
+
+    class Kind(models.TextChoices):
+        BEAT = "beat", "beat"
+        WORKER = "worker", "worker"
+        FOLDER = "folder", "watch folder"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    name = models.CharField(
+        max_length=1024, unique=True, help_text="Worker node name, beat@host, or folder path."
+    )
+    seen_at = models.DateTimeField(default=timezone.now)
+    detail = models.JSONField(
+        default=dict, blank=True, help_text="For a folder: the mount point it was seen on."
+    )
+
+    class Meta:
+        indexes = [models.Index(fields=["kind", "-seen_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+    @classmethod
+    def record(cls, kind: str, name: str, **detail: object) -> None:
+        """Mark `name` alive now (one row per name, created on first sight)."""
+        now = timezone.now()
+        fields: dict[str, object] = {"kind": kind, "seen_at": now}
+        if detail:
+            fields["detail"] = detail
+        if not cls.objects.filter(name=name).update(**fields):
+            cls.objects.bulk_create([cls(name=name, **fields)], ignore_conflicts=True)
+
+
+class WebhookDelivery(models.Model):
+    """One webhook POST owed to one URL for one event: the outbox.
+
+    Written in the same transaction as the image's final state, so an event that happened
+    is never left unsent, and never recorded twice for the same run of the same image.
+    """
+
+    class Event(models.TextChoices):
+        DONE = "image.done", "image.done"
+        FAILED = "image.failed", "image.failed"
+        DUPLICATE = "image.duplicate", "image.duplicate"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        SENDING = "sending", "sending"
+        SENT = "sent", "sent"
+        FAILED = "failed", "failed"
+
+    event = models.CharField(max_length=32, choices=Event.choices)
+    image = models.ForeignKey(
+        Image, null=True, blank=True, on_delete=models.SET_NULL, related_name="webhooks"
+    )
+    run = models.CharField(
+        max_length=64, help_text="When the image finished: tells reprocessed runs apart."
+    )
+    url = models.CharField(max_length=2048)
+    body = models.TextField(help_text="The JSON sent, byte for byte what is signed.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_try_at = models.DateTimeField(default=timezone.now)
+    claimed_by = models.CharField(max_length=255, blank=True, help_text="host:pid sending it.")
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    response_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_response = models.TextField(blank=True, help_text="Start of the last answer's body.")
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "webhook deliveries"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["image", "event", "run", "url"], name="one_delivery_per_event_and_url"
+            ),
+        ]
+        indexes = [models.Index(fields=["status", "next_try_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.event} #{self.image_id} to {self.url}"
+
+
+def _finished(image: Image) -> None:
+    """What a final state owes (metrics, webhooks), in the transaction that set it."""
+    # Imported here: outcomes and webhooks are built on these models.
+    from .outcomes import image_finished
+
+    image_finished(image)

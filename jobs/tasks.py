@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import transaction
 from django_celery_beat.models import PeriodicTask
 
-from . import processing
+from . import processing, webhooks
 from .broker import queue_length
 from .models import Sweep
 from .sweep import prune_idle_sweeps, recover_unswept, run_sweep, start_sweep
@@ -159,3 +159,21 @@ def other_sweep_folders(folder: Path) -> list[Path]:
             if other_path != folder and other_path.is_relative_to(folder):
                 nested.append(other_path)
     return nested
+
+
+# Webhook tasks keep no result: each delivery is recorded on its own row (WebhookDelivery).
+@shared_task(
+    name=webhooks.DELIVER_TASK,
+    ignore_result=True,
+    # A send past this is killed; `repair` sees its process gone and sends the row again.
+    time_limit=webhooks.send_time_limit(),
+)
+def deliver_webhook(delivery_id: int) -> str:
+    """POST one recorded webhook; idempotent, since only one run can claim its row."""
+    return webhooks.deliver(int(delivery_id))
+
+
+@shared_task(name="jobs.repair_webhooks", ignore_result=True)
+def repair_webhooks() -> int:
+    """Queue again the webhooks whose message or worker was lost."""
+    return len(webhooks.repair())

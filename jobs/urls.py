@@ -23,4 +23,6 @@ urlpatterns = [
     path("api/images/<int:image_id>/", views.image_status, name="image-status"),
     path("api/sweeps/<int:sweep_id>/", views.sweep_status, name="sweep-status"),
     path("api/sweeps/task/<str:task_id>/", views.sweep_by_task, name="sweep-by-task"),
+    path("healthz", views.healthz, name="healthz"),
+    path("metrics", views.metrics_page, name="metrics"),
 ]

@@ -8,6 +8,8 @@ people's images tell nothing.
 from __future__ import annotations
 
 import functools
+import hmac
+import ipaddress
 import logging
 import mimetypes
 import re
@@ -32,9 +34,11 @@ from django.http import (
 )
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST, require_safe
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import intake, storage
+from . import health, intake, metrics, storage
 from .forms import UploadForm, default_sizes
 from .models import Image, Sweep
 from .pipeline import EXTENSIONS, safe_stem
@@ -417,3 +421,56 @@ def upload(request: HttpRequest) -> JsonResponse:
         },
         status=201,
     )
+
+
+# --- Monitoring ---------------------------------------------------------------------------
+
+
+@require_safe
+@never_cache
+def healthz(request: HttpRequest) -> JsonResponse:
+    """No login: 200 when every check passes, 503 naming those that do not."""
+    report = health.check()
+    return JsonResponse(report.as_json(), status=200 if report.healthy else 503)
+
+
+@require_GET
+@never_cache
+def metrics_page(request: HttpRequest) -> HttpResponse:
+    """Prometheus text format, for the bearer of METRICS_TOKEN or, without one, loopback."""
+    refusal = metrics_refusal(request)
+    if refusal is not None:
+        return refusal
+    return HttpResponse(generate_latest(metrics.registry()), content_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_refusal(request: HttpRequest) -> HttpResponse | None:
+    token = settings.METRICS_TOKEN
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            return None
+        response = HttpResponse(
+            "a valid bearer token is required\n", status=401, content_type="text/plain"
+        )
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    # Behind a reverse proxy on this host every request comes from loopback: set a token.
+    if is_loopback(request.META.get("REMOTE_ADDR", "")):
+        return None
+    return HttpResponse(
+        "metrics are served to loopback only when METRICS_TOKEN is not set\n",
+        status=403,
+        content_type="text/plain",
+    )
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback

@@ -72,6 +72,14 @@ def envlist(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def envurls(name: str) -> list[str]:
+    urls = envlist(name, "")
+    for url in urls:
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ImproperlyConfigured(f"{name} must list http:// or https:// URLs, got {url!r}")
+    return urls
+
+
 def database_from_url(url: str) -> dict:
     """Translate a DATABASE_URL (sqlite:///path or postgres://...) into Django's form."""
     parts = urlsplit(url)
@@ -207,6 +215,8 @@ SECURE_HSTS_SECONDS = 31536000 if SECURE else 0
 SECURE_HSTS_INCLUDE_SUBDOMAINS = SECURE
 SECURE_HSTS_PRELOAD = SECURE
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if SECURE else None
+# Probes and scrapers often speak plain HTTP to the process itself; a redirect fails them.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 
@@ -329,6 +339,22 @@ REDIS_WAIT = envfloat("REDIS_WAIT", "30")
 # A worker that starts nothing for this long while work waits is restarted by `make run`.
 STALL_SECONDS = envfloat("STALL_SECONDS", str(IMAGE_TIME_LIMIT + 60), minimum=1)
 WORKER_CONCURRENCY = envint("WORKER_CONCURRENCY", str(os.cpu_count() or 1), minimum=1)
+# Below this much free space on MEDIA_ROOT or a watch folder, /healthz reports the disk.
+MIN_FREE_MB = envint("MIN_FREE_MB", "500")
+# How often beat (on its ticks) and each worker record in the database that they are alive.
+HEARTBEAT_SECONDS = envfloat("HEARTBEAT_SECONDS", "5", minimum=0.5)
+# Seconds /healthz waits for all its probes together; a probe still running then has failed.
+HEALTH_TIMEOUT = envfloat("HEALTH_TIMEOUT", "0.15", minimum=0.01)
+# Bearer token for /metrics; empty: /metrics answers requests from loopback only.
+METRICS_TOKEN = envstr("METRICS_TOKEN", "")
+# URLs (comma-separated) sent one signed POST per image that reaches a final state.
+WEBHOOK_URLS = envurls("WEBHOOK_URL")
+# Key of the X-Parroter-Signature HMAC; empty: webhooks are sent unsigned.
+WEBHOOK_SECRET = envstr("WEBHOOK_SECRET", "")
+# Seconds a webhook request may take before it counts as failed (and is retried).
+WEBHOOK_TIMEOUT = envfloat("WEBHOOK_TIMEOUT", "10", minimum=0.1)
+# Seconds before the first retry of a failed webhook; doubled for each later one.
+WEBHOOK_BACKOFF = envfloat("WEBHOOK_BACKOFF", "10", minimum=0.1)
 if IMAGE_SOFT_TIME_LIMIT >= IMAGE_TIME_LIMIT:
     raise ImproperlyConfigured("IMAGE_SOFT_TIME_LIMIT must be below IMAGE_TIME_LIMIT")
 
@@ -374,6 +400,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 # messages, and sweeps never wait behind a backlog of images (a worker serves both queues).
 IMAGE_QUEUE = f"parroter.{INSTANCE}.images"
 SWEEP_QUEUE = f"parroter.{INSTANCE}.sweeps"
+# Webhooks wait behind neither a backlog of images nor a slow receiver's retries of theirs.
+WEBHOOK_QUEUE = f"parroter.{INSTANCE}.webhooks"
 # Remote control (`celery status`, `inspect`) and events (Flower) of this instance only.
 CELERY_CONTROL_EXCHANGE = f"parroter.{INSTANCE}.control"
 CELERY_EVENT_EXCHANGE = f"parroter.{INSTANCE}.events"
@@ -387,10 +415,13 @@ CELERY_TASK_DEFAULT_QUEUE = IMAGE_QUEUE
 CELERY_TASK_QUEUES = (
     Queue(IMAGE_QUEUE, Exchange(IMAGE_QUEUE), routing_key=IMAGE_QUEUE),
     Queue(SWEEP_QUEUE, Exchange(SWEEP_QUEUE), routing_key=SWEEP_QUEUE),
+    Queue(WEBHOOK_QUEUE, Exchange(WEBHOOK_QUEUE), routing_key=WEBHOOK_QUEUE),
 )
 CELERY_TASK_ROUTES = {
     "jobs.sweep_folder": {"queue": SWEEP_QUEUE},
     "jobs.recover": {"queue": SWEEP_QUEUE},
+    "jobs.deliver_webhook": {"queue": WEBHOOK_QUEUE},
+    "jobs.repair_webhooks": {"queue": WEBHOOK_QUEUE},
 }
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
@@ -427,6 +458,13 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": RECOVER_INTERVAL * 0.9},
     },
 }
+if WEBHOOK_URLS:
+    # Sends again the webhooks whose message or worker was lost (jobs/webhooks.py).
+    CELERY_BEAT_SCHEDULE["repair-webhooks"] = {
+        "task": "jobs.repair_webhooks",
+        "schedule": RECOVER_INTERVAL,
+        "options": {"expires": RECOVER_INTERVAL * 0.9},
+    }
 
 # File names and other outside text reach log lines as arguments: their control characters
 # are escaped, so no name can forge a line. Set per process, so Celery's handlers get it too.

@@ -11,6 +11,9 @@ it found), "read" (a run is about to open its file) or "put_away" (the image is 
 the database, its original not moved yet): the first pool process to get there writes
 `paused-<stage>` into PARROTER_FAULT_MARKERS and waits until `resume-<stage>` appears, so
 that a test can change the folder at exactly that moment.
+Two more stages for webhooks with PARROTER_FAULT_DIE_AFTER: "webhook-recorded" (an image's
+final state and its webhook rows are committed, no delivery task queued yet) once per image,
+and "webhook-claimed" (a delivery row is claimed, nothing sent yet) once per row.
 """
 
 import os
@@ -48,16 +51,21 @@ def pause_once(stage: str) -> None:
 def inject_faults(**kwargs):
     """Patch each pool process once Django is ready (it is not when this module loads)."""
     global real_write_archive, real_put_original_away, real_claim, real_read_original
-    from jobs import pipeline, processing, storage, sweep
+    global real_record, real_post
+    from jobs import pipeline, processing, storage, sweep, webhooks
 
     real_write_archive = pipeline.write_archive
     real_put_original_away = processing.put_original_away
     real_claim = sweep.claim
     real_read_original = storage.read_original
+    real_record = webhooks.record
+    real_post = webhooks.post
     pipeline.write_archive = faulty_write_archive
     processing.put_original_away = faulty_put_original_away
     sweep.claim = paused_claim
     storage.read_original = paused_read_original
+    webhooks.record = faulty_record
+    webhooks.post = faulty_post
 
 
 def paused_claim(sweep, ready, *args, **kwargs):
@@ -86,6 +94,19 @@ def faulty_put_original_away(image):
     if image.status == "done":
         die_once("done", image.name)
     return real_put_original_away(image)
+
+
+def faulty_record(image, event):
+    from django.db import transaction
+
+    # Registered before the real record's own callback, so it runs first after the commit.
+    transaction.on_commit(lambda: die_once("webhook-recorded", image.name))
+    return real_record(image, event)
+
+
+def faulty_post(url, body, delivery):
+    die_once("webhook-claimed", f"delivery-{delivery.id}")
+    return real_post(url, body, delivery)
 
 
 __all__ = ["app"]

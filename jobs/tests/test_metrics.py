@@ -1,0 +1,234 @@
+"""/metrics: Prometheus text computed from the database, parsed back with prometheus-client."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.test import Client, RequestFactory
+from django.urls import reverse
+from django.utils import timezone
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobs import outcomes, sweep, views
+from jobs.models import Image, ProcessingTime, Sweep, WebhookDelivery
+from jobs.tasks import make_thumbnails
+
+from .conftest import image_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def scrape(client: Client, **headers: str) -> dict[str, list]:
+    response = client.get(reverse("jobs:metrics"), **headers)
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"].startswith("text/plain; version=")
+    return {
+        family.name: family.samples
+        for family in text_string_to_metric_families(response.content.decode())
+    }
+
+
+def value(samples: list, name: str, **labels: str) -> float:
+    matching = [s.value for s in samples if s.name == name and s.labels == labels]
+    assert len(matching) == 1, (name, labels, samples)
+    return matching[0]
+
+
+def make_image(index: int, status: str, sweep: Sweep | None, **fields) -> Image:
+    return Image.objects.create(
+        sweep=sweep,
+        folder="/in",
+        name=f"{index}.jpg",
+        source_path=f"/in/{index}.jpg",
+        in_folder=False,
+        file_size=1,
+        mtime_ns=0,
+        sizes=["64x64"],
+        sizes_key="64x64",
+        sha256=f"{index:064x}",
+        status=status,
+        **fields,
+    )
+
+
+@pytest.fixture
+def history() -> dict[str, object]:
+    """Images of every status from two schedules and an upload, with known durations."""
+    now = timezone.now()
+    inbox = Sweep.objects.create(trigger="schedule", schedule_name="inbox", folder="/in")
+    inbox.finish(Sweep.Status.DONE)
+    failed_sweep = Sweep.objects.create(trigger="schedule", schedule_name="inbox", folder="/in")
+    failed_sweep.finish(Sweep.Status.FAILED, "bad folder")
+    other = Sweep.objects.create(trigger="schedule", schedule_name="other", folder="/o")
+    other.finish(Sweep.Status.DONE)
+    Sweep.objects.filter(id=other.id).update(finished_at=now - timedelta(hours=1))
+    upload = Sweep.objects.create(trigger="upload", folder="/media/uploads")
+    durations = {  # seconds, by status, for the images that finished
+        Image.Status.DONE: [0.04, 0.3, 0.3, 1.5, 7.0, 400.0],
+        Image.Status.FAILED: [0.2, 150.0],
+        Image.Status.DUPLICATE: [0.08],
+    }
+    index = 0
+    for status, seconds in durations.items():
+        for duration in seconds:
+            index += 1
+            image = make_image(
+                index,
+                status,
+                inbox if index % 2 else upload,
+                started_at=now - timedelta(seconds=duration),
+                finished_at=now,
+                archive=f"archives/{index}.zip" if status == Image.Status.DONE else "",
+                archive_size=1000 * index if status == Image.Status.DONE else None,
+            )
+            with transaction.atomic():  # as processing does, with its final-state update
+                outcomes.image_finished(image)
+    oldest = now - timedelta(minutes=10)
+    make_image(100, Image.Status.PENDING, other, queued_at=oldest)
+    make_image(101, Image.Status.PENDING, other, queued_at=now - timedelta(minutes=1))
+    make_image(102, Image.Status.PROCESSING, other, queued_at=now - timedelta(hours=2))
+    with transaction.atomic():
+        outcomes.image_finished(make_image(103, Image.Status.FAILED, None))  # never started
+    WebhookDelivery.objects.create(event="image.done", url="http://a/", body="{}", status="sent")
+    return {"durations": durations, "oldest": oldest, "inbox": inbox, "other": other}
+
+
+def test_metrics_match_the_database(client, history, broker, folders):
+    queued = 3
+    with make_thumbnails.app.connection_for_write(broker.url) as connection:
+        for image_id in range(queued):
+            make_thumbnails.apply_async((10_000 + image_id,), connection=connection)
+
+    families = scrape(client)
+
+    images = families["parroter_images_total"]
+    for status in Image.Status.values:
+        for schedule in ("inbox", "other", ""):
+            expected = sum(
+                1
+                for image in Image.objects.select_related("sweep")
+                if image.status == status
+                and ((image.sweep and image.sweep.schedule_name) or "") == schedule
+            )
+            found = [
+                s.value for s in images if s.labels == {"status": status, "schedule": schedule}
+            ]
+            assert found == ([expected] if expected or schedule == "" else []), (status, schedule)
+    assert sum(s.value for s in images) == Image.objects.count()
+
+    histogram = families["parroter_image_processing_seconds"]
+    for status, seconds in history["durations"].items():
+        for bound in ProcessingTime.BOUNDS:
+            expected = sum(1 for duration in seconds if duration <= bound)
+            name = "parroter_image_processing_seconds_bucket"
+            assert value(histogram, name, status=status, le=str(float(bound))) == expected
+        name = "parroter_image_processing_seconds"
+        assert value(histogram, name + "_bucket", status=status, le="+Inf") == len(seconds)
+        assert value(histogram, name + "_count", status=status) == len(seconds)
+        assert value(histogram, name + "_sum", status=status) == pytest.approx(sum(seconds))
+
+    assert value(families["parroter_queue_messages"], "parroter_queue_messages") == queued
+    waited = value(families["parroter_oldest_pending_seconds"], "parroter_oldest_pending_seconds")
+    age = (timezone.now() - history["oldest"]).total_seconds()
+    assert age - 60 < waited <= age, "the pending image of 10 min, not the processing one of 2 h"
+
+    sweeps = families["parroter_last_good_sweep_timestamp_seconds"]
+    name = "parroter_last_good_sweep_timestamp_seconds"
+    assert {s.labels["schedule"] for s in sweeps} == {"inbox", "other"}
+    for schedule in ("inbox", "other"):
+        last = Sweep.objects.filter(schedule_name=schedule, status="done").latest("finished_at")
+        assert value(sweeps, name, schedule=schedule) == pytest.approx(last.finished_at.timestamp())
+
+    archived = sum(Image.objects.exclude(archive="").values_list("archive_size", flat=True))
+    assert archived > 0
+    assert value(families["parroter_archive_bytes"], "parroter_archive_bytes") == archived
+    deliveries = families["parroter_webhook_deliveries"]
+    assert value(deliveries, "parroter_webhook_deliveries", status="sent") == 1
+    assert value(deliveries, "parroter_webhook_deliveries", status="pending") == 0
+
+
+def test_metrics_histogram_keeps_counting_after_images_are_deleted(client, history, broker):
+    before = scrape(client)
+    Image.objects.filter(status=Image.Status.DONE).delete()
+    after = scrape(client)
+    name = "parroter_image_processing_seconds_count"
+    done = len(history["durations"][Image.Status.DONE])
+    for families in (before, after):
+        histogram = families["parroter_image_processing_seconds"]
+        assert value(histogram, name, status="done") == done, "a histogram never shrinks"
+    images = after["parroter_images_total"]
+    assert not [s for s in images if s.labels["status"] == "done" and s.value]
+    assert value(after["parroter_archive_bytes"], "parroter_archive_bytes") == 0
+
+
+def test_metrics_count_each_processed_image_once(client, broker, folders, drop):
+    drop(folders["watch"], "a.jpg", image_bytes((300, 200), colour=(1, 2, 3)))
+    drop(folders["watch"], "b.jpg", image_bytes((300, 200), colour=(1, 2, 3)))
+    drop(folders["watch"], "c.jpg", b"not an image")
+    record, path, labels = sweep.start_sweep(
+        str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
+    )
+    sweep.run_sweep(record, path, labels)
+    for image in Image.objects.order_by("name"):
+        make_thumbnails(image.id)
+        make_thumbnails(image.id)  # a redelivered message: skipped, not counted again
+    histogram = scrape(client)["parroter_image_processing_seconds"]
+    name = "parroter_image_processing_seconds_count"
+    for status in ("done", "duplicate", "failed"):
+        assert value(histogram, name, status=status) == 1
+    spent = sum(image.duration.total_seconds() for image in Image.objects.all())
+    total = sum(value(histogram, name[:-5] + "sum", status=s) for s in Image.FINAL_STATUSES)
+    assert total == pytest.approx(spent)
+
+
+def test_metrics_on_an_empty_database_say_zero(client, broker):
+    families = scrape(client)
+    assert {s.value for s in families["parroter_images_total"]} == {0}
+    assert value(families["parroter_queue_messages"], "parroter_queue_messages") == 0
+    assert families["parroter_last_good_sweep_timestamp_seconds"] == []
+    name = "parroter_image_processing_seconds_count"
+    assert value(families["parroter_image_processing_seconds"], name, status="done") == 0
+
+
+def test_metrics_require_the_token_when_one_is_set(client, settings, broker):
+    settings.METRICS_TOKEN = "s3cret-token"  # noqa: S105
+    url = reverse("jobs:metrics")
+    refused = client.get(url)
+    assert refused.status_code == 401
+    assert refused["WWW-Authenticate"].startswith("Bearer")
+    assert client.get(url, HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
+    assert client.get(url, HTTP_AUTHORIZATION="Basic s3cret-token").status_code == 401
+    assert client.get(url, HTTP_AUTHORIZATION="Bearer s3cret-tökén").status_code == 401
+    families = scrape(client, HTTP_AUTHORIZATION="Bearer s3cret-token")
+    assert "parroter_images_total" in families
+    # With a token, the address does not matter: a scraper elsewhere is let in.
+    request = RequestFactory().get(
+        url, REMOTE_ADDR="203.0.113.7", HTTP_AUTHORIZATION="Bearer s3cret-token"
+    )
+    assert views.metrics_page(request).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("address", "allowed"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("203.0.113.7", False),
+        ("10.0.0.5", False),
+        ("::ffff:192.0.2.1", False),
+        ("", False),
+    ],
+)
+def test_metrics_without_a_token_answer_loopback_only(settings, broker, address, allowed):
+    settings.METRICS_TOKEN = ""
+    request = RequestFactory().get(reverse("jobs:metrics"), REMOTE_ADDR=address)
+    response = views.metrics_page(request)
+    assert response.status_code == (200 if allowed else 403)
+    if allowed:
+        assert b"parroter_images_total" in response.content
+    else:
+        assert b"loopback" in response.content

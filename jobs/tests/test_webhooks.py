@@ -1,0 +1,472 @@
+"""Webhooks against a real HTTP server on loopback: signature, retries, exactly one delivery.
+
+Unit tests call `webhooks.deliver` and `webhooks.repair` directly; the integration tests
+run real workers and beat (conftest.system), one of them with a pool process killed at the
+worst moments (fault_app).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.conf import settings
+from django.db import transaction
+from django.db.models.functions import Now
+from django.urls import reverse
+from django.utils import timezone
+
+from jobs import sweep, webhooks
+from jobs.broker import queue_length
+from jobs.models import Image, Sweep, WebhookDelivery
+from jobs.tasks import make_thumbnails
+
+from .conftest import image_bytes
+from .processes import wait_for
+
+SECRET = "webhook-test-secret"  # noqa: S105
+FAULT_APP = "jobs.tests.fault_app"
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records every POST and answers as scripted."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        # Status codes for the next answers, in order; 200 once they run out.
+        self.codes: list[int] = []
+        self.delay = 0.0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.requests.append((dict(self.headers), body))
+                    code = receiver.codes.pop(0) if receiver.codes else 200
+                time.sleep(receiver.delay)
+                try:
+                    self.send_response(code)
+                    if 300 <= code < 400:
+                        self.send_header("Location", "/elsewhere")
+                    self.send_header("Content-Type", "text/plain")
+                    self.end_headers()
+                    self.wfile.write(f"answer {code}".encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the sender gave up waiting: what a timeout test wants
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def events(self) -> Counter[tuple[int, str]]:
+        """How many POSTs each (image id, event) got."""
+        with self.lock:
+            bodies = [json.loads(body) for _, body in self.requests]
+        return Counter((body["image"]["id"], body["event"]) for body in bodies)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver()
+    yield server
+    server.close()
+
+
+def assert_signed(headers: dict[str, str], body: bytes) -> None:
+    expected = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-Parroter-Signature"], f"sha256={expected}")
+
+
+def finished_image(index: int = 1, status: str = Image.Status.DONE, **fields) -> Image:
+    """An image row moved to a final state the way processing does it."""
+    image = Image.objects.create(
+        folder="/in",
+        name=f"{index}.jpg",
+        source_path=f"/in/{index}.jpg",
+        in_folder=False,
+        file_size=1,
+        mtime_ns=0,
+        sizes=["64x64"],
+        sizes_key="64x64",
+        sha256=f"{index:064x}",
+        status=status,
+        finished_at=timezone.now(),
+        **fields,
+    )
+    return image
+
+
+def owe(image: Image, event: str = webhooks.IMAGE_DONE) -> list[WebhookDelivery]:
+    with transaction.atomic():
+        webhooks.record(image, event)
+    return list(WebhookDelivery.objects.filter(image=image))
+
+
+# --- Recording ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_record_owes_nothing_without_a_webhook_url(settings):
+    settings.WEBHOOK_URLS = []
+    assert owe(finished_image()) == []
+
+
+@pytest.mark.django_db
+def test_record_owes_one_delivery_per_url_once_per_run(settings):
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
+    image = finished_image(archive="archives/1.zip")
+    with transaction.atomic():
+        webhooks.record(image, webhooks.IMAGE_DONE)
+        webhooks.record(image, webhooks.IMAGE_DONE)  # the same transition, recorded again
+    deliveries = WebhookDelivery.objects.filter(image=image).order_by("url")
+    assert [d.url for d in deliveries] == settings.WEBHOOK_URLS
+    assert {d.status for d in deliveries} == {WebhookDelivery.Status.PENDING}
+    body = json.loads(deliveries[0].body)
+    assert body["event"] == "image.done"
+    assert body["image"] == {
+        "id": image.id,
+        "name": "1.jpg",
+        "folder": "/in",
+        "status": "done",
+        "archive": "archives/1.zip",
+        "sha256": image.sha256,
+        "sizes": ["64x64"],
+        "error": "",
+        "duplicate_of": None,
+        "finished_at": body["image"]["finished_at"],
+    }
+    # Reprocessed and done again: a new run, so a new event.
+    Image.objects.filter(id=image.id).update(finished_at=timezone.now() + timedelta(seconds=1))
+    owe(image)
+    assert WebhookDelivery.objects.filter(image=image).count() == 4
+
+
+@pytest.mark.django_db
+def test_processing_records_done_duplicate_and_failed_events(folders, drop, settings):
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
+    photo = image_bytes((300, 200))
+    drop(folders["watch"], "first.jpg", photo)
+    drop(folders["watch"], "again.jpg", photo)
+    drop(folders["watch"], "broken.jpg", b"not an image")
+    record, path, labels = sweep.start_sweep(
+        str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
+    )
+    sweep.run_sweep(record, path, labels)
+    for name in ("first.jpg", "again.jpg", "broken.jpg"):
+        make_thumbnails(Image.objects.get(name=name).id)
+    bodies = {
+        delivery.image.name: json.loads(delivery.body)
+        for delivery in WebhookDelivery.objects.select_related("image")
+    }
+    first = Image.objects.get(name="first.jpg")
+    assert bodies["first.jpg"]["event"] == "image.done"
+    assert bodies["first.jpg"]["image"]["archive"] == first.archive
+    assert bodies["first.jpg"]["image"]["sha256"] == hashlib.sha256(photo).hexdigest()
+    assert bodies["again.jpg"]["event"] == "image.duplicate"
+    assert bodies["again.jpg"]["image"]["duplicate_of"] == first.id
+    assert bodies["again.jpg"]["image"]["archive"] == first.archive, "the zip holding it"
+    assert bodies["broken.jpg"]["event"] == "image.failed"
+    assert "not an image" in bodies["broken.jpg"]["image"]["error"]
+    assert len(bodies) == 3
+
+
+@pytest.mark.django_db
+def test_reconcile_records_the_failure_of_a_poison_file(folders, drop, settings):
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
+    settings.MAX_ATTEMPTS = 1
+    drop(folders["watch"], "poison.jpg")
+    record, path, labels = sweep.start_sweep(
+        str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
+    )
+    sweep.run_sweep(record, path, labels)
+    image = Image.objects.get()
+    Image.objects.start(image.id, "task", worker="elsewhere:1")
+    Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=1))
+    sweep.reconcile(folders["watch"])
+    delivery = WebhookDelivery.objects.get()
+    assert delivery.event == "image.failed"
+    assert "1 times" in json.loads(delivery.body)["image"]["error"]
+
+
+# --- Delivering ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hook(settings, receiver):
+    settings.WEBHOOK_URLS = [receiver.url]
+    settings.WEBHOOK_SECRET = SECRET
+    settings.WEBHOOK_TIMEOUT = 5
+    settings.WEBHOOK_BACKOFF = 10
+    return receiver
+
+
+@pytest.mark.django_db
+def test_deliver_posts_the_signed_body_once_and_records_it(hook):
+    [delivery] = owe(finished_image())
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.SENT
+    assert webhooks.deliver(delivery.id) == "skipped", "a second message sends nothing"
+    [(headers, body)] = hook.requests
+    assert body == delivery.body.encode()
+    assert_signed(headers, body)
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Parroter-Event"] == "image.done"
+    assert headers["X-Parroter-Delivery"] == str(delivery.id)
+    delivery.refresh_from_db()
+    assert delivery.status == WebhookDelivery.Status.SENT
+    assert (delivery.attempts, delivery.response_code) == (1, 200)
+    assert delivery.last_response == "answer 200"
+    assert delivery.sent_at is not None
+
+
+@pytest.mark.django_db
+def test_deliver_sends_nothing_while_another_worker_holds_the_row(hook):
+    [delivery] = owe(finished_image())
+    WebhookDelivery.objects.filter(id=delivery.id).update(
+        status=WebhookDelivery.Status.SENDING, claimed_by="elsewhere:1"
+    )
+    assert webhooks.deliver(delivery.id) == "skipped"
+    assert hook.requests == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("code", [400, 404, 410, 302])
+def test_deliver_fails_a_refusal_without_retrying(hook, broker, code):
+    hook.codes = [code]
+    [delivery] = owe(finished_image())
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.FAILED
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts, delivery.response_code) == ("failed", 1, code)
+    assert f"answer {code}" in delivery.last_response
+    assert webhooks.deliver(delivery.id) == "skipped"
+    assert len(hook.requests) == 1, "no retry, and a redirect is not followed"
+    assert queued_webhooks(broker) == 0
+
+
+def queued_webhooks(server) -> int:
+    return queue_length(settings.WEBHOOK_QUEUE) or 0
+
+
+@pytest.mark.django_db
+def test_deliver_retries_5xx_with_backoff_and_fails_after_five_tries(hook, broker):
+    codes = [500, 502, 503, 500, 500]
+    hook.codes = list(codes)
+    [delivery] = owe(finished_image())
+    for tries in range(1, webhooks.MAX_TRIES):
+        before = timezone.now()
+        assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.PENDING
+        delivery.refresh_from_db()
+        assert (delivery.attempts, delivery.response_code) == (tries, codes[tries - 1])
+        assert delivery.next_try_at >= before + timedelta(seconds=10 * 2 ** (tries - 1))
+        assert queued_webhooks(broker) == tries, "each retry is queued, with its countdown"
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.FAILED
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts, delivery.response_code) == ("failed", 5, 500)
+    assert len(hook.requests) == webhooks.MAX_TRIES
+    assert len({body for _, body in hook.requests}) == 1, "every try sends the same bytes"
+
+
+@pytest.mark.django_db
+def test_deliver_retries_when_nothing_answers(hook, broker, settings):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    settings.WEBHOOK_URLS = [f"http://127.0.0.1:{port}/hook"]
+    [refused] = owe(finished_image(1))
+    assert webhooks.deliver(refused.id) == WebhookDelivery.Status.PENDING
+    refused.refresh_from_db()
+    assert "refused" in refused.last_error.lower()
+    assert refused.response_code is None
+
+    settings.WEBHOOK_URLS = [hook.url]
+    settings.WEBHOOK_TIMEOUT = 0.5
+    hook.delay = 2  # answers after the timeout
+    [slow] = owe(finished_image(2))
+    assert webhooks.deliver(slow.id) == WebhookDelivery.Status.PENDING
+    slow.refresh_from_db()
+    assert "timed out" in slow.last_error
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.django_db
+def test_repair_queues_lost_rows_and_rows_whose_claim_expired_only(hook, broker, settings):
+    settings.REQUEUE_AFTER = 60
+    now = timezone.now()
+    host = socket.gethostname()
+    rows = {}
+    for index, name in enumerate(
+        ["lost", "fresh", "dead_sender", "live_sender", "far_sender", "expired", "sent"], 1
+    ):
+        [rows[name]] = owe(finished_image(index))
+    Sending = WebhookDelivery.Status.SENDING
+    WebhookDelivery.objects.filter(id=rows["lost"].id).update(
+        next_try_at=now - timedelta(seconds=61)
+    )
+    WebhookDelivery.objects.filter(id=rows["dead_sender"].id).update(
+        status=Sending, claimed_by=f"{host}:{dead_pid()}", claimed_at=now, attempts=1
+    )
+    WebhookDelivery.objects.filter(id=rows["live_sender"].id).update(
+        status=Sending, claimed_by=f"{host}:{os.getpid()}", claimed_at=now, attempts=1
+    )
+    WebhookDelivery.objects.filter(id=rows["far_sender"].id).update(
+        status=Sending, claimed_by="another-host:12", claimed_at=now, attempts=1
+    )
+    WebhookDelivery.objects.filter(id=rows["expired"].id).update(
+        status=Sending, claimed_by="another-host:12", claimed_at=now - timedelta(hours=1)
+    )
+    WebhookDelivery.objects.filter(id=rows["sent"].id).update(
+        status=WebhookDelivery.Status.SENT, next_try_at=now - timedelta(days=1)
+    )
+
+    again = webhooks.repair(now)
+
+    assert sorted(again) == sorted(rows[name].id for name in ("lost", "expired"))
+    assert queued_webhooks(broker) == 2
+    status = dict(WebhookDelivery.objects.values_list("id", "status"))
+    # A fresh claim is a live lease whatever its label says: a PID names no process on
+    # another host or in another PID namespace.
+    assert status[rows["dead_sender"].id] == Sending
+    assert status[rows["live_sender"].id] == Sending
+    assert status[rows["far_sender"].id] == Sending
+    assert status[rows["sent"].id] == WebhookDelivery.Status.SENT
+    assert webhooks.repair(now) == [], "queued rows are not queued again at once"
+    for name in ("lost", "expired"):
+        assert webhooks.deliver(rows[name].id) == WebhookDelivery.Status.SENT
+    assert len(hook.requests) == 2
+
+
+# --- With real workers --------------------------------------------------------------------
+
+
+def webhook_environment(system, receiver: Receiver) -> None:
+    system.environment.update(
+        WEBHOOK_URL=receiver.url,
+        WEBHOOK_SECRET=SECRET,
+        WEBHOOK_BACKOFF="0.3",
+        # Short, since a claim left by a killed sender is taken back after its time limit.
+        WEBHOOK_TIMEOUT="2",
+        REQUEUE_AFTER="2",
+    )
+
+
+def all_sent(count: int) -> bool:
+    sent = WebhookDelivery.objects.filter(status=WebhookDelivery.Status.SENT).count()
+    return sent >= count and not WebhookDelivery.objects.exclude(status="sent").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_webhook_answered_with_500s_is_sent_again_until_received(system, folders, receiver):
+    webhook_environment(system, receiver)
+    receiver.codes = [500, 502, 503]
+    (folders["watch"] / "photo.jpg").write_bytes(image_bytes((400, 300)))
+    system.worker()
+    system.beat()
+    wait_for(lambda: all_sent(1), timeout=90, what="the webhook to get through")
+    image = Image.objects.get()
+    assert image.status == Image.Status.DONE
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.attempts, delivery.response_code) == (4, 200)
+    assert len(receiver.requests) == 4
+    for headers, body in receiver.requests:
+        assert_signed(headers, body)
+        assert headers["X-Parroter-Delivery"] == str(delivery.id)
+    assert json.loads(receiver.requests[-1][1])["image"]["archive"] == image.archive
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("stage", ["webhook-recorded", "webhook-claimed"])
+def test_one_post_per_event_across_a_killed_worker(system, folders, receiver, tmp_path, stage):
+    """The pool process dies right after the final state is committed (before any task is
+    queued), or right after claiming a delivery (before sending it); then the worker is
+    stopped and a second one takes over."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    webhook_environment(system, receiver)
+    system.environment.update(PARROTER_FAULT_DIE_AFTER=stage, PARROTER_FAULT_MARKERS=str(markers))
+    photos = {
+        f"{index}.jpg": image_bytes((300, 200), colour=(index * 40, 0, 0)) for index in (1, 2)
+    }
+    photos["copy.jpg"] = photos["1.jpg"]
+    photos["broken.jpg"] = b"not an image at all"
+    for name, data in photos.items():
+        (folders["watch"] / name).write_bytes(data)
+    first = system.worker("worker-a", app=FAULT_APP)
+    system.beat()
+    wait_for(
+        lambda: len(list(markers.iterdir())) >= len(photos),
+        timeout=120,
+        what="a pool process to die at every event",
+    )
+    # A warm shutdown: whatever it is sending it finishes; its unstarted messages go back.
+    system.running.pop("worker-a")
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=60)
+    system.worker("worker-b")
+    wait_for(lambda: all_sent(len(photos)), timeout=120, what="every webhook to be sent")
+
+    images = {image.name: image for image in Image.objects.all()}
+    assert sorted(images) == sorted(photos)
+    statuses = sorted(image.status for image in images.values())
+    assert statuses == ["done", "done", "duplicate", "failed"]
+    expected = {(image.id, f"image.{image.status}") for image in images.values()}
+    assert receiver.events() == dict.fromkeys(expected, 1), "exactly one POST per event"
+    # Claimed by the process that died, then again; or queued only by the repair.
+    tries = 2 if stage == "webhook-claimed" else 1
+    assert set(WebhookDelivery.objects.values_list("attempts", flat=True)) == {tries}
+    for headers, body in receiver.requests:
+        assert_signed(headers, body)
+
+
+# --- Admin --------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_admin_lists_deliveries_read_only_with_a_status_filter(admin_client, settings):
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
+    [sent] = owe(finished_image(1))
+    [failed] = owe(finished_image(2))
+    WebhookDelivery.objects.filter(id=sent.id).update(status="sent", response_code=200)
+    WebhookDelivery.objects.filter(id=failed.id).update(
+        status="failed", response_code=404, last_error="HTTP 404 Not Found"
+    )
+    changelist = reverse("admin:jobs_webhookdelivery_changelist")
+    page = admin_client.get(changelist + "?status__exact=failed").content.decode()
+    assert "2.jpg" in page
+    assert "1.jpg" not in page
+    page = admin_client.get(reverse("admin:jobs_webhookdelivery_change", args=[failed.id]))
+    text = page.content.decode()
+    assert "HTTP 404 Not Found" in text
+    assert "&quot;event&quot;: &quot;image.done&quot;" in text, "the body as sent, readable"
+    assert 'name="_save"' not in text, "nothing to edit"
+    add = admin_client.get(reverse("admin:jobs_webhookdelivery_add"))
+    assert add.status_code == 403
+    delete = admin_client.get(reverse("admin:jobs_webhookdelivery_delete", args=[failed.id]))
+    assert delete.status_code == 403

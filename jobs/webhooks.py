@@ -1,0 +1,306 @@
+"""Webhooks: one signed POST per image that reaches a final state, sent exactly once.
+
+Order of effects, so that a crash anywhere neither loses nor repeats an event: the image's
+final state and one `WebhookDelivery` row per URL are committed together (`record`); only
+after the commit is a task queued for each row. The task claims its row by a conditional
+update (pending -> sending), so two workers never send the same row; it records the answer
+and, on a connection error, a timeout or a 5xx, puts the row back to pending for a later
+try. `repair` (a beat entry) queues again the rows whose message or worker was lost.
+
+One crash window is left, as in any webhook system: a worker that dies after the receiver
+got the POST but before the row says "sent" makes the row be sent again. Every request
+carries `X-Parroter-Delivery` (the row's id), stable across tries, for receivers to ignore
+a repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import kombu.exceptions
+from celery import current_app
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.db.models.functions import Now
+from django.utils import timezone
+
+from .models import Image, WebhookDelivery
+
+logger = logging.getLogger(__name__)
+
+DELIVER_TASK = "jobs.deliver_webhook"
+# Tries in all, the first included; then the row is failed for good.
+MAX_TRIES = 5
+# Characters of a receiver's answer kept on the row.
+RESPONSE_KEPT = 1000
+# Rows one repair looks at: a backlog is worked off over several runs, in bounded memory.
+REPAIR_BATCH = 500
+# Seconds past a delivery task's hard time limit before its claim counts as abandoned.
+CLAIM_SLACK = 5
+
+IMAGE_DONE = WebhookDelivery.Event.DONE
+IMAGE_FAILED = WebhookDelivery.Event.FAILED
+IMAGE_DUPLICATE = WebhookDelivery.Event.DUPLICATE
+# The event of each final status.
+EVENTS = {
+    Image.Status.DONE: IMAGE_DONE,
+    Image.Status.FAILED: IMAGE_FAILED,
+    Image.Status.DUPLICATE: IMAGE_DUPLICATE,
+}
+
+
+def record(image: Image, event: str) -> None:
+    """Owe one POST per WEBHOOK_URL for `event` of `image`, in the transaction that moved
+    the image to its final state, after that update (see jobs/outcomes.py).
+
+    Nothing is recorded when WEBHOOK_URL is empty. The payload is read back from the row
+    as this transaction wrote it; the rows are queued only once the transaction commits.
+    """
+    urls = settings.WEBHOOK_URLS
+    if not urls:
+        return
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("webhooks.record must run in the transaction of the final state")
+    row = Image.objects.select_related("duplicate_of").get(id=image.id)
+    run = row.finished_at.isoformat() if row.finished_at else f"attempt {row.attempts}"
+    body = json.dumps(payload(row, event), separators=(",", ":"), sort_keys=True)
+    WebhookDelivery.objects.bulk_create(
+        [
+            WebhookDelivery(event=event, image_id=row.id, run=run, url=url, body=body)
+            for url in urls
+        ],
+        # The same run of the same transition recorded again is the same event.
+        ignore_conflicts=True,
+    )
+    ids = list(
+        WebhookDelivery.objects.filter(
+            image_id=row.id, event=event, run=run, status=WebhookDelivery.Status.PENDING
+        ).values_list("id", flat=True)
+    )
+    transaction.on_commit(lambda: queue_deliveries(ids))
+
+
+def payload(image: Image, event: str) -> dict[str, object]:
+    """What a receiver is told about an image. `archive` is relative to MEDIA_ROOT; a
+    duplicate names the archive of the image it duplicates, which holds its content."""
+    archive = image.archive
+    if image.status == Image.Status.DUPLICATE and image.duplicate_of is not None:
+        archive = image.duplicate_of.archive
+    return {
+        "event": event,
+        "image": {
+            "id": image.id,
+            "name": image.name,
+            "folder": image.folder,
+            "status": image.status,
+            "archive": archive or None,
+            "sha256": image.sha256 or None,
+            "sizes": image.sizes,
+            "error": image.error,
+            "duplicate_of": image.duplicate_of_id,
+            "finished_at": image.finished_at.isoformat() if image.finished_at else None,
+        },
+    }
+
+
+def signature(body: bytes, secret: str) -> str:
+    """The X-Parroter-Signature header value for `body`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def queue_deliveries(ids: Iterable[int], countdown: float | None = None) -> None:
+    """Send one delivery task per row. A message that cannot be sent is left to `repair`."""
+    for delivery_id in ids:
+        try:
+            current_app.send_task(DELIVER_TASK, (delivery_id,), countdown=countdown)
+        except (OSError, kombu.exceptions.OperationalError) as exc:
+            logger.warning("webhook %s not queued (%s); the repair will send it", delivery_id, exc)
+
+
+@dataclass
+class Answer:
+    """What came back from one POST."""
+
+    code: int | None
+    text: str = ""
+    error: str = ""
+
+    @property
+    def retry(self) -> bool:
+        # No answer at all (refused, reset, timed out) or the receiver's own failure.
+        return self.code is None or self.code >= 500
+
+
+def deliver(delivery_id: int) -> str:
+    """Claim one pending row, POST it, record the outcome. Returns the row's new status,
+    or "skipped" when another worker has it or it is no longer pending."""
+    worker = this_worker()
+    claimed = WebhookDelivery.objects.filter(
+        id=delivery_id, status=WebhookDelivery.Status.PENDING
+    ).update(
+        status=WebhookDelivery.Status.SENDING,
+        claimed_by=worker,
+        # The database's clock: a repair on another host compares it with its own Now().
+        claimed_at=Now(),
+        attempts=F("attempts") + 1,
+    )
+    if not claimed:
+        return "skipped"
+    delivery = WebhookDelivery.objects.get(id=delivery_id)
+    answer = post(delivery.url, delivery.body.encode(), delivery)
+    now = timezone.now()
+    fields: dict[str, object] = {
+        "response_code": answer.code,
+        "last_response": answer.text[:RESPONSE_KEPT],
+        "last_error": answer.error,
+        "claimed_by": "",
+        "claimed_at": None,
+    }
+    countdown = None
+    if answer.code is not None and 200 <= answer.code < 300:
+        fields.update(status=WebhookDelivery.Status.SENT, sent_at=now)
+    elif answer.retry and delivery.attempts < MAX_TRIES:
+        countdown = backoff(delivery.attempts)
+        fields.update(
+            status=WebhookDelivery.Status.PENDING,
+            next_try_at=now + timedelta(seconds=countdown),
+        )
+    else:
+        fields.update(status=WebhookDelivery.Status.FAILED)
+    # Only while still ours: a repair may have taken it back if we were presumed dead.
+    mine = WebhookDelivery.objects.filter(
+        id=delivery_id, status=WebhookDelivery.Status.SENDING, claimed_by=worker
+    ).update(**fields)
+    if not mine:
+        logger.warning("webhook %s was taken over while it was being sent", delivery_id)
+        return "skipped"
+    level = logging.INFO if fields["status"] == WebhookDelivery.Status.SENT else logging.WARNING
+    logger.log(
+        level,
+        "webhook %s (%s) to %s: try %d, %s, now %s",
+        delivery_id,
+        delivery.event,
+        delivery.url,
+        delivery.attempts,
+        answer.code or answer.error,
+        fields["status"],
+    )
+    if countdown is not None:
+        queue_deliveries([delivery_id], countdown=countdown)
+    return str(fields["status"])
+
+
+def backoff(tries: int) -> float:
+    """Seconds before the next try after `tries` failed ones: WEBHOOK_BACKOFF, doubled."""
+    return settings.WEBHOOK_BACKOFF * 2 ** (tries - 1)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib would turn a redirected POST into a GET without its body: refuse instead.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
+def post(url: str, body: bytes, delivery: WebhookDelivery) -> Answer:
+    """POST body to url with our headers, within WEBHOOK_TIMEOUT per network operation."""
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "Parroter-Webhook/1",
+        "X-Parroter-Event": delivery.event,
+        "X-Parroter-Delivery": str(delivery.id),
+    }
+    if settings.WEBHOOK_SECRET:
+        headers["X-Parroter-Signature"] = signature(body, settings.WEBHOOK_SECRET)
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    try:
+        with _opener.open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:
+            return Answer(response.status, _read_text(response))
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return Answer(exc.code, _read_text(exc), f"HTTP {exc.code} {exc.reason}")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return Answer(None, error=f"no answer: {reason}")
+
+
+def _read_text(response) -> str:
+    try:
+        return response.read(RESPONSE_KEPT).decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(answer unreadable: {exc})"
+
+
+def repair(now: datetime | None = None) -> list[int]:
+    """Queue again the rows a lost message or a dead worker left behind; returns their ids.
+
+    Pending rows overdue by REQUEUE_AFTER lost their message (Redis restarted, or the
+    process died between commit and queueing). Rows claimed for longer than any send can
+    take (the task's hard time limit) are put back to pending.
+    """
+    now = now or timezone.now()
+    Status = WebhookDelivery.Status
+    # A claim is a lease as long as the delivery task's hard time limit: past it, the task
+    # that holds it was killed or its host lost. No PID or host name decides (PID
+    # namespaces reuse both).
+    expired = Now() - timedelta(seconds=send_time_limit() + CLAIM_SLACK)
+    revived = []
+    for delivery in WebhookDelivery.objects.filter(
+        status=Status.SENDING, claimed_at__lt=expired
+    ).only("id", "claimed_by", "attempts")[:REPAIR_BATCH]:
+        back = Status.PENDING if delivery.attempts < MAX_TRIES else Status.FAILED
+        taken_back = WebhookDelivery.objects.filter(
+            id=delivery.id,
+            status=Status.SENDING,
+            claimed_by=delivery.claimed_by,
+            claimed_at__lt=expired,
+        ).update(
+            status=back,
+            next_try_at=now,
+            claimed_by="",
+            claimed_at=None,
+            last_error=f"{delivery.claimed_by}, sending it, stopped without a result",
+        )
+        if taken_back and back == Status.PENDING:
+            revived.append(delivery.id)
+    stale = now - timedelta(seconds=settings.REQUEUE_AFTER)
+    lost = list(
+        WebhookDelivery.objects.filter(status=Status.PENDING, next_try_at__lt=stale)
+        .order_by("next_try_at")
+        .values_list("id", flat=True)[:REPAIR_BATCH]
+    )
+    if lost:
+        # A message still on its way is harmless: only one task can claim the row.
+        WebhookDelivery.objects.filter(id__in=lost, status=Status.PENDING).update(next_try_at=now)
+    if revived or lost:
+        logger.warning(
+            "sending %d webhook(s) again: %d lost by a dead worker, %d lost with their message",
+            len(revived) + len(lost),
+            len(revived),
+            len(lost),
+        )
+        queue_deliveries([*revived, *lost])
+    return [*revived, *lost]
+
+
+def send_time_limit() -> float:
+    """The hard time limit of one delivery task: a few network timeouts and some slack."""
+    return settings.WEBHOOK_TIMEOUT * 3 + 10
+
+
+def this_worker() -> str:
+    """host:pid, for people reading the row; nothing is decided by it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
