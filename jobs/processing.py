@@ -57,11 +57,21 @@ def process_image(
         return fail(image, str(exc), worker)
     except OSError as exc:
         return fail(image, _describe_os_error(exc), worker)
+    except MemoryError:
+        # Failed below, once this block has let go of the traceback and the pixels it holds.
+        pass
     except Exception as exc:
         # A bug, not bad input: keep the file safe and the reason visible, then let Celery
         # record the traceback too.
         fail(image, f"internal error: {exc!r}", worker)
         raise
+    # A misjudged image stopped by the OS limit (jobs/worker.py): failed, not retried.
+    return fail(
+        image,
+        f"ran out of this worker's {settings.WORKER_MEMORY_MB} MB memory budget "
+        "(WORKER_MEMORY_MB) while making its thumbnails",
+        worker,
+    )
 
 
 def fail(image: Image, reason: str, worker: str | None = None) -> str:
@@ -100,7 +110,9 @@ def _process(image: Image, worker: str) -> str:
             out,
             sizes,
             limits=pipeline.Limits(
-                max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
+                max_pixels=settings.MAX_IMAGE_PIXELS,
+                max_bytes=settings.MAX_IMAGE_BYTES,
+                memory_bytes=settings.WORKER_MEMORY_MB * pipeline.MiB,
             ),
             options=encode_options(image.options),
         )

@@ -243,6 +243,9 @@ REDIS_WAIT = envfloat("REDIS_WAIT", "30")
 # A worker that starts nothing for this long while work waits is restarted by `make run`.
 STALL_SECONDS = envfloat("STALL_SECONDS", str(IMAGE_TIME_LIMIT + 60), minimum=1)
 WORKER_CONCURRENCY = envint("WORKER_CONCURRENCY", str(os.cpu_count() or 1), minimum=1)
+# MB (MiB) of memory no worker process exceeds: images that would not fit are refused from
+# their header, and an OS limit stops a pool process that goes over anyway (jobs/worker.py).
+WORKER_MEMORY_MB = envint("WORKER_MEMORY_MB", "512", minimum=128)
 if IMAGE_SOFT_TIME_LIMIT >= IMAGE_TIME_LIMIT:
     raise ImproperlyConfigured("IMAGE_SOFT_TIME_LIMIT must be below IMAGE_TIME_LIMIT")
 
@@ -279,6 +282,9 @@ CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CONCURRENCY = WORKER_CONCURRENCY
+# A pool process whose peak memory came within 10% of WORKER_MEMORY_MB is replaced after its
+# task (KiB), so a process that crept up (a leak, a fragmented heap) starts afresh.
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = WORKER_MEMORY_MB * 1024 * 9 // 10
 # A run cut off by a broker blip would count as a failed attempt; letting it finish is
 # harmless, since a redelivered message finds its image no longer pending.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
