@@ -114,10 +114,11 @@ _DECODE_ERRORS = (
 _RESIZABLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")
 # Pillow resamples alpha premultiplied: an RGBA image is converted to RGBa and back.
 _PREMULTIPLIED = {"RGBA": "RGBa", "LA": "La"}
-# Pillow's WebP decoder (libwebp's animation decoder, even for a still image) keeps two
-# canvases of 4 bytes per pixel while the image lives, and hands the frame over as bytes
-# that the pixels are copied from. Measured on 12 MP and 48 MP WebPs, lossy and lossless,
-# with and without alpha: 16 to 17 bytes per pixel at the peak of load(), pixels included.
+# Pillow's WebP decoder (libwebp's animation decoder, even for a still image) allocates two
+# canvases of 4 bytes per pixel when the file is opened and keeps them while the image
+# lives (_load drops them), and hands the frame over as bytes the pixels are copied from.
+# Measured on 12 MP and 48 MP WebPs, lossy and lossless, with and without alpha: 16 to 17
+# bytes per pixel at the peak of load(), pixels included, with a copy of the file.
 WEBP_CANVAS_BYTES = 8
 WEBP_DECODER_BYTES = 13
 
@@ -367,7 +368,8 @@ def write_archive(
 def estimate_memory(
     image: Image.Image, sizes: Sequence[ThumbnailSize], data: bytes = b""
 ) -> MemoryEstimate:
-    """What write_archive will hold at once, by stage, for this opened, undecoded image.
+    """What write_archive will hold at once, by stage, for this opened, undecoded image,
+    beyond what opening it took (a WebP's canvases, allocated by then, are left out).
 
     From the header only: the size decoded (a JPEG's draft scale), the bytes Pillow keeps
     per pixel of the mode decoded, the decoder's own buffers (a progressive JPEG's
@@ -392,8 +394,10 @@ def estimate_memory(
     pixels = decoded[0] * decoded[1]
     pixel_bytes = _pixel_bytes(image.mode)
     decode = pixels * pixel_bytes + _decoder_bytes(image, decoded, data)
-    # What stays until the image is dropped: its pixels, and a WebP decoder's canvases.
-    held = pixels * (pixel_bytes + (WEBP_CANVAS_BYTES if image.format == "WEBP" else 0))
+    # What stays until the image is dropped: its pixels. What opening it took, a WebP
+    # decoder's canvases and copy of the file, is given back once it is loaded (_load).
+    held = pixels * pixel_bytes
+    opened = pixels * WEBP_CANVAS_BYTES + len(data) if image.format == "WEBP" else 0
     work_mode = _resizable_mode(image.mode, image.info)
     work_bytes = _pixel_bytes(work_mode)
     converted = pixels * work_bytes if work_mode != image.mode else 0
@@ -402,16 +406,18 @@ def estimate_memory(
     resize = thumbnails = 0
     for orientation in orientations:
         width, height = _rotated(stored, orientation)
-        fits = [
-            _rotated(fit, orientation)
-            for fit in sorted({size.fit(width, height) for size in sizes}, reverse=True)
-        ]
+        boxes: dict[tuple[int, int], int] = {}
+        for size in set(sizes):
+            fit = _rotated(size.fit(width, height), orientation)
+            boxes[fit] = boxes.get(fit, 0) + 1
+        fits = sorted(boxes, reverse=True)
         if not fits:
             continue
         first = fits[0]
         first_bytes = first[0] * first[1] * work_bytes
         if first == decoded:
-            # Nothing to shrink: the first thumbnail is the decoded image, converted.
+            # Nothing to shrink: the first thumbnail is the decoded image, converted (or the
+            # image itself, which then stays).
             shrink = held + converted
             first_bytes = converted or held
         elif not _in_strips(image.mode, work_mode, decoded, _reduce_factors(decoded, first)):
@@ -426,21 +432,25 @@ def estimate_memory(
                 half = first[0] * reduced[1] * work_bytes
                 strip = max(1, STRIP_PIXELS // decoded[0] // factor_y) * factor_y * decoded[0]
             # A strip cropped, converted and premultiplied (what it shrinks to is smaller),
-            # and the first pass's result so far, while the image is still there; then that
-            # result and the second pass's (and it premultiplied back).
+            # and the first pass's result so far, while the image is still there; then,
+            # the image dropped, that result and the second pass's (premultiplied back).
             strip *= pixel_bytes + work_bytes * (1 + premultiplied)
             shrink = max(held + half + strip, half + first_bytes * (1 + premultiplied))
-        resize = max(resize, shrink)
+        resize = max(resize, shrink - opened)
         # Each thumbnail beside the image it is made from (the first: as it came out of the
-        # shrink), then that image beside the resize to the next size.
+        # shrink), then that image beside the resize to the next size; the decoded image
+        # is gone by then.
         sources = [first_bytes] + [fit[0] * fit[1] * work_bytes for fit in fits[1:]]
         for index, (fit, source) in enumerate(zip(fits, sources, strict=True)):
             work = _thumbnail_work(
                 fit[0] * fit[1], image.mode, work_mode, output_format, orientation
             )
+            if boxes[fit] > 1:
+                # Stored under several names: its encoded bytes are kept meanwhile.
+                work += fit[0] * fit[1] * 4
             if index + 1 < len(fits):
                 work = max(work, _resize_bytes(fit, fits[index + 1], work_mode))
-            thumbnails = max(thumbnails, source + work)
+            thumbnails = max(thumbnails, source + work - opened)
     return MemoryEstimate(decode=decode, resize=resize, thumbnails=thumbnails)
 
 
@@ -502,6 +512,10 @@ def _load(image: Image.Image, sizes: Sequence[ThumbnailSize], limits: Limits) ->
             image.draft(None, requested)
         with _pixel_limit(limits.max_pixels):
             image.load()
+        if image.format == "WEBP":
+            # Pillow keeps libwebp's animation decoder, and its two canvases of the image's
+            # size, to seek to other frames: only the first is ever used.
+            image.__dict__.pop("_decoder", None)
         if image.format not in ("JPEG", "MPO"):
             # Elsewhere EXIF may follow the pixels (PNG): read it once they are loaded.
             orientation = _orientation(image)
@@ -835,7 +849,9 @@ def _decoder_bytes(image: Image.Image, decoded: tuple[int, int], data: bytes) ->
     if image.format in ("JPEG", "MPO"):
         return _jpeg_coefficient_bytes(image, data)
     if image.format == "WEBP":
-        return width * height * WEBP_DECODER_BYTES + 2 * len(data)
+        # Beyond the canvases, which opening the file allocated: the frame's bytes, and
+        # the file, which the decoder keeps a copy of.
+        return width * height * (WEBP_DECODER_BYTES - WEBP_CANVAS_BYTES) + len(data)
     if image.format == "TIFF":
         # libtiff reads a strip (or a row of tiles) into a buffer of its own, and a file
         # may well hold the whole image in one strip.
@@ -953,8 +969,12 @@ def _thumbnail_work(
     else:
         converting = output_bytes = 0  # the thumbnail is the image it was made from
     turned = (output_bytes or _pixel_bytes(work_mode)) if orientation in _TRANSPOSE else 0
-    # libwebp encodes from a picture of its own (ARGB, then YUV), and returns the bytes.
-    encoder = 8 if output_format == "WEBP" else 0
+    encoder = 0
+    if output_format == "WEBP":
+        # libwebp encodes from pictures of its own (ARGB, then YUV) and returns the bytes;
+        # an alpha plane is compressed losslessly, at a far higher cost. Measured, 3840 px
+        # square: 5.6 bytes per pixel for RGB, 19.3 for RGBA.
+        encoder = 20 if work_mode in _PREMULTIPLIED else 6
     return pixels * max(converting, output_bytes + turned + encoder)
 
 

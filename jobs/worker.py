@@ -19,7 +19,6 @@ as a whole stays under the budget.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import io
 import logging
 import resource
@@ -88,9 +87,9 @@ def _return_freed_blocks() -> None:
     every image after it. A fixed threshold cost no measurable time on the bench corpus
     (1.28 against 1.25 CPU s a pass, within the run-to-run noise).
     """
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt
+        # The symbols of the process itself, the C library's among them.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         logger.info("no mallopt() in this C library; freed memory may stay in the heap")
         return

@@ -52,9 +52,18 @@ def jpeg(width: int, height: int, *, progressive: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def webp(width: int, height: int) -> bytes:
+def jpeg_header(width: int, height: int, *, progressive: bool = False) -> bytes:
+    """A small JPEG whose frame header claims width x height: a decompression bomb that
+    cannot even be decoded, refused (or not) from its header alone."""
+    data = bytearray(jpeg(16, 16, progressive=progressive))
+    frame = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    data[frame + 5 : frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def webp(width: int, height: int, mode: str = "RGB") -> bytes:
     buffer = io.BytesIO()
-    gradient(width, height).save(buffer, "WEBP", quality=70, method=0)
+    gradient(width, height, mode).save(buffer, "WEBP", quality=70, method=0)
     return buffer.getvalue()
 
 

@@ -6,6 +6,8 @@ kills its pool process outright, on every attempt, like a file that crashes a de
 PARROTER_FAULT_DIE_AFTER: "archive" (the zip is renamed into place, the database not told
 yet) or "done" (the database says done, the original not moved yet): the pool process dies
 at that point, once per image (markers in PARROTER_FAULT_MARKERS).
+PARROTER_FAULT_NO_ESTIMATE: the pipeline's memory estimate says every image needs nothing,
+so that only the OS limit on the pool process stands between an image and the machine.
 """
 
 import os
@@ -36,6 +38,8 @@ def inject_faults(**kwargs):
     real_put_original_away = processing.put_original_away
     pipeline.write_archive = faulty_write_archive
     processing.put_original_away = faulty_put_original_away
+    if os.environ.get("PARROTER_FAULT_NO_ESTIMATE"):
+        pipeline.estimate_memory = lambda *args, **kwargs: pipeline.MemoryEstimate(0, 0, 0)
 
 
 def faulty_write_archive(data, original_name, *args, **kwargs):
