@@ -262,15 +262,15 @@ def test_make_thumbnails_in_strips_gives_pillows_own_resize(mode, width, height,
     source = MODES[mode](Image.effect_noise((width, height), 90).convert("RGB"))
     sizes = [ThumbnailSize(*box), ThumbnailSize(max(1, box[0] // 3), max(1, box[1] // 3))]
     made = {}
-    for strips_above, strip_pixels in ((10**9, pipeline.STRIP_PIXELS), (0, strip)):
-        previous = pipeline.STRIPS_ABOVE, pipeline.STRIP_PIXELS
-        pipeline.STRIPS_ABOVE, pipeline.STRIP_PIXELS = strips_above, strip_pixels
+    previous = pipeline.STRIP_PIXELS
+    for strip_pixels in (10**9, strip):  # in one go, then in strips of `strip` pixels
+        pipeline.STRIP_PIXELS = strip_pixels
         try:
             thumbnails = pipeline.make_thumbnails(source.copy(), sizes, "PNG")
         finally:
-            pipeline.STRIPS_ABOVE, pipeline.STRIP_PIXELS = previous
-        made[strips_above] = [(thumb.mode, thumb.size, thumb.tobytes()) for _, thumb in thumbnails]
-    assert made[0] == made[10**9]
+            pipeline.STRIP_PIXELS = previous
+        made[strip_pixels] = [(thumb.mode, thumb.size, thumb.tobytes()) for _, thumb in thumbnails]
+    assert made[strip] == made[10**9]
 
 
 def test_make_thumbnails_makes_each_size_from_a_larger_one():
