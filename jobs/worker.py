@@ -67,7 +67,11 @@ def limit_memory(budget: int) -> int:
             budget // pipeline.MiB,
             held // pipeline.MiB,
         )
-    resource.setrlimit(resource.RLIMIT_DATA, (max(limit, held), hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (max(limit, held), hard))
+    except (ValueError, OSError):
+        logger.warning("cannot limit this pool process's data; only the estimate applies")
+        return limit
     logger.info(
         "pool process memory budget %d MB (WORKER_MEMORY_MB): data limited to %d MB, "
         "%d MB of it in use",
