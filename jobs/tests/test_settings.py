@@ -36,6 +36,7 @@ def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[s
         ("DATABASE_URL", "mysql://localhost/x"),
         ("REDIS_URL", "http://localhost"),
         ("PORT", "eighty"),
+        ("WORKER_MEMORY_MB", "64"),
     ],
 )
 def test_settings_bad_value_stops_start_up_with_one_line_naming_it(variable, value):
