@@ -124,7 +124,7 @@ def test_estimate_memory_decodes_a_jpeg_at_the_draft_scale_pillow_picks():
     assert estimate.decode == 1000 * 750 * 4
 
 
-def test_estimate_memory_of_a_webp_counts_its_decoders_canvases():
+def test_estimate_memory_of_a_webp_counts_what_its_decoder_adds_once_opened():
     data = big_images.webp(1000, 800)
     with Image.open(io.BytesIO(data)) as image:
         estimate = pipeline.estimate_memory(image, parse_sizes("64x64"), data)
