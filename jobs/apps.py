@@ -13,3 +13,6 @@ class JobsConfig(AppConfig):
         # Each worker's main process records that it is alive, for /healthz.
         worker_ready.connect(health.start_worker_heartbeat, weak=False)
         worker_shutdown.connect(health.stop_worker_heartbeat, weak=False)
+
+        # Connects the set-up of Celery pool processes (their memory budget).
+        from . import worker  # noqa: F401

@@ -63,11 +63,21 @@ def process_image(
             return fail(image, str(exc))
         except OSError as exc:
             return fail(image, _describe_os_error(exc))
+        except MemoryError:
+            # Failed below, once this block has let go of the traceback and the pixels it
+            # holds.
+            pass
         except Exception as exc:
             # A bug, not bad input: keep the file safe and the reason visible, then let
             # Celery record the traceback too.
             fail(image, f"internal error: {exc!r}")
             raise
+        # A misjudged image stopped by the OS limit (jobs/worker.py): failed, not retried.
+        return fail(
+            image,
+            f"ran out of this worker's {settings.WORKER_MEMORY_MB} MB memory budget "
+            "(WORKER_MEMORY_MB) while making its thumbnails",
+        )
 
 
 # Renewals per lease: two may fail (a busy database) before the lease runs out.
@@ -147,7 +157,9 @@ def _process(image: Image) -> str:
             out,
             sizes,
             limits=pipeline.Limits(
-                max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
+                max_pixels=settings.MAX_IMAGE_PIXELS,
+                max_bytes=settings.MAX_IMAGE_BYTES,
+                memory_bytes=settings.WORKER_MEMORY_MB * pipeline.MiB,
             ),
             options=encode_options(image.options),
         )

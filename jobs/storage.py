@@ -202,13 +202,6 @@ class Folder:
             raise NotBeneath(f"{self.path} is a root; roots are not removed")
         os.rmdir(self._names[-1], dir_fd=self._fds[-2])
 
-    def remove_created(self) -> None:
-        """Remove the folders this walk made, deepest first, as far as they are empty."""
-        for index in reversed(range(len(self._names))):
-            if self._created[index]:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self._names[index], dir_fd=self._fds[index])
-
 
 def beneath(path: Path, roots: Iterable[Path]) -> tuple[Path, tuple[str, ...]]:
     """The root `path` lies under (resolved) and its components below that root.
@@ -385,21 +378,18 @@ def atomic_write(folder: Folder, name: str, tag: str = "") -> Iterator[BinaryIO]
 def atomic_file(destination: Path, root: Path | None = None, tag: str = "") -> Iterator[BinaryIO]:
     """A file to write that appears at `destination` only complete, or not at all.
 
-    The folders from `root` down are walked without following links and made when missing;
-    those it made are removed again if nothing was written. `root` defaults to the area of
+    The folders from `root` down are walked without following links and made when missing.
+    They stay even if nothing is written: another process may be writing into the same new
+    day folder at that moment, and removing it would fail that process. `root` defaults to
+    the area of
     MEDIA_ROOT the destination lies in; a destination outside MEDIA_ROOT (a benchmark's
     own output) starts from the nearest folder above it that exists, taken as given.
     """
     if root is None:
         root = _default_root(destination)
     folder = open_folder(destination.parent, [root], create=True)
-    with folder:
-        try:
-            with atomic_write(folder, destination.name, tag) as handle:
-                yield handle
-        except BaseException:
-            folder.remove_created()
-            raise
+    with folder, atomic_write(folder, destination.name, tag) as handle:
+        yield handle
 
 
 def _default_root(destination: Path) -> Path:

@@ -355,6 +355,9 @@ WEBHOOK_SECRET = envstr("WEBHOOK_SECRET", "")
 WEBHOOK_TIMEOUT = envfloat("WEBHOOK_TIMEOUT", "10", minimum=0.1)
 # Seconds before the first retry of a failed webhook; doubled for each later one.
 WEBHOOK_BACKOFF = envfloat("WEBHOOK_BACKOFF", "10", minimum=0.1)
+# MB (MiB) of memory no worker process exceeds: images that would not fit are refused from
+# their header, and an OS limit stops a pool process that goes over anyway (jobs/worker.py).
+WORKER_MEMORY_MB = envint("WORKER_MEMORY_MB", "512", minimum=128)
 if IMAGE_SOFT_TIME_LIMIT >= IMAGE_TIME_LIMIT:
     raise ImproperlyConfigured("IMAGE_SOFT_TIME_LIMIT must be below IMAGE_TIME_LIMIT")
 
@@ -434,6 +437,9 @@ CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CONCURRENCY = WORKER_CONCURRENCY
+# A pool process whose peak memory came within 10% of WORKER_MEMORY_MB is replaced after its
+# task (KiB), so a process that crept up (a leak, a fragmented heap) starts afresh.
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = WORKER_MEMORY_MB * 1024 * 9 // 10
 # A run cut off by a broker blip would count as a failed attempt; letting it finish is
 # harmless, since a redelivered message finds its image no longer pending.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False

@@ -14,6 +14,8 @@ that a test can change the folder at exactly that moment.
 Two more stages for webhooks with PARROTER_FAULT_DIE_AFTER: "webhook-recorded" (an image's
 final state and its webhook rows are committed, no delivery task queued yet) once per image,
 and "webhook-claimed" (a delivery row is claimed, nothing sent yet) once per row.
+PARROTER_FAULT_NO_ESTIMATE: the pipeline's memory estimate says every image needs nothing,
+so that only the OS limit on the pool process stands between an image and the machine.
 """
 
 import os
@@ -66,6 +68,8 @@ def inject_faults(**kwargs):
     storage.read_original = paused_read_original
     webhooks.record = faulty_record
     webhooks.post = faulty_post
+    if os.environ.get("PARROTER_FAULT_NO_ESTIMATE"):
+        pipeline.estimate_memory = lambda *args, **kwargs: pipeline.MemoryEstimate(0, 0, 0)
 
 
 def paused_claim(sweep, ready, *args, **kwargs):

@@ -192,7 +192,7 @@ def test_open_image_refuses_a_file_over_max_bytes():
 def test_open_image_refuses_a_text_file_named_jpg(tmp_path):
     with pytest.raises(ImageRejected, match="not a supported format"):
         build(tmp_path, b"Dear diary, today I took a photo.\n", "photo.jpg")
-    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "out").iterdir()), "no archive, no temporary file"
 
 
 def test_open_image_refuses_eps_even_though_pillow_reads_it():
@@ -224,7 +224,7 @@ def test_open_image_decides_by_content_not_by_name(image_format, name, tmp_path)
 def test_write_archive_takes_a_png_named_jpg_as_png(tmp_path):
     info, _destination = build(tmp_path, encoded(quadrants(64, 64), "PNG"), "really.jpg")
     assert info.format == "PNG"
-    assert info.members[1:] == ("really_128x128.png", "really_256x256.png", "really_512x512.png")
+    assert info.members[1:] == ("really_512x512.png", "really_256x256.png", "really_128x128.png")
     # The original keeps its bytes but gets the extension its content deserves.
     assert info.members[0] == "really.png"
 
@@ -275,7 +275,7 @@ def test_write_archive_rejects_a_truncated_file(image_format, keep, tmp_path):
     data = encoded(Image.effect_noise((300, 200), 60).convert("RGB"), image_format)
     with pytest.raises(ImageRejected):
         build(tmp_path, data[: int(len(data) * keep)])
-    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "out").iterdir()), "no archive, no temporary file"
 
 
 def test_write_archive_rejects_a_png_with_a_bad_checksum(tmp_path):
@@ -554,11 +554,12 @@ def test_write_archive_jpeg_draft_covers_the_largest_thumbnail(tmp_path):
 def test_write_archive_zip_holds_the_original_byte_for_byte_and_stored(tmp_path):
     data = encoded(quadrants(600, 400), "JPEG", quality=90)
     info, destination = build(tmp_path, data, "Holiday Photo.JPG")
+    # The original first, then the thumbnails in the order they are made: largest first.
     assert info.members == (
         "Holiday Photo.jpg",
-        "Holiday Photo_128x128.jpg",
-        "Holiday Photo_256x256.jpg",
         "Holiday Photo_512x512.jpg",
+        "Holiday Photo_256x256.jpg",
+        "Holiday Photo_128x128.jpg",
     )
     assert info.archive_bytes == destination.stat().st_size
     with zipfile.ZipFile(destination) as archive:
@@ -581,7 +582,7 @@ def test_write_archive_member_names_come_from_safe_stem(name, stem, tmp_path):
     info, destination = build(tmp_path, encoded(quadrants(60, 40), "JPEG"), name)
     assert safe_stem(name) == stem
     assert info.members[0] == stem + Path(name).suffix
-    assert info.members[1] == f"{stem}_128x128.jpg"
+    assert info.members[-1] == f"{stem}_128x128.jpg"
     with zipfile.ZipFile(destination) as archive:
         for member in archive.namelist():
             assert "/" not in member
@@ -592,7 +593,7 @@ def test_write_archive_member_names_come_from_safe_stem(name, stem, tmp_path):
 def test_write_archive_dedupes_repeated_sizes(tmp_path):
     sizes = [ThumbnailSize(64, 64), ThumbnailSize(32, 32), ThumbnailSize(64, 64)]
     info, _ = build(tmp_path, encoded(quadrants(600, 400), "PNG"), "d.png", sizes=sizes)
-    assert info.members == ("d.png", "d_32x32.png", "d_64x64.png")
+    assert info.members == ("d.png", "d_64x64.png", "d_32x32.png")
 
 
 def test_write_archive_without_sizes_still_checks_the_pixels(tmp_path):

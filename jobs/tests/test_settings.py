@@ -45,6 +45,7 @@ def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[s
         ("WORKER_EVENTS", "sometimes"),
         ("PORT", "eighty"),
         ("WEBHOOK_URL", "https://ok.example/hook,ftp://files.example/"),
+        ("WORKER_MEMORY_MB", "64"),
     ],
 )
 def test_settings_bad_value_stops_start_up_with_one_line_naming_it(variable, value):
