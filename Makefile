@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench clean requirements
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version) if sys.version_info < (3, 11) else None'
@@ -29,12 +29,14 @@ run: $(RUNTIME_STAMP)
 test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix .
@@ -44,6 +46,13 @@ bench: $(DEV_STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/system.py
+
+# Pins every dependency of requirements.in (and -dev.in) into the .txt files that are installed.
+requirements: $(DEV_STAMP)
+	CUSTOM_COMPILE_COMMAND="make requirements" $(BIN)/pip-compile --quiet --no-emit-index-url \
+		--no-emit-find-links --no-strip-extras --annotation-style=line -o requirements.txt requirements.in
+	CUSTOM_COMPILE_COMMAND="make requirements" $(BIN)/pip-compile --quiet --no-emit-index-url \
+		--no-emit-find-links --no-strip-extras --annotation-style=line -o requirements-dev.txt requirements-dev.in
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

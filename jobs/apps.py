@@ -14,5 +14,6 @@ class JobsConfig(AppConfig):
         worker_ready.connect(health.start_worker_heartbeat, weak=False)
         worker_shutdown.connect(health.stop_worker_heartbeat, weak=False)
 
-        # Connects the set-up of Celery pool processes (their memory budget).
-        from . import worker  # noqa: F401
+        # Connect the set-up of Celery pool processes (their memory budget) and register
+        # the start-up checks of the settings.
+        from . import checks, worker  # noqa: F401

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -79,9 +79,7 @@ def discard_uploads(saved: SavedUploads) -> None:
     storage.discard_uploads(saved)
 
 
-def claim_uploads(
-    saved: SavedUploads, sizes: list[str], user: AbstractBaseUser
-) -> tuple[Sweep, list[int]]:
+def claim_uploads(saved: SavedUploads, sizes: list[str], user: User) -> tuple[Sweep, list[int]]:
     """Claim saved uploads in one upload sweep. Returns it and the image ids.
 
     Call inside a transaction, queue the ids once it commits, and discard the files if it

@@ -57,11 +57,12 @@ def registry() -> CollectorRegistry:
 
 def image_figures() -> list[dict[str, Any]]:
     """Images and archive bytes per status and schedule, in one pass over the images."""
-    return list(
-        Image.objects.values("status", "sweep__schedule_name")
+    return [
+        dict(row)
+        for row in Image.objects.values("status", "sweep__schedule_name")
         .annotate(count=Count("id"), archive_bytes=Sum("archive_size", filter=~Q(archive="")))
         .order_by()
-    )
+    ]
 
 
 def images_by_status(figures: list[dict[str, Any]]) -> GaugeMetricFamily:

@@ -489,7 +489,9 @@ class ProcessingTime(models.Model):
         rows = cls.objects.filter(status=status, le=le)
         more = {"count": F("count") + 1, "seconds": F("seconds") + seconds}
         if not rows.update(**more):
-            cls.objects.bulk_create([cls(status=status, le=le)], ignore_conflicts=True)
+            ProcessingTime.objects.bulk_create(
+                [ProcessingTime(status=status, le=le)], ignore_conflicts=True
+            )
             rows.update(**more)
 
 
@@ -528,7 +530,7 @@ class Heartbeat(models.Model):
         if detail:
             fields["detail"] = detail
         if not cls.objects.filter(name=name).update(**fields):
-            cls.objects.bulk_create([cls(name=name, **fields)], ignore_conflicts=True)
+            Heartbeat.objects.bulk_create([Heartbeat(name=name, **fields)], ignore_conflicts=True)
 
 
 class WebhookDelivery(models.Model):

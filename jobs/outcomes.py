@@ -23,4 +23,4 @@ def image_finished(image: Image) -> None:
     )
     if started is not None and finished is not None:
         ProcessingTime.add(status, max((finished - started).total_seconds(), 0.0))
-    webhooks.record(image, webhooks.EVENTS[status])
+    webhooks.record(image, webhooks.EVENTS[Image.Status(status)])

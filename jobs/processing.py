@@ -150,6 +150,7 @@ def _process(image: Image) -> str:
     sizes = pipeline.parse_sizes(image.sizes)
     # The partial zip is named after this run: a sweep that takes over a dead run deletes
     # that run's partial zip only, never the one of a run still writing.
+    assert image.token is not None  # set when this run started
     with storage.atomic_file(destination, tag=image.token.hex) as out:
         info = pipeline.write_archive(
             data,

@@ -107,7 +107,7 @@ class LimitedUploadHandler(FileUploadHandler):
         input_data: Any,
         META: dict[str, Any],
         content_length: int,
-        boundary: bytes,
+        boundary: Any,
         encoding: str | None = None,
     ) -> tuple[QueryDict, MultiValueDict] | None:
         # The middleware refuses these from the headers; this keeps the bound for a request
@@ -133,7 +133,9 @@ class LimitedUploadHandler(FileUploadHandler):
     def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
         self.file_bytes += len(raw_data)
         if self.file_bytes > self.max_bytes:
-            self.rejected.append({"name": self.file_name, "error": file_over_limit(self.max_bytes)})
+            self.rejected.append(
+                {"name": self.file_name or "", "error": file_over_limit(self.max_bytes)}
+            )
             # Django closes (and so deletes) what the next handlers wrote, and reads the rest
             # of this file without keeping it.
             raise SkipFile

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.db import transaction
 from django.db.models import QuerySet
 from django.http import (
@@ -56,11 +56,11 @@ FILE_CACHE = "private, max-age=86400"
 # --- Who sees what ----------------------------------------------------------------------
 
 
-def sees_everything(user: AbstractBaseUser | AnonymousUser) -> bool:
+def sees_everything(user: User | AnonymousUser) -> bool:
     return bool(user.is_active and user.is_staff and user.has_perm("jobs.view_image"))
 
 
-def visible_images(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Image]:
+def visible_images(user: User | AnonymousUser) -> QuerySet[Image]:
     if sees_everything(user):
         return Image.objects.all()
     if not user.is_authenticated:
@@ -68,7 +68,7 @@ def visible_images(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Image]:
     return Image.objects.filter(uploaded_by=user)
 
 
-def visible_sweeps(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Sweep]:
+def visible_sweeps(user: User | AnonymousUser) -> QuerySet[Sweep]:
     if sees_everything(user):
         return Sweep.objects.all()
     if not user.is_authenticated:
@@ -203,7 +203,9 @@ def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
 def zip_listing(image: Image) -> list[tuple[str, int]] | None:
     """(member name, bytes) of an image's zip, or None when there is none."""
     holder = archive_holder(image)
-    handle = storage.open_archive(holder.archive) if holder else None
+    if holder is None:
+        return None
+    handle = storage.open_archive(holder.archive)
     if handle is None:
         return None
     try:
@@ -217,7 +219,7 @@ def zip_listing(image: Image) -> list[tuple[str, int]] | None:
 # --- JSON ---------------------------------------------------------------------------------
 
 
-PROGRESS = {
+PROGRESS: dict[str, int] = {
     Image.Status.PENDING: 0,
     Image.Status.PROCESSING: 50,
     Image.Status.DONE: 100,
@@ -362,6 +364,7 @@ def sweep_by_task(request: HttpRequest, task_id: str) -> JsonResponse:
 @login_required(login_url=LOGIN_URL)
 @require_GET
 def upload_page(request: HttpRequest) -> HttpResponse:
+    assert isinstance(request.user, User)  # login_required
     recent = list(
         Image.objects.filter(uploaded_by=request.user)
         .select_related("duplicate_of")
@@ -403,6 +406,7 @@ def upload(request: HttpRequest) -> JsonResponse:
         )
     # Files first, outside any transaction: on SQLite (IMMEDIATE) atomic() takes the write
     # lock on entry, and writing and fsyncing the files may take long.
+    assert isinstance(request.user, User)  # signed in, or the upload middleware refused it
     saved = intake.save_uploads(form.cleaned_data["accepted"])
     try:
         with transaction.atomic():

@@ -106,12 +106,12 @@ def database_from_url(url: str) -> dict:
             "TEST": {"NAME": str(name.with_name(f"test_{name.name}"))},
         }
     if parts.scheme in ("postgres", "postgresql", "pgsql"):
-        name = unquote(parts.path.lstrip("/"))
-        if not name:
+        database = unquote(parts.path.lstrip("/"))
+        if not database:
             raise ImproperlyConfigured("DATABASE_URL postgres URL needs a database name")
         return {
             "ENGINE": "django.db.backends.postgresql",
-            "NAME": name,
+            "NAME": database,
             "USER": unquote(parts.username or ""),
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",

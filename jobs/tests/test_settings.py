@@ -198,3 +198,25 @@ def test_settings_name_queues_keys_and_exchanges_after_the_instance():
         "True",
         "amqp://guest:guest@127.0.0.1:5672//",
     ]
+
+
+def test_check_folders_refuses_a_watch_folder_inside_media_root(tmp_path, settings):
+    from django.core.checks import run_checks
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.WATCH_FOLDER = tmp_path / "media" / "inbox"
+    settings.WATCH_ROOTS = [settings.WATCH_FOLDER]
+    assert [message.id for message in run_checks()] == ["parroter.E001"]
+    settings.WATCH_FOLDER = tmp_path / "inbox"
+    settings.WATCH_ROOTS = [settings.WATCH_FOLDER, tmp_path]
+    errors = run_checks()
+    assert [message.id for message in errors] == ["parroter.E001"]
+    assert "WATCH_ROOTS" in errors[0].msg
+    settings.WATCH_ROOTS = [settings.WATCH_FOLDER]
+    assert run_checks() == []
+
+
+def test_manage_check_stops_on_overlapping_folders(tmp_path):
+    result = manage("check", MEDIA_ROOT=str(tmp_path), WATCH_FOLDER=str(tmp_path / "in"))
+    assert result.returncode != 0
+    assert "parroter.E001" in result.stderr
