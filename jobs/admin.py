@@ -47,6 +47,7 @@ STATUS_COLOURS = {
     Image.Status.DUPLICATE: "#6f42c1",
     Sweep.Status.RUNNING: "#0d6efd",
     Sweep.Status.SKIPPED: "#6c757d",
+    Sweep.Status.HELD: "#fd7e14",
 }
 
 

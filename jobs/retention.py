@@ -24,7 +24,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, TextField, Value, When
+from django.db.models import Case, F, Q, TextField, Value, When
 from django.db.models.functions import Concat
 from django.utils import timezone
 
@@ -146,10 +146,7 @@ def _expire(rows: list[Any], cutoffs: Cutoffs, note: str, report: Report, dry_ru
         cleared = [image_id for image_id, path in originals.items() if path in gone]
         gone = set(storage.remove_archives(archives.values()))
         expired = [image_id for image_id, path in archives.items() if path in gone]
-        Image.objects.filter(id__in=cleared).update(original_path="")
-        Image.objects.filter(id__in=expired).update(
-            archive="", archive_size=None, error=_with_note(note)
-        )
+        _clear(cleared, expired, note)
     report.originals += len(cleared)
     report.archives += len(expired)
     report.not_deleted += len(originals) + len(archives) - len(cleared) - len(expired)
@@ -221,9 +218,19 @@ def prune_idle_sweeps(before: datetime, size: int = BATCH, dry_run: bool = False
     return pruned
 
 
-def _with_note(note: str) -> Case:
-    return Case(
+def _clear(originals: list[int], archives: list[int], note: str) -> None:
+    """Forget the deleted files on their rows, in one statement: each row is written once."""
+    if not originals and not archives:
+        return
+    gone = Q(id__in=archives)
+    noted = Case(
         When(error="", then=Value(note)),
         default=Concat(F("error"), Value(f"; {note}"), output_field=TextField()),
         output_field=TextField(),
+    )
+    Image.objects.filter(id__in=[*originals, *archives]).update(
+        original_path=Case(When(id__in=originals, then=Value("")), default=F("original_path")),
+        archive=Case(When(gone, then=Value("")), default=F("archive")),
+        archive_size=Case(When(gone, then=None), default=F("archive_size")),
+        error=Case(When(gone, then=noted), default=F("error")),
     )

@@ -58,7 +58,7 @@ class SweepOutcome:
     sweep: Sweep
     to_queue: list[int] = field(default_factory=list)
     settled: int = 0
-    # False once the sweep turned out idle and its record was removed (see sweep_folder).
+    # False when the sweep turned out idle and left no record (see is_idle).
     recorded: bool = True
 
     def summary(self) -> dict[str, object]:
