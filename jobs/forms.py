@@ -223,11 +223,9 @@ class SweepTaskForm(PeriodicTaskForm):
         )
         for other in clash:
             other_folder = sweep_kwargs(other).get("folder")
-            if (
-                isinstance(other_folder, str)
-                and other_folder
-                and (Path(other_folder).resolve() == Path(folder))
-            ):
+            if not isinstance(other_folder, str) or not other_folder:
+                continue
+            if Path(other_folder).resolve() == Path(folder):
                 self.add_error(
                     "folder",
                     f"{folder} is already swept by the periodic task “{other.name}”; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from django_celery_results.models import TaskResult
 
 from jobs import sweep
 from jobs.models import Image, ScheduleActivity, Sweep, SweepLock
+from jobs.tasks import recover
 
 from .conftest import image_bytes
 from .processes import wait_for
@@ -250,3 +252,44 @@ def test_idle_sweeps_through_worker_and_beat_leave_no_rows_until_a_file_comes(sy
     assert (kept.task_id, kept.status) == (recorded.task_id, "SUCCESS")
     assert kept.periodic_task_name == "sweep-watch-folder"
     assert results_of(["jobs.recover", "jobs.apply_retention"]) == []
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_recover_keeps_a_task_result_only_when_it_repaired_something(system, folders, broker):
+    system.worker()
+    idle = recover.apply_async()
+    wait_for(
+        lambda: f"Task jobs.recover[{idle.id}] succeeded" in system.logs(),
+        what="a recovery with nothing to do",
+    )
+    assert not TaskResult.objects.filter(task_id=idle.id).exists()
+
+    # An upload whose message was lost long ago: the next recovery queues it again.
+    upload = folders["media"] / "uploads" / "lost" / "up.jpg"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(image_bytes((64, 48)))
+    found = os.stat(upload)
+    image = Image.objects.create(
+        source=Image.Source.UPLOAD,
+        folder=str(upload.parent),
+        name="up.jpg",
+        source_path=str(upload),
+        file_size=found.st_size,
+        mtime_ns=found.st_mtime_ns,
+        device=found.st_dev,
+        inode=found.st_ino,
+        sizes=["32x32"],
+        sizes_key="32x32",
+        queued_at=timezone.now() - timedelta(hours=1),
+    )
+    busy = recover.apply_async()
+    result = wait_for(
+        lambda: TaskResult.objects.filter(task_id=busy.id).first(), what="the recovery's result"
+    )
+    assert (result.status, result.task_name) == ("SUCCESS", "jobs.recover")
+    assert json.loads(result.result) == {"requeued": 1, "settled": 0}
+    wait_for(
+        lambda: Image.objects.filter(id=image.id, status=Image.Status.DONE).exists(),
+        what="the upload to be processed",
+    )
