@@ -79,7 +79,7 @@ def _finished_before(row: Any, cutoff: datetime) -> bool:
     return (
         row.status in Image.FINAL_STATUSES
         and row.finished_at is not None
-        and (row.finished_at < cutoff)
+        and row.finished_at < cutoff
     )
 
 
