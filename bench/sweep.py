@@ -6,9 +6,10 @@
 
 A sweep is what `jobs.sweep_folder` does before it queues: record the sweep, repair
 leftovers, list the folder, claim every ready file (one row each) and read back the ids.
-It is timed with its database queries counted (jobs.sweep.start_sweep + run_sweep, and the
-one query for nested schedules). Queueing one message per claimed image to a real Redis
-(the bundled server on a free port) is timed apart: it happens after the commit.
+It is timed with its database queries counted (jobs.sweep.sweep_folder, the one entry
+point, with its one query for nested schedules). Queueing one message per claimed image to
+a real Redis (the bundled server on a free port) is timed apart: it happens after the
+commit.
 
 The history is realistic, not uniform: most recorded images lie in the folder being swept
 (under the same names as the waiting files: people reuse IMG_0001.jpg), the rest in other
@@ -274,13 +275,7 @@ def _measure(watch: Path, files: int, recorded: int, reps: int, profile: bool = 
             if profiler:
                 profiler.enable()
             started = time.perf_counter()
-            sweep, path, labels = sweeping.start_sweep(
-                str(watch), None, trigger=Sweep.Trigger.MANUAL
-            )
-            assert path is not None, sweep.error
-            outcome = sweeping.run_sweep(
-                sweep, path, labels, exclude=tasks.other_sweep_folders(path)
-            )
+            outcome = sweeping.sweep_folder(str(watch), None)
             elapsed = time.perf_counter() - started
             if profiler:
                 profiler.disable()
@@ -307,7 +302,7 @@ def _measure(watch: Path, files: int, recorded: int, reps: int, profile: bool = 
         case.claim.append(timings.seconds["claim"])
         case.queue.append(queued)
         # Back to "waiting, unclaimed" for the next measurement.
-        Image.objects.filter(sweep=sweep).delete()
+        Image.objects.filter(sweep=outcome.sweep).delete()
         _empty_queue(tasks)
     logger.info("recorded %d: %s", recorded, case.line())
     return case
@@ -360,8 +355,8 @@ def _report(cases: list[Case], files: int, reps: int, connection) -> None:
     write(
         f"Parroter sweep benchmark: {files:,} waiting files, {vendor} database, "
         f"{reps} measured sweep(s) per history size (median), one process\n"
-        "sweep s = start_sweep + run_sweep (+ nested-schedule lookup), in one process, with "
-        "its queries;\nqueue s = one message per claimed image to the bundled Redis, "
+        "sweep s = jobs.sweep.sweep_folder (with the nested-schedule lookup), in one process, "
+        "with its queries;\nqueue s = one message per claimed image to the bundled Redis, "
         "after the commit\n\n"
     )
     write(HEADER + "\n")

@@ -206,9 +206,16 @@ def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> in
 
 
 def _system_is_live() -> bool:
-    from jobs.models import Sweep
+    return _last_swept() is not None
 
-    return Sweep.objects.filter(status=Sweep.Status.DONE).exists()
+
+def _last_swept():
+    """When a worker last ran a scheduled sweep, idle or not (idle ones leave no Sweep row)."""
+    from django.db.models import Max
+
+    from jobs.models import ScheduleActivity
+
+    return ScheduleActivity.objects.aggregate(last=Max("swept_at"))["last"]
 
 
 def _group_cpu(processes) -> float:
@@ -237,20 +244,13 @@ def _pause(processes) -> None:
 
 
 def _resume(processes) -> None:
-    """Thaw the worker and start beat again; back once a new sweep has been recorded."""
-    from jobs.models import Sweep
-
+    """Thaw the worker and start beat again; back once a new sweep has run."""
     if "worker" in processes.running:
         os.killpg(processes.running["worker"].pid, signal.SIGCONT)
     if "beat" not in processes.running:
-        last = Sweep.objects.order_by("-id").values_list("id", flat=True).first() or 0
+        last = _last_swept()
         processes.beat()
-        _wait(
-            lambda: Sweep.objects.filter(id__gt=last, status=Sweep.Status.DONE).exists(),
-            60,
-            "beat to sweep again",
-            processes,
-        )
+        _wait(lambda: _last_swept() != last, 60, "beat to sweep again", processes)
 
 
 @dataclass
@@ -353,9 +353,9 @@ def _processing(work: Path, originals: list[Path], tag: str) -> tuple[int, int, 
     for copy in _stage(work, originals, 1, tag):
         os.rename(copy, folder / copy.name)
     settings.SETTLE_SECONDS = 0
-    record, path, sizes = sweep.start_sweep(str(folder), SIZES, trigger=Sweep.Trigger.MANUAL)
-    assert path is not None, record.error
-    ids = sweep.run_sweep(record, path, sizes).to_queue
+    outcome = sweep.sweep_folder(str(folder), SIZES)
+    assert outcome.sweep.status == Sweep.Status.DONE, outcome.sweep.error
+    ids = outcome.to_queue
     # Each pool process opens its own database connection.
     connections.close_all()
     with _pool() as pool:

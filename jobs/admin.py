@@ -34,7 +34,7 @@ from django_celery_results.models import TaskResult
 
 from . import beat, broker, intake, stats, storage, views
 from .forms import SizesForm, SweepNowForm, SweepTaskForm, default_sizes
-from .models import Heartbeat, Image, Sweep, WebhookDelivery
+from .models import Heartbeat, Image, ScheduleActivity, Sweep, WebhookDelivery
 from .tasks import SWEEP_TASK, queue_images, sweep_folder
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ STATUS_COLOURS = {
     Sweep.Status.RUNNING: "#0d6efd",
     Sweep.Status.SKIPPED: "#6c757d",
     WebhookDelivery.Status.SENDING: "#0d6efd",
+    Sweep.Status.HELD: "#fd7e14",
 }
 
 
@@ -114,14 +115,6 @@ def options_text(options: dict[str, Any]) -> str:
     return ", ".join(f"{name} {value}" for name, value in sorted(options.items()))
 
 
-def sweep_kwargs(task: PeriodicTask) -> dict[str, Any]:
-    try:
-        kwargs = json.loads(task.kwargs or "{}")
-    except ValueError:
-        return {}
-    return kwargs if isinstance(kwargs, dict) else {}
-
-
 class ParroterAdminMixin:
     empty_value_display = "—"
 
@@ -161,6 +154,31 @@ class SweepScheduleFilter(admin.SimpleListFilter):
         return queryset.filter(schedule_name=self.value()) if self.value() else queryset
 
 
+class OutcomeFilter(admin.SimpleListFilter):
+    """Sweeps that found files, sweeps that claimed nothing, and failed ones.
+
+    Idle scheduled sweeps leave no record (their schedule counts them), so "idle" lists
+    the recorded sweeps that claimed nothing and did not fail: asked for by hand, only
+    repairing or retrying, only seeing files still changing, skipped while another sweep
+    of the folder ran, and idle ones recorded before.
+    """
+
+    title = "outcome"
+    parameter_name = "outcome"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
+        return [("found", "found files"), ("idle", "idle"), ("failed", "failed")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Sweep]) -> QuerySet[Sweep]:
+        if self.value() == "found":
+            return queryset.filter(claimed__gt=0)
+        if self.value() == "idle":
+            return queryset.filter(claimed=0, status__in=(Sweep.Status.DONE, Sweep.Status.SKIPPED))
+        if self.value() == "failed":
+            return queryset.filter(status=Sweep.Status.FAILED)
+        return queryset
+
+
 @admin.register(Sweep)
 class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
     # Merged columns keep the list within a laptop screen, what it found first; every figure
@@ -176,7 +194,7 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
         "folder_display",
         "short_error",
     ]
-    list_filter = ["status", "trigger", SweepScheduleFilter, "started_at"]
+    list_filter = [OutcomeFilter, "status", "trigger", SweepScheduleFilter, "started_at"]
     show_facets = admin.ShowFacets.ALWAYS
     search_fields = ["folder", "schedule_name", "error", "task_id"]
     date_hierarchy = "started_at"
@@ -340,7 +358,7 @@ def known_folders() -> list[str]:
     """The watch folder and the folders of the periodic sweeps, for the folder field."""
     folders = [str(settings.WATCH_FOLDER)]
     for task in PeriodicTask.objects.filter(task=SWEEP_TASK).only("kwargs"):
-        folder = sweep_kwargs(task).get("folder")
+        folder = beat.sweep_kwargs(task).get("folder")
         if isinstance(folder, str) and folder and folder not in folders:
             folders.append(folder)
     return folders
@@ -809,6 +827,7 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
         "last_sweep",
         "sweeps",
         "owner",
+        "idle_sweeps",
     ]
     list_filter = ["enabled", OwnerFilter, "task"]
     fieldsets = [
@@ -855,6 +874,7 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PeriodicTask]:
         last = Sweep.objects.filter(schedule_name=OuterRef("name")).order_by("-started_at", "-id")
+        activity = ScheduleActivity.objects.filter(schedule_name=OuterRef("name"))
         return (
             super()
             .get_queryset(request)
@@ -863,6 +883,8 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
                 last_sweep_status=Subquery(last.values("status")[:1]),
                 last_sweep_claimed=Subquery(last.values("claimed")[:1]),
                 last_sweep_error=Subquery(last.values("error")[:1]),
+                idle_count=Subquery(activity.values("idle_sweeps")[:1]),
+                swept_at=Subquery(activity.values("swept_at")[:1]),
             )
         )
 
@@ -872,15 +894,17 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
                 (None, {"fields": ["name", "owner", "task", "enabled", "description"]}),
                 ("Schedule", {"fields": ["schedule_display", "next_run", "last_run_at"]}),
                 ("Arguments", {"fields": ["args", "kwargs"]}),
-                ("Last sweep", {"fields": ["last_sweep"]}),
+                ("Last sweep", {"fields": ["last_sweep", "idle_sweeps"]}),
             ]
         fieldsets = super().get_fieldsets(request, obj)
         if obj is not None:
-            fieldsets = [*fieldsets, ("Status", {"fields": ["owner", "next_run", "last_sweep"]})]
+            status = ["owner", "next_run", "last_sweep", "idle_sweeps"]
+            fieldsets = [*fieldsets, ("Status", {"fields": status})]
         return fieldsets
 
     def get_readonly_fields(self, request: HttpRequest, obj: PeriodicTask | None = None) -> list:
         fields = [*super().get_readonly_fields(request, obj), "owner", "next_run", "last_sweep"]
+        fields.append("idle_sweeps")
         if obj is not None and beat.is_settings_owned(obj):
             fields += ["name", "task", "enabled", "description", "schedule_display", "args"]
             fields += ["kwargs"]
@@ -940,7 +964,7 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
     def sweeps(self, obj: PeriodicTask) -> str:
         if obj.task != SWEEP_TASK:
             return obj.task
-        kwargs = sweep_kwargs(obj)
+        kwargs = beat.sweep_kwargs(obj)
         sizes = sizes_text(kwargs["sizes"]) if kwargs.get("sizes") else "default sizes"
         if kwargs.get("quality") is not None:
             sizes += f"; quality {kwargs['quality']}"
@@ -972,6 +996,20 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
         label = Sweep.Status(status).label if status in Sweep.Status.values else status
         detail = shortened(error, 80) if error else f"{claimed} claimed"
         return format_html('<a href="{}">{}</a> {}', url, badge(status, label), detail)
+
+    @admin.display(description="idle sweeps")
+    def idle_sweeps(self, obj: PeriodicTask) -> str:
+        """Sweeps that found nothing (not recorded one by one), and when one last ran."""
+        if obj.task != SWEEP_TASK:
+            return "—"
+        if hasattr(obj, "idle_count"):
+            count, ran = obj.idle_count, obj.swept_at
+        else:
+            activity = ScheduleActivity.objects.filter(schedule_name=obj.name).first()
+            count, ran = (activity.idle_sweeps, activity.swept_at) if activity else (0, None)
+        # A worker writes swept_at on every sweep; beat writes last_run_at every few minutes.
+        ran_text = date_format(timezone.localtime(ran), "j M H:i:s") if ran else "never"
+        return format_html("{}<br><small>last run {}</small>", f"{count or 0:,}", ran_text)
 
 
 # --- Task results -------------------------------------------------------------------------
@@ -1188,6 +1226,8 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "oldest": stats.oldest_waiting(),
         "counts": stats.status_counts(since),
         "disk": stats.archive_disk(),
+        "schedules": stats.schedule_activity(),
+        "retention": stats.retention(),
         "recent_failures": Image.objects.filter(status=Image.Status.FAILED)
         .order_by("-finished_at")
         .only("id", "name", "error", "finished_at")[:5],

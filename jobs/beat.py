@@ -10,8 +10,10 @@ Every other row belongs to the admin, and beat never touches it.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
@@ -36,6 +38,19 @@ def settings_owned_names() -> set[str]:
 
 def is_settings_owned(task: PeriodicTask) -> bool:
     return task.name in settings_owned_names()
+
+
+def sweep_kwargs(task: PeriodicTask) -> dict[str, Any]:
+    """A periodic task's keyword arguments as a dict; {} when they are not a JSON object.
+
+    Kwargs may be edited by hand, so they are read here only and each reader decides what
+    a missing or wrong value means (the sweep itself fails with a recorded reason).
+    """
+    try:
+        kwargs = json.loads(task.kwargs or "{}")
+    except ValueError:
+        return {}
+    return kwargs if isinstance(kwargs, dict) else {}
 
 
 def retire_removed_entries(owned: set[str]) -> list[str]:

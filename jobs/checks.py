@@ -6,7 +6,7 @@ Parroter before its first sweep rather than failing that sweep (id parroter.E001
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +23,19 @@ def _overlap(first: Path, second: Path) -> bool:
 def check_folders(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    """The watched folders and MEDIA_ROOT must be apart: originals are moved out of the
-    one into the other, and a sweep of MEDIA_ROOT would take archives for new images."""
+    """The watch folder and MEDIA_ROOT must be apart: originals are moved out of the one
+    into the other, and a sweep of MEDIA_ROOT would take archives for new images. A root of
+    WATCH_ROOTS may hold MEDIA_ROOT (a sweep is refused any folder overlapping it), but not
+    lie inside it."""
     media = Path(settings.MEDIA_ROOT).resolve()
-    errors: list[CheckMessage] = []
-    named: Iterable[tuple[str, Path]] = [
-        ("WATCH_FOLDER", Path(settings.WATCH_FOLDER)),
-        *(("WATCH_ROOTS", Path(root)) for root in settings.WATCH_ROOTS[1:]),
+    clashes = []
+    watch = Path(settings.WATCH_FOLDER)
+    if _overlap(watch.resolve(), media):
+        clashes.append(f"WATCH_FOLDER ({watch}) overlaps MEDIA_ROOT ({media})")
+    for root in map(Path, settings.WATCH_ROOTS[1:]):
+        if root.resolve().is_relative_to(media):
+            clashes.append(f"WATCH_ROOTS entry {root} lies inside MEDIA_ROOT ({media})")
+    return [
+        Error(clash, hint="Point them at folders apart from each other.", id="parroter.E001")
+        for clash in clashes
     ]
-    for name, folder in named:
-        if _overlap(folder.resolve(), media):
-            errors.append(
-                Error(
-                    f"{name} ({folder}) overlaps MEDIA_ROOT ({media})",
-                    hint="Point them at folders apart from each other.",
-                    id="parroter.E001",
-                )
-            )
-    return errors

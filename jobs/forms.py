@@ -14,6 +14,7 @@ from django_celery_beat.admin import PeriodicTaskForm
 from django_celery_beat.models import PeriodicTask
 
 from . import pipeline
+from .beat import sweep_kwargs
 from .sweep import MAX_QUALITY, MIN_QUALITY, FolderRejected, resolve_folder, resolve_sizes
 from .tasks import SWEEP_TASK
 from .upload_limits import file_over_limit
@@ -186,19 +187,15 @@ class SweepTaskForm(PeriodicTaskForm):
             self.initial.setdefault("regtask", SWEEP_TASK)
             self.initial.setdefault("sizes", default_sizes())
         elif self.instance.task == SWEEP_TASK:
-            try:
-                kwargs = json.loads(self.instance.kwargs or "{}")
-            except ValueError:
-                kwargs = {}
-            if isinstance(kwargs, dict):
-                self.initial.setdefault("folder", kwargs.get("folder") or "")
-                sizes = kwargs.get("sizes")
-                if isinstance(sizes, list):
-                    self.initial.setdefault("sizes", ", ".join(map(str, sizes)))
-                elif isinstance(sizes, str):
-                    self.initial.setdefault("sizes", sizes)
-                if kwargs.get("quality") is not None:
-                    self.initial.setdefault("quality", kwargs["quality"])
+            kwargs = sweep_kwargs(self.instance)
+            self.initial.setdefault("folder", kwargs.get("folder") or "")
+            sizes = kwargs.get("sizes")
+            if isinstance(sizes, list):
+                self.initial.setdefault("sizes", ", ".join(map(str, sizes)))
+            elif isinstance(sizes, str):
+                self.initial.setdefault("sizes", sizes)
+            if kwargs.get("quality") is not None:
+                self.initial.setdefault("quality", kwargs["quality"])
 
     def is_sweep(self) -> bool:
         return SWEEP_TASK in (self.data.get("regtask"), self.data.get("task"))
@@ -225,11 +222,10 @@ class SweepTaskForm(PeriodicTaskForm):
             .only("name", "kwargs")
         )
         for other in clash:
-            try:
-                other_folder = json.loads(other.kwargs or "{}").get("folder")
-            except (ValueError, AttributeError):
+            other_folder = sweep_kwargs(other).get("folder")
+            if not isinstance(other_folder, str) or not other_folder:
                 continue
-            if other_folder and Path(other_folder).resolve() == Path(folder):
+            if Path(other_folder).resolve() == Path(folder):
                 self.add_error(
                     "folder",
                     f"{folder} is already swept by the periodic task “{other.name}”; "

@@ -28,7 +28,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from . import tasks
-from .models import Image, ProcessingTime, Sweep, WebhookDelivery
+from .models import Image, ProcessingTime, ScheduleActivity, Sweep, WebhookDelivery
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ def oldest_pending() -> GaugeMetricFamily:
 def last_good_sweeps() -> GaugeMetricFamily:
     metric = GaugeMetricFamily(
         "parroter_last_good_sweep_timestamp_seconds",
-        "When the last sweep of each schedule finished without failing (Unix time).",
+        "When the last sweep of each schedule finished without failing, idle ones included "
+        "(Unix time).",
         labels=["schedule"],
     )
     rows = (
@@ -141,7 +142,13 @@ def last_good_sweeps() -> GaugeMetricFamily:
         .annotate(last=Max("finished_at"))
         .order_by()
     )
-    for schedule, last in rows:
+    last_good = dict(rows)
+    # Idle sweeps leave no Sweep row: their schedule's activity says when one last ran.
+    for schedule, idle in ScheduleActivity.objects.exclude(last_idle_at=None).values_list(
+        "schedule_name", "last_idle_at"
+    ):
+        last_good[schedule] = max(idle, last_good.get(schedule, idle))
+    for schedule, last in sorted(last_good.items()):
         metric.add_metric([schedule], last.timestamp())
     return metric
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -28,6 +28,7 @@ class Sweep(models.Model):
         RUNNING = "running", "running"
         DONE = "done", "done"
         SKIPPED = "skipped", "skipped (another sweep of this folder was running)"
+        HELD = "held", "held back (too little free disk space)"
         FAILED = "failed", "failed"
 
     trigger = models.CharField(max_length=16, choices=Trigger.choices)
@@ -231,10 +232,11 @@ class Image(models.Model):
                 condition=Q(in_folder=True),
                 name="one_claim_per_waiting_file",
             ),
-            # One archive per content and sizes: a second "done" is a duplicate.
+            # One archive per content and sizes: a second "done" is a duplicate. An image
+            # whose zip retention deleted no longer counts: the same content gets a new zip.
             models.UniqueConstraint(
                 fields=["sha256", "sizes_key"],
-                condition=Q(status="done"),
+                condition=Q(status="done") & ~Q(archive=""),
                 name="one_archive_per_content_and_sizes",
             ),
         ]
@@ -333,13 +335,19 @@ class Image(models.Model):
         return bool(failed)
 
     def mark_duplicate(self, first: Image) -> bool:
-        """processing -> duplicate of first, while first is still done (a reprocess may have
-        just taken it back to pending). False if not recorded."""
-        first_still_done = Exists(Image.objects.filter(id=first.id, status=self.Status.DONE))
+        """processing -> duplicate of first, while first is still done with its zip (a
+        reprocess may have just taken it back to pending, retention deleted its zip). False
+        if not recorded."""
+        first_still_done = Image.objects.filter(id=first.id, status=self.Status.DONE).exclude(
+            archive=""
+        )
         with transaction.atomic():
+            # Locks the first's row (PostgreSQL): retention, deleting old archives, holds the
+            # same lock, so a duplicate never takes a zip that is being deleted.
+            list(first_still_done.select_for_update().values_list("id", flat=True))
             recorded = (
                 self._this_run()
-                .filter(first_still_done)
+                .filter(Exists(first_still_done))
                 .update(
                     status=self.Status.DUPLICATE,
                     duplicate_of=first,
@@ -445,7 +453,8 @@ class SweepLock(models.Model):
     """At most one sweep runs per folder; a lock left by a dead sweep expires."""
 
     folder = models.CharField(max_length=1024, unique=True)
-    sweep = models.ForeignKey(Sweep, on_delete=models.CASCADE, related_name="+")
+    # The run holding it: a token, not a sweep record, since an idle sweep leaves none.
+    owner = models.UUIDField(default=uuid.uuid4)
     expires_at = models.DateTimeField()
 
     def __str__(self) -> str:
@@ -583,6 +592,67 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} #{self.image_id} to {self.url}"
+
+
+class ScheduleActivity(models.Model):
+    """What the sweeps of one schedule did, counted rather than recorded one by one.
+
+    A schedule sweeps every few seconds and nearly always finds nothing. Such a sweep leaves
+    no Sweep row and no task result: it adds one to `idle_sweeps` here. The sweeps that did
+    something (or failed, or were held back) are Sweep rows, as before.
+    """
+
+    schedule_name = models.CharField(max_length=200, unique=True)
+    swept_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a worker last ran a sweep of it, idle or not."
+    )
+    idle_sweeps = models.PositiveBigIntegerField(
+        default=0, help_text="Sweeps that found nothing to do (not recorded one by one)."
+    )
+    last_idle_at = models.DateTimeField(null=True, blank=True)
+    last_found = models.ForeignKey(
+        Sweep,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The last sweep of it that found something.",
+    )
+
+    class Meta:
+        verbose_name_plural = "schedule activity"
+
+    def __str__(self) -> str:
+        return f"activity of {self.schedule_name}"
+
+    @classmethod
+    def note_idle(cls, schedule_name: str) -> None:
+        """One more sweep of the schedule found nothing: counted in one statement."""
+        now = timezone.now()
+        cls._note(
+            schedule_name,
+            {"idle_sweeps": F("idle_sweeps") + 1, "last_idle_at": now, "swept_at": now},
+            {"idle_sweeps": 1, "last_idle_at": now, "swept_at": now},
+        )
+
+    @classmethod
+    def note_recorded(cls, sweep: Sweep) -> None:
+        """A sweep of the schedule left a record; it found something unless it failed."""
+        changes: dict[str, object] = {"swept_at": timezone.now()}
+        if sweep.status == Sweep.Status.DONE:
+            changes["last_found"] = sweep
+        cls._note(sweep.schedule_name, changes, changes)
+
+    @classmethod
+    def _note(cls, name: str, update: dict[str, object], create: dict[str, object]) -> None:
+        if cls.objects.filter(schedule_name=name).update(**update):
+            return
+        try:
+            with transaction.atomic():
+                cls.objects.create(schedule_name=name, **create)
+        except IntegrityError:
+            # Another worker made the row first: count on it.
+            cls.objects.filter(schedule_name=name).update(**update)
 
 
 def _finished(image: Image) -> None:

@@ -224,11 +224,13 @@ def _release_changed(image: Image, reason: str = CHANGED) -> str:
 
 
 def _first_done(image: Image) -> Image | None:
+    # An image whose zip retention deleted is no first: the same content gets a new zip.
     return (
         Image.objects.filter(
             sha256=image.sha256, sizes_key=image.sizes_key, status=Image.Status.DONE
         )
         .exclude(id=image.id)
+        .exclude(archive="")
         .only("id")
         .first()
     )

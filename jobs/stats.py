@@ -9,11 +9,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db.models import Count, F, Max, Min, Q, Sum
+from django.db.models import Count, F, Max, Min, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import TruncHour
 from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
 
-from .models import Image, Sweep
+from . import storage
+from .models import Image, ScheduleActivity, Sweep
+from .sweep import SWEEP_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +192,54 @@ def archive_disk() -> dict[str, int | None]:
     except OSError as exc:
         logger.warning("cannot read free space of %s: %s", media, exc)
     return {"bytes": recorded["total"] or 0, "count": recorded["count"], "free": free}
+
+
+def schedule_activity() -> list[PeriodicTask]:
+    """The sweep schedules and what their sweeps did: when one last ran (on a worker; beat
+    writes its own last_run_at only every few minutes), the idle ones counted, and the last
+    that found something."""
+    activity = ScheduleActivity.objects.filter(schedule_name=OuterRef("name"))
+    return list(
+        PeriodicTask.objects.filter(task=SWEEP_TASK)
+        .annotate(
+            idle_sweeps=Subquery(activity.values("idle_sweeps")[:1]),
+            last_idle_at=Subquery(activity.values("last_idle_at")[:1]),
+            swept_at=Subquery(activity.values("swept_at")[:1]),
+            last_found_id=Subquery(activity.values("last_found_id")[:1]),
+            last_found_at=Subquery(activity.values("last_found__started_at")[:1]),
+        )
+        .order_by("name")
+        .only("name", "enabled")
+    )
+
+
+@dataclass
+class Retention:
+    """How long things are kept (0 days: forever), and the free-space floor of sweeps."""
+
+    originals_days: int
+    archives_days: int
+    results_days: int
+    idle_sweep_days: int
+    min_free_mb: int
+    free_bytes: int | None
+
+    @property
+    def low_on_space(self) -> bool:
+        return self.free_bytes is not None and self.free_bytes < self.min_free_mb * 1024 * 1024
+
+
+def retention() -> Retention:
+    try:
+        free = storage.free_bytes()
+    except OSError:
+        free = None
+    expires = settings.CELERY_RESULT_EXPIRES
+    return Retention(
+        originals_days=settings.KEEP_ORIGINALS_DAYS,
+        archives_days=settings.KEEP_ARCHIVES_DAYS,
+        results_days=expires.days if expires else 0,
+        idle_sweep_days=settings.IDLE_SWEEP_DAYS,
+        min_free_mb=settings.MIN_FREE_MB,
+        free_bytes=free,
+    )

@@ -683,6 +683,55 @@ def kept_original(path: Path) -> os.stat_result:
         return folder.stat(path.name)
 
 
+def remove_kept_originals(paths: Iterable[str]) -> list[str]:
+    """Delete kept originals (in originals/ or failed/) and the notes beside them, opening
+    each folder once. Returns those gone, now or before; one that cannot be deleted is
+    left, with a warning (its record should keep pointing at it)."""
+    gone: list[str] = []
+    for parent, names in _by_folder(paths).items():
+        try:
+            folder = open_folder(Path(parent), kept_roots())
+        except FileNotFoundError:
+            gone.extend(f"{parent}/{name}" for name in names)  # the whole folder is gone
+            continue
+        except (OSError, NotBeneath) as exc:
+            logger.warning("cannot delete %d kept original(s) in %s: %s", len(names), parent, exc)
+            continue
+        with folder:
+            for name in names:
+                try:
+                    folder.unlink(name)
+                    folder.unlink(name + NOTE_SUFFIX)
+                except (OSError, NotBeneath) as exc:
+                    logger.warning("cannot delete kept original %s/%s: %s", parent, name, exc)
+                    continue
+                gone.append(f"{parent}/{name}")
+    return gone
+
+
+def _by_folder(paths: Iterable[str]) -> dict[str, list[str]]:
+    """Names grouped by their folder. Plain string splits: the folder is opened and each
+    name checked as one entry of it before anything is touched."""
+    folders: dict[str, list[str]] = {}
+    for path in paths:
+        parent, _, name = path.rpartition("/")
+        folders.setdefault(parent, []).append(name)
+    return folders
+
+
+def free_bytes(path: Path | None = None) -> int:
+    """Bytes that may still be written on the file system of `path` (default MEDIA_ROOT).
+
+    Before MEDIA_ROOT is made, the nearest folder above it that exists is asked. Counts
+    what an unprivileged process may use, so the space kept for root is not counted.
+    """
+    path = Path(path or settings.MEDIA_ROOT)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    status = os.statvfs(path)
+    return status.f_bavail * status.f_frsize
+
+
 def remove_note(kept: Path) -> None:
     """Remove the note beside a failed original (it is being processed again)."""
     try:
@@ -791,10 +840,32 @@ def remove_archive(relative: str) -> None:
         logger.warning("cannot delete archive %s: %s", relative, exc)
 
 
-def remove_archives(relatives: Iterable[str]) -> None:
-    for relative in relatives:
-        if relative:
-            remove_archive(relative)
+def remove_archives(relatives: Iterable[str]) -> list[str]:
+    """Delete recorded zips (relative to MEDIA_ROOT), opening each folder once. Returns
+    those gone, now or before; one that cannot be deleted is left, with a warning."""
+    area = media_area(ARCHIVES)
+    gone: list[str] = []
+    for parent, names in _by_folder(relative for relative in relatives if relative).items():
+        head, _, below = parent.partition("/")
+        try:
+            if head != ARCHIVES:
+                raise NotBeneath(f"{parent} is not in the {ARCHIVES} area")
+            folder = open_folder(area / below if below else area, [area])
+        except FileNotFoundError:
+            gone.extend(f"{parent}/{name}" for name in names)
+            continue
+        except (OSError, NotBeneath) as exc:
+            logger.warning("cannot delete %d archive(s) in %s: %s", len(names), parent, exc)
+            continue
+        with folder:
+            for name in names:
+                try:
+                    folder.unlink(name)
+                except (OSError, NotBeneath) as exc:
+                    logger.warning("cannot delete archive %s/%s: %s", parent, name, exc)
+                    continue
+                gone.append(f"{parent}/{name}")
+    return gone
 
 
 def discard_partial_archives(image: Image) -> None:

@@ -2,7 +2,8 @@
 
 The watched folder and the database are the truth; a broker message is only a nudge. So a
 sweep both claims new files and repairs whatever a crash left half done (reconciliation).
-No image work happens here.
+`sweep_folder` is the one way to sweep; the Celery task, `manage.py sweep` and the
+benchmarks call it. No image work happens here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,14 +21,17 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
 
-from . import storage
-from .models import LEASE_EXPIRED, Image, Sweep, SweepLock
+from . import beat, storage
+from .models import LEASE_EXPIRED, Image, ScheduleActivity, Sweep, SweepLock
 from .pipeline import parse_sizes
 from .storage import Candidate, discard_partial_archives, kept_path, scan
 
 logger = logging.getLogger(__name__)
 
+# The Celery task that sweeps (jobs.tasks), by the name periodic tasks store.
+SWEEP_TASK = "jobs.sweep_folder"
 CLAIM_BATCH = 500
 LOCK_SLACK = timedelta(minutes=5)
 
@@ -35,10 +40,36 @@ class FolderRejected(ValueError):
     """A folder a sweep may not touch; the message says why."""
 
 
+class SweepArgumentsError(ValueError):
+    """A sweep was sent arguments it cannot use (a periodic task's kwargs edited by hand)."""
+
+
+@dataclass
+class Repairs:
+    """What a repair did: image ids to queue again, and images it settled otherwise
+    (originals put away after a crash, runs failed after MAX_ATTEMPTS)."""
+
+    requeue: list[int] = field(default_factory=list)
+    settled: int = 0
+
+
 @dataclass
 class SweepOutcome:
     sweep: Sweep
     to_queue: list[int] = field(default_factory=list)
+    settled: int = 0
+    # False when the sweep turned out idle and left no record (see is_idle).
+    recorded: bool = True
+
+    def summary(self) -> dict[str, object]:
+        """A few figures for a task's result and the logs."""
+        return {
+            "sweep": self.sweep.id if self.recorded else None,
+            "status": self.sweep.status,
+            "claimed": self.sweep.claimed,
+            "requeued": self.sweep.requeued,
+            "unstable": self.sweep.unstable,
+        }
 
 
 def this_worker() -> str:
@@ -113,6 +144,84 @@ def resolve_options(raw: Mapping[str, object] | None) -> dict[str, int]:
     return options
 
 
+def sweep_folder(
+    folder: str | None,
+    sizes: Iterable[str] | str | None,
+    *,
+    schedule_name: str = "",
+    task_id: str = "",
+    options: Mapping[str, object] | None = None,
+    requeue_after: float | None = None,
+) -> SweepOutcome:
+    """Sweep one folder: record the sweep, repair what a crash left, scan, claim.
+
+    Returns the outcome, with the image ids to queue: the caller queues them once the
+    claims are committed. A sweep sent by a schedule (`schedule_name`) that found nothing
+    to do is never recorded: the schedule's activity counts it instead (see is_idle). Any
+    other sweep is recorded; a person who asked reads the answer there. `requeue_after` is
+    as for run_sweep. Raises SweepArgumentsError, after recording the failed sweep, when
+    the folder, sizes or output options cannot be used.
+    """
+    record, path, labels = start_sweep(
+        folder,
+        sizes,
+        trigger=Sweep.Trigger.SCHEDULE if schedule_name else Sweep.Trigger.MANUAL,
+        schedule_name=schedule_name,
+        task_id=task_id,
+        options=options,
+    )
+    if path is None:
+        _note_activity(SweepOutcome(record))
+        raise SweepArgumentsError(record.error)
+    try:
+        outcome = run_sweep(
+            record, path, labels, exclude=other_sweep_folders(path), requeue_after=requeue_after
+        )
+    except Exception:
+        _note_activity(SweepOutcome(record))
+        raise
+    _note_activity(outcome)
+    return outcome
+
+
+def is_idle(outcome: SweepOutcome) -> bool:
+    """A scheduled sweep with nothing to tell: it claimed, requeued and repaired nothing
+    and has no error (a file still changing is recorded by the sweep that takes it; one
+    that never settles would otherwise add a record every interval), or it was skipped
+    because another sweep of the folder was running (that one tells). Sweeps someone
+    asked for by hand, failed ones and ones held back for want of disk space are never
+    idle."""
+    sweep = outcome.sweep
+    if sweep.trigger != Sweep.Trigger.SCHEDULE:
+        return False
+    if sweep.status not in (Sweep.Status.DONE, Sweep.Status.SKIPPED):
+        return False
+    return not (sweep.claimed or sweep.requeued or outcome.settled or sweep.error)
+
+
+def _note_activity(outcome: SweepOutcome) -> None:
+    """Count an idle sweep on its schedule, or note the one recorded."""
+    sweep = outcome.sweep
+    if sweep.trigger != Sweep.Trigger.SCHEDULE or not sweep.schedule_name:
+        return
+    if outcome.recorded:
+        ScheduleActivity.note_recorded(sweep)
+    else:
+        ScheduleActivity.note_idle(sweep.schedule_name)
+
+
+def other_sweep_folders(folder: Path) -> list[Path]:
+    """Folders below `folder` that an enabled periodic sweep of their own looks after."""
+    nested = []
+    for task in PeriodicTask.objects.filter(task=SWEEP_TASK, enabled=True).only("kwargs"):
+        other = beat.sweep_kwargs(task).get("folder")
+        if isinstance(other, str) and other:
+            other_path = Path(other).resolve()
+            if other_path != folder and other_path.is_relative_to(folder):
+                nested.append(other_path)
+    return nested
+
+
 def start_sweep(
     folder: str | None,
     sizes: Iterable[str] | str | None,
@@ -122,12 +231,14 @@ def start_sweep(
     task_id: str = "",
     options: Mapping[str, object] | None = None,
 ) -> tuple[Sweep, Path | None, list[str]]:
-    """Record a sweep; if its arguments are bad the record says so and is already failed.
+    """A sweep with its arguments resolved; if they are bad it is recorded, failed, saying so.
 
+    A sweep someone asked for is recorded at once: the "sweep now" page waits for it by
+    task id. A scheduled one is recorded only once it has something to tell (see run_sweep).
     `options` are the output options (see resolve_options); the resolved ones are kept on
     the sweep, and each image it claims gets them.
     """
-    sweep = Sweep.objects.create(
+    sweep = Sweep(
         trigger=trigger,
         schedule_name=schedule_name,
         folder=str(folder if folder is not None else settings.WATCH_FOLDER)[:1024],
@@ -144,7 +255,8 @@ def start_sweep(
     sweep.folder = str(path)
     sweep.sizes = labels
     sweep.options = resolved
-    sweep.save(update_fields=["folder", "sizes", "options"])
+    if trigger != Sweep.Trigger.SCHEDULE:
+        sweep.save()
     return sweep, path, labels
 
 
@@ -158,14 +270,22 @@ def run_sweep(
     """Repair what a crash left, then claim every ready file. Returns image ids to queue.
 
     Pending images queued more than `requeue_after` seconds ago (default REQUEUE_AFTER) are
-    assumed to have lost their message and are queued again.
+    assumed to have lost their message and are queued again. With less than MIN_FREE_MB
+    free where MEDIA_ROOT lives, nothing is touched and the sweep is held back, saying why:
+    every image would fail on the full disk, while files left in the folder lose nothing.
+    The sweep is recorded at its end, unless it is idle (see is_idle).
     """
     outcome = SweepOutcome(sweep)
-    if not acquire_lock(sweep, folder):
-        sweep.finish(Sweep.Status.SKIPPED)
+    short = space_shortage()
+    if short:
+        sweep.finish(Sweep.Status.HELD, short)
+        return outcome
+    owner = acquire_lock(folder)
+    if owner is None:
+        _finish(outcome, Sweep.Status.SKIPPED)
         return outcome
     try:
-        requeued = reconcile(folder, requeue_after)
+        repairs = reconcile(folder, requeue_after)
         # Read before listing the folder: a file whose claim is released after this read
         # was moved away before it, so the listing cannot show it again.
         waiting = waiting_paths(folder)
@@ -175,16 +295,50 @@ def run_sweep(
         sweep.unstable = found.unstable
         sweep.ignored = found.ignored
         sweep.claimed = len(claimed)
-        sweep.requeued = len(requeued)
-        sweep.finish(Sweep.Status.DONE, _unstorable_note(found.unstorable))
-        outcome.to_queue = requeued + claimed
+        sweep.requeued = len(repairs.requeue)
+        outcome.to_queue = repairs.requeue + claimed
+        outcome.settled = repairs.settled
+        _finish(outcome, Sweep.Status.DONE, _unstorable_note(found.unstorable))
     except Exception as exc:
         # Recorded for the admin, then raised for Celery's result row and the logs.
         sweep.finish(Sweep.Status.FAILED, f"sweep stopped: {exc!r}")
         raise
     finally:
-        release_lock(sweep, folder)
+        release_lock(folder, owner)
     return outcome
+
+
+def _finish(outcome: SweepOutcome, status: str, error: str = "") -> None:
+    """Record the end of a sweep, unless it turned out idle: then no record is left."""
+    sweep = outcome.sweep
+    sweep.status, sweep.error = status, error
+    if not is_idle(outcome):
+        sweep.finish(status, error)
+        return
+    sweep.finished_at = timezone.now()
+    outcome.recorded = False
+    if sweep.pk is not None:
+        # It had rows to claim, but another sweep claimed them all first.
+        Sweep.objects.filter(id=sweep.pk).delete()
+
+
+def space_shortage() -> str:
+    """Why a sweep may not claim for want of disk space; empty when there is enough."""
+    if not settings.MIN_FREE_MB:
+        return ""
+    try:
+        free = storage.free_bytes()
+    except OSError as exc:
+        # Not knowing is no reason to stop: writing the archive reports a full disk anyway.
+        logger.warning("cannot read the free space of %s: %s", settings.MEDIA_ROOT, exc)
+        return ""
+    if free >= settings.MIN_FREE_MB * 1024 * 1024:
+        return ""
+    return (
+        f"only {free / 1024 / 1024:.1f} MB free on the file system of MEDIA_ROOT "
+        f"({settings.MEDIA_ROOT}), below MIN_FREE_MB ({settings.MIN_FREE_MB} MB): nothing "
+        "was claimed; the files wait in the folder until space is freed"
+    )
 
 
 def _unstorable_note(names: list[str]) -> str:
@@ -197,23 +351,25 @@ def _unstorable_note(names: list[str]) -> str:
     )
 
 
-def acquire_lock(sweep: Sweep, folder: Path) -> bool:
+def acquire_lock(folder: Path) -> uuid.UUID | None:
+    """Hold the folder for one sweep: the token to release it with, or None if it is held."""
+    owner = uuid.uuid4()
     now = timezone.now()
     expires_at = now + timedelta(seconds=settings.IMAGE_TIME_LIMIT) + LOCK_SLACK
     try:
         with transaction.atomic():
-            SweepLock.objects.create(folder=str(folder), sweep=sweep, expires_at=expires_at)
-        return True
+            SweepLock.objects.create(folder=str(folder), owner=owner, expires_at=expires_at)
+        return owner
     except IntegrityError:
         # Held: take it over only if its sweep died and left it to expire.
         taken = SweepLock.objects.filter(folder=str(folder), expires_at__lt=now).update(
-            sweep=sweep, expires_at=expires_at
+            owner=owner, expires_at=expires_at
         )
-        return taken == 1
+        return owner if taken == 1 else None
 
 
-def release_lock(sweep: Sweep, folder: Path) -> None:
-    SweepLock.objects.filter(folder=str(folder), sweep=sweep).delete()
+def release_lock(folder: Path, owner: uuid.UUID) -> None:
+    SweepLock.objects.filter(folder=str(folder), owner=owner).delete()
 
 
 def waiting_paths(folder: Path) -> set[str]:
@@ -256,6 +412,10 @@ def claim(
         for candidate in ready
         if str(candidate.path) not in waiting
     ]
+    if not rows:
+        return []
+    if sweep.pk is None:
+        sweep.save()  # a scheduled sweep is recorded once it has something to claim
     # Another sweep (another beat, a manual sweep, a nested folder) may claim the same file
     # between our read and our insert: the partial unique index makes one insert win.
     Image.objects.bulk_create(rows, batch_size=CLAIM_BATCH, ignore_conflicts=True)
@@ -266,7 +426,7 @@ def claim(
     )
 
 
-def reconcile(folder: Path, requeue_after: float | None = None) -> list[int]:
+def reconcile(folder: Path, requeue_after: float | None = None) -> Repairs:
     """Repair images waiting under folder that a crash or a lost message left behind.
 
     Returns the ids to queue again. Images already final but whose original was never
@@ -278,22 +438,7 @@ def reconcile(folder: Path, requeue_after: float | None = None) -> list[int]:
     )
 
 
-def prune_idle_sweeps(older_than: timedelta) -> int:
-    """Delete sweeps that found nothing to do, claimed nothing and recorded no error.
-
-    A schedule sweeps every few seconds: kept forever, the idle ones would bury the rest.
-    """
-    deleted, _ = Sweep.objects.filter(
-        started_at__lt=timezone.now() - older_than,
-        status__in=(Sweep.Status.DONE, Sweep.Status.SKIPPED),
-        claimed=0,
-        requeued=0,
-        error="",
-    ).delete()
-    return deleted
-
-
-def recover_unswept(requeue_after: float | None = None) -> list[int]:
+def recover_unswept(requeue_after: float | None = None) -> Repairs:
     """The same repair for images no sweep looks after: uploads and reprocessing.
 
     Their originals are read from MEDIA_ROOT (uploads/, or originals/ and failed/ when an
@@ -308,12 +453,13 @@ def recover_unswept(requeue_after: float | None = None) -> list[int]:
         ),
         requeue_after,
     )
-    return waiting + again
+    return Repairs(waiting.requeue + again.requeue, waiting.settled + again.settled)
 
 
-def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> list[int]:
+def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> Repairs:
     now = timezone.now()
-    requeue: list[int] = []
+    repairs = Repairs()
+    requeue = repairs.requeue
     # No ordering: the model's default (-queued_at) would make the database walk that index.
     waiting = waiting.order_by()
     # Runs with a live lease are never read here, wherever they run.
@@ -321,8 +467,11 @@ def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> list[int]:
         try:
             if image.is_final:
                 put_original_away(image)
+                repairs.settled += 1
             else:
                 requeue.extend(_retry_or_fail(image))
+                if image.status == Image.Status.FAILED:
+                    repairs.settled += 1  # failed at last, after MAX_ATTEMPTS
         except OSError as exc:
             # One stuck original must not stop the sweep; it is tried again next time.
             logger.warning("cannot put away the original of image %s: %s", image.id, exc)
@@ -339,7 +488,7 @@ def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> list[int]:
         # only one run can move the image from pending to processing.
         Image.objects.requeue_lost(lost)
         requeue.extend(lost)
-    return requeue
+    return repairs
 
 
 def _retry_or_fail(image: Image) -> list[int]:
@@ -361,10 +510,12 @@ def work_is_stalled(window: timedelta, beat_running: bool) -> bool:
     """True when nothing started for `window` although work waits: a stuck worker.
 
     Sweeps count as work: a running beat sends one every interval, and a live worker
-    records each one it runs.
+    records each one it runs (an idle one in its schedule's activity).
     """
     since = timezone.now() - window
     if Sweep.objects.filter(started_at__gte=since).exists():
+        return False
+    if ScheduleActivity.objects.filter(swept_at__gte=since).exists():
         return False
     if Image.objects.filter(started_at__gte=since).exists():
         return False

@@ -2,115 +2,92 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable, Mapping
-from datetime import timedelta
-from pathlib import Path
+from collections.abc import Iterable
+from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task, states
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
-from django_celery_beat.models import PeriodicTask
 
-from . import processing, webhooks
+from . import processing, retention, webhooks
+from . import sweep as sweeping
 from .broker import queue_length
-from .models import Sweep
-from .sweep import prune_idle_sweeps, recover_unswept, run_sweep, start_sweep
+from .sweep import SWEEP_TASK
 
 logger = logging.getLogger(__name__)
 
-SWEEP_TASK = "jobs.sweep_folder"
 # Seconds a just-queued message may spend in a worker's prefetch, outside the queue list.
 LOST_QUEUE_GRACE = 5
 # Messages sent to Redis per round trip when many images are queued at once.
 QUEUE_BATCH = 500
 
 
-class SweepArgumentsError(ValueError):
-    """A sweep was sent arguments it cannot use (a periodic task's kwargs edited by hand)."""
+# Sweeps and recoveries run every few seconds and nearly always find nothing: they ignore
+# their result (a row each would bury the image tasks' results), and a run that did
+# something keeps its own (keep_result). Failures are stored all the same.
+QUIET = {"ignore_result": True, "store_errors_even_if_ignored": True}
 
 
-@shared_task(bind=True, name=SWEEP_TASK)
+@shared_task(bind=True, name=SWEEP_TASK, **QUIET)
 def sweep_folder(
-    self,
+    self: Task,
     folder: str | None = None,
     sizes: list[str] | str | None = None,
     quality: int | None = None,
     **unknown: object,
 ) -> dict[str, object]:
-    """Sweep one folder: repair leftovers, claim ready files, queue one task per image.
+    """Sweep one folder (jobs.sweep.sweep_folder), then queue one task per image.
 
     `quality` is the JPEG/WebP thumbnail quality (None: JPEG_QUALITY). Unknown keyword
     arguments (a periodic task's kwargs edited by hand) fail the sweep with a recorded
-    reason, rather than a TypeError that leaves no sweep behind.
+    reason, rather than a TypeError that leaves no sweep behind. An idle sweep leaves no
+    task result, as it leaves no sweep record.
     """
-    schedule_name = getattr(self.request, "periodic_task_name", None) or ""
-    sweep, to_queue = sweep_now(
+    outcome = sweeping.sweep_folder(
         folder,
         sizes,
-        trigger=Sweep.Trigger.SCHEDULE if schedule_name else Sweep.Trigger.MANUAL,
-        schedule_name=schedule_name,
+        schedule_name=getattr(self.request, "periodic_task_name", None) or "",
         task_id=self.request.id or "",
         options={"quality": quality, **unknown},
+        requeue_after=requeue_after(),
     )
-    transaction.on_commit(lambda: queue_images(to_queue))
-    return {
-        "sweep": sweep.id,
-        "status": sweep.status,
-        "claimed": sweep.claimed,
-        "requeued": sweep.requeued,
-        "unstable": sweep.unstable,
-    }
+    transaction.on_commit(lambda: queue_images(outcome.to_queue))
+    return keep_result(self, outcome.summary()) if outcome.recorded else outcome.summary()
 
 
-def sweep_now(
-    folder: str | None,
-    sizes: list[str] | str | None,
-    *,
-    trigger: str,
-    schedule_name: str = "",
-    task_id: str = "",
-    options: Mapping[str, object] | None = None,
-) -> tuple[Sweep, list[int]]:
-    """Record and run one sweep; returns it and the image ids to queue (not yet queued).
+@shared_task(bind=True, name="jobs.recover", **QUIET)
+def recover(self: Task) -> dict[str, int]:
+    """Repair uploads and reprocessed images that a dead worker or a lost message left."""
+    repairs = sweeping.recover_unswept(requeue_after())
+    transaction.on_commit(lambda: queue_images(repairs.requeue))
+    result = {"requeued": len(repairs.requeue), "settled": repairs.settled}
+    return keep_result(self, result) if any(result.values()) else result
 
-    Raises SweepArgumentsError, after recording the failed sweep, if the folder, sizes or
-    output options cannot be used.
+
+@shared_task(bind=True, name="jobs.apply_retention", **QUIET)
+def apply_retention(self: Task) -> dict[str, int]:
+    """Delete kept originals and archives past their retention (jobs.retention)."""
+    result = retention.apply_retention().counts()
+    return keep_result(self, result) if any(result.values()) else result
+
+
+def keep_result(task: Task, result: dict[str, Any]) -> dict[str, Any]:
+    """Store the result of a run of a quiet task (one that ignores its results).
+
+    The same row Celery would store, with the same extended fields (task name, arguments,
+    periodic task); nothing when the task was called directly rather than by a worker.
     """
-    sweep, path, labels = start_sweep(
-        folder,
-        sizes,
-        trigger=trigger,
-        schedule_name=schedule_name,
-        task_id=task_id,
-        options=options,
-    )
-    if path is None:
-        raise SweepArgumentsError(sweep.error)
-    outcome = run_sweep(
-        sweep,
-        path,
-        labels,
-        exclude=other_sweep_folders(path),
-        # An empty queue while images wait means their messages are gone (Redis restarted
-        # without persistence): queue them again now rather than after REQUEUE_AFTER.
-        requeue_after=LOST_QUEUE_GRACE if queue_length() == 0 else None,
-    )
-    return sweep, outcome.to_queue
+    if task.request.id and not task.request.called_directly:
+        task.backend.store_result(task.request.id, result, states.SUCCESS, request=task.request)
+    return result
 
 
-@shared_task(name="jobs.recover")
-def recover() -> dict[str, int]:
-    """Repair uploads and reprocessed images that a dead worker or a lost message left.
-
-    Also forgets idle sweeps older than IDLE_SWEEP_DAYS.
-    """
-    image_ids = recover_unswept(LOST_QUEUE_GRACE if queue_length() == 0 else None)
-    transaction.on_commit(lambda: queue_images(image_ids))
-    pruned = prune_idle_sweeps(timedelta(days=settings.IDLE_SWEEP_DAYS))
-    return {"requeued": len(image_ids), "idle_sweeps_pruned": pruned}
+def requeue_after() -> float | None:
+    """An empty queue while images wait means their messages are gone (Redis restarted
+    without persistence): requeue them after a short grace rather than REQUEUE_AFTER."""
+    return LOST_QUEUE_GRACE if queue_length() == 0 else None
 
 
 @shared_task(
@@ -144,28 +121,11 @@ def queue_images(image_ids: Iterable[int]) -> None:
     logger.info("queued %d image(s)", len(image_ids))
 
 
-def other_sweep_folders(folder: Path) -> list[Path]:
-    """Folders below `folder` that an enabled periodic sweep of their own looks after."""
-    nested = []
-    for raw in PeriodicTask.objects.filter(task=SWEEP_TASK, enabled=True).values_list(
-        "kwargs", flat=True
-    ):
-        try:
-            other = json.loads(raw or "{}").get("folder")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(other, str) and other:
-            other_path = Path(other).resolve()
-            if other_path != folder and other_path.is_relative_to(folder):
-                nested.append(other_path)
-    return nested
-
-
 # Webhook tasks keep no result: each delivery is recorded on its own row (WebhookDelivery).
 @shared_task(
     name=webhooks.DELIVER_TASK,
     ignore_result=True,
-    # A send past this is killed; `repair` sees its process gone and sends the row again.
+    # A send past this is killed; `repair` takes its row back once the claim outlives it.
     time_limit=webhooks.send_time_limit(),
 )
 def deliver_webhook(delivery_id: int) -> str:

@@ -322,8 +322,15 @@ LEASE_SECONDS = envfloat("LEASE_SECONDS", "30", minimum=1)
 # A queued image with no progress for this long is assumed lost with its message and requeued.
 REQUEUE_AFTER = envint("REQUEUE_AFTER", "60", minimum=1)
 RECOVER_INTERVAL = max(SWEEP_INTERVAL, 10.0)
-# Sweeps that found nothing to do are forgotten after this many days.
+# Sweep records that claimed nothing (idle scheduled sweeps leave none) go after this many days.
 IDLE_SWEEP_DAYS = envint("IDLE_SWEEP_DAYS", "7", minimum=1)
+# Kept originals and archives of finished images are deleted after this many days (the
+# image's record stays); 0 keeps them forever.
+KEEP_ORIGINALS_DAYS = envint("KEEP_ORIGINALS_DAYS", "0")
+KEEP_ARCHIVES_DAYS = envint("KEEP_ARCHIVES_DAYS", "0")
+# Below this much free space where MEDIA_ROOT lives, sweeps claim nothing and say why, and
+# /healthz reports the disk (MEDIA_ROOT's or a watch folder's).
+MIN_FREE_MB = envint("MIN_FREE_MB", "500")
 UPLOAD_MAX_FILES = envint("UPLOAD_MAX_FILES", "20", minimum=1)
 UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", str(MAX_IMAGE_BYTES), minimum=1)
 # Django's own cap on files per request, one above ours so that the upload says it in words.
@@ -339,8 +346,6 @@ REDIS_WAIT = envfloat("REDIS_WAIT", "30")
 # A worker that starts nothing for this long while work waits is restarted by `make run`.
 STALL_SECONDS = envfloat("STALL_SECONDS", str(IMAGE_TIME_LIMIT + 60), minimum=1)
 WORKER_CONCURRENCY = envint("WORKER_CONCURRENCY", str(os.cpu_count() or 1), minimum=1)
-# Below this much free space on MEDIA_ROOT or a watch folder, /healthz reports the disk.
-MIN_FREE_MB = envint("MIN_FREE_MB", "500")
 # How often beat (on its ticks) and each worker record in the database that they are alive.
 HEARTBEAT_SECONDS = envfloat("HEARTBEAT_SECONDS", "5", minimum=0.5)
 # Seconds /healthz waits for all its probes together; a probe still running then has failed.
@@ -425,6 +430,7 @@ CELERY_TASK_ROUTES = {
     "jobs.recover": {"queue": SWEEP_QUEUE},
     "jobs.deliver_webhook": {"queue": WEBHOOK_QUEUE},
     "jobs.repair_webhooks": {"queue": WEBHOOK_QUEUE},
+    "jobs.apply_retention": {"queue": SWEEP_QUEUE},
 }
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
@@ -462,6 +468,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "jobs.recover",
         "schedule": RECOVER_INTERVAL,
         "options": {"expires": RECOVER_INTERVAL * 0.9},
+    },
+    # KEEP_ORIGINALS_DAYS and KEEP_ARCHIVES_DAYS, and forgetting idle sweep records.
+    "apply-retention": {
+        "task": "jobs.apply_retention",
+        "schedule": 3600,
+        "options": {"expires": 3600 * 0.9},
     },
 }
 if WEBHOOK_URLS:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
+from jobs import processing, sweep
+from jobs.models import Image, Sweep
 from jobs.redis_server import start_bundled_redis
 from project.celery import app as celery_app
 
@@ -71,6 +73,33 @@ def drop() -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def sweep_and_process(folders) -> Callable[..., list[Image]]:
+    """Sweep a folder through jobs.sweep.sweep_folder, then process what it claimed here.
+
+    Returns the claimed images by name. `process=False` only claims; `options` are the
+    sweep's output options (quality).
+    """
+
+    def run(
+        folder: Path | None = None,
+        sizes: list[str] | None = None,
+        *,
+        process: bool = True,
+        **options: object,
+    ) -> list[Image]:
+        outcome = sweep.sweep_folder(
+            str(folder or folders["watch"]), sizes or ["64x64"], options=options
+        )
+        assert outcome.sweep.status == Sweep.Status.DONE, outcome.sweep.error
+        if process:
+            for image_id in outcome.to_queue:
+                processing.process_image(image_id)
+        return list(Image.objects.filter(id__in=outcome.to_queue).order_by("name"))
+
+    return run
 
 
 @pytest.fixture

@@ -16,26 +16,18 @@ from django_celery_beat.models import CrontabSchedule, IntervalSchedule, Periodi
 from jobs import beat, processing, stats
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep
-from jobs.sweep import recover_unswept, run_sweep, start_sweep
+from jobs.sweep import recover_unswept
 
 from .conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
 
 
-def sweep_inline(folder: Path, sizes: list[str]) -> list[Image]:
-    sweep, path, labels = start_sweep(str(folder), sizes, trigger=Sweep.Trigger.MANUAL)
-    outcome = run_sweep(sweep, path, labels)
-    for image_id in outcome.to_queue:
-        processing.process_image(image_id)
-    return list(Image.objects.filter(id__in=outcome.to_queue).order_by("name"))
-
-
 @pytest.fixture
-def processed(folders, drop) -> dict[str, Image]:
+def processed(folders, drop, sweep_and_process) -> dict[str, Image]:
     drop(folders["watch"], "photo.jpg", image_bytes((400, 300)))
     drop(folders["watch"], "broken.jpg", b"not an image")
-    images = sweep_inline(folders["watch"], ["64x64", "32x32"])
+    images = sweep_and_process(folders["watch"], ["64x64", "32x32"])
     return {image.name: image for image in images}
 
 
@@ -133,7 +125,7 @@ def test_reprocess_starts_a_new_wait_so_recovery_does_not_requeue_it_at_once(
     photo.refresh_from_db()
     assert photo.status == Image.Status.PENDING
     assert photo.queued_at >= before
-    assert recover_unswept() == []  # its message has REQUEUE_AFTER to arrive
+    assert recover_unswept().requeue == []  # its message has REQUEUE_AFTER to arrive
 
 
 def downloads(client, image: Image) -> bool:
@@ -143,12 +135,12 @@ def downloads(client, image: Image) -> bool:
 
 
 @pytest.fixture
-def twins(folders, drop) -> tuple[Image, Image]:
+def twins(folders, drop, sweep_and_process) -> tuple[Image, Image]:
     """The same picture dropped twice: the first done with a zip, the second its duplicate."""
     picture = image_bytes((300, 200))
     drop(folders["watch"], "one.jpg", picture)
     drop(folders["watch"], "two.jpg", picture)
-    images = sweep_inline(folders["watch"], ["64x64"])
+    images = sweep_and_process(folders["watch"], ["64x64"])
     first = next(image for image in images if image.status == Image.Status.DONE)
     second = next(image for image in images if image.status == Image.Status.DUPLICATE)
     assert second.duplicate_of_id == first.id
@@ -224,10 +216,11 @@ def test_retry_failed_reprocesses_only_failed_images(admin_client, processed, se
     assert Path(broken.original_path).is_file()
 
 
-def test_reprocess_leaves_images_in_progress_alone_with_a_reason(admin_client, folders, drop):
+def test_reprocess_leaves_images_in_progress_alone_with_a_reason(
+    admin_client, folders, drop, sweep_and_process
+):
     drop(folders["watch"], "waiting.jpg")
-    sweep, path, labels = start_sweep(None, None, trigger=Sweep.Trigger.MANUAL)
-    run_sweep(sweep, path, labels)
+    sweep_and_process(process=False)
     image = Image.objects.get()
     response = admin_client.post(
         reverse("admin:jobs_image_reprocess"), {"ids": str(image.id), "sizes": "10x10"}, follow=True
@@ -446,16 +439,15 @@ def test_periodic_task_form_rejects_a_bad_quality(admin_client, folders, every_s
     assert not PeriodicTask.objects.filter(name="bad").exists()
 
 
-def test_image_change_page_shows_the_output_options(admin_client, folders, drop, settings):
+def test_image_change_page_shows_the_output_options(
+    admin_client, folders, drop, settings, sweep_and_process
+):
     settings.JPEG_QUALITY = 85
     drop(folders["watch"], "default.jpg", image_bytes((100, 100)))
-    default = sweep_inline(folders["watch"], ["32x32"])[0]
+    default = sweep_and_process(folders["watch"], ["32x32"])[0]
     drop(folders["other"], "small.jpg", image_bytes((100, 100)))
-    sweep, path, labels = start_sweep(
-        str(folders["other"]), ["32x32"], trigger=Sweep.Trigger.MANUAL, options={"quality": 30}
-    )
-    small_id = run_sweep(sweep, path, labels).to_queue[0]
-    processing.process_image(small_id)
+    small = sweep_and_process(folders["other"], ["32x32"], quality=30)[0]
+    small_id, sweep = small.id, small.sweep
 
     page = admin_client.get(reverse("admin:jobs_image_change", args=[small_id])).content.decode()
     assert "Output options" in page

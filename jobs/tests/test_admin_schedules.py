@@ -17,7 +17,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from PIL import Image as PILImage
 
 from jobs.beat import SETTINGS_MARK
-from jobs.models import Image, Sweep
+from jobs.models import Image, ScheduleActivity, Sweep
 
 from .conftest import image_bytes, jpeg_tables
 from .processes import wait_for
@@ -46,6 +46,11 @@ def task_form(
     return data
 
 
+def beat_reloads(system) -> int:
+    """How often beat has read a changed schedule from the database."""
+    return (system.log_dir / "beat.log").read_text().count("DatabaseScheduler: Schedule changed.")
+
+
 def finished(name: str) -> Image | None:
     return Image.objects.filter(name=name, status=Image.Status.DONE, in_folder=False).first()
 
@@ -64,7 +69,7 @@ def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
     system.worker()
     system.beat()
     wait_for(
-        lambda: Sweep.objects.filter(schedule_name="sweep-watch-folder").exists(),
+        lambda: ScheduleActivity.objects.filter(schedule_name="sweep-watch-folder").exists(),
         what="beat's first sweep",
     )
     retired = PeriodicTask.objects.get(name="entry removed from settings")
@@ -90,11 +95,16 @@ def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
     # Edited: the next sweeps use the new sizes (and the default quality).
     task = PeriodicTask.objects.get(name="second folder")
     change_url = reverse("admin:django_celery_beat_periodictask_change", args=[task.id])
+    reloads = beat_reloads(system)
     edit = admin_client.post(change_url, task_form(folders, every_second, "20x20"))
     assert edit.status_code == 302, edit.content.decode()[:2000]
+    # Idle sweeps leave no record: once beat has read the edit, wait for three sweeps of
+    # the task, so that one sent before the edit is long done when the file arrives.
+    wait_for(lambda: beat_reloads(system) > reloads, what="beat to read the edit")
+    idle = ScheduleActivity.objects.get(schedule_name="second folder").idle_sweeps
     wait_for(
-        lambda: Sweep.objects.filter(schedule_name="second folder", sizes=["20x20"]).exists(),
-        what="a sweep with the edited sizes",
+        lambda: ScheduleActivity.objects.get(schedule_name="second folder").idle_sweeps >= idle + 3,
+        what="sweeps with the edited sizes",
     )
     drop(folders["other"], "second.jpg", image_bytes((800, 200)))
     second = wait_for(lambda: finished("second.jpg"), what="the image after the edit")
@@ -110,7 +120,9 @@ def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
     # Beat looks for changes at least every 5 s; a sweep already sent may still run.
     time.sleep(7)
     count = Sweep.objects.filter(schedule_name="second folder").count()
+    idle = ScheduleActivity.objects.get(schedule_name="second folder").idle_sweeps
     drop(folders["other"], "third.jpg", image_bytes((800, 200)))
     time.sleep(4)
     assert Sweep.objects.filter(schedule_name="second folder").count() == count
+    assert ScheduleActivity.objects.get(schedule_name="second folder").idle_sweeps == idle
     assert not Image.objects.filter(name="third.jpg").exists()

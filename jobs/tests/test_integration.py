@@ -14,7 +14,7 @@ import pytest
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from django_celery_results.models import TaskResult
 
-from jobs.models import Image, Sweep
+from jobs.models import Image, ScheduleActivity, Sweep
 
 from .conftest import image_bytes
 from .processes import wait_for
@@ -66,7 +66,7 @@ def test_beat_picks_up_a_new_periodic_task_without_restart(system, folders, drop
     system.worker()
     system.beat()
     wait_for(
-        lambda: Sweep.objects.filter(schedule_name="sweep-watch-folder").exists(),
+        lambda: ScheduleActivity.objects.filter(schedule_name="sweep-watch-folder").exists(),
         what="beat's first sweep",
     )
     every_second = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)

@@ -12,7 +12,7 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import outcomes, sweep, views
-from jobs.models import Image, ProcessingTime, Sweep, WebhookDelivery
+from jobs.models import Image, ProcessingTime, ScheduleActivity, Sweep, WebhookDelivery
 from jobs.tasks import make_thumbnails
 
 from .conftest import image_bytes
@@ -190,6 +190,14 @@ def test_metrics_on_an_empty_database_say_zero(client, broker):
     assert families["parroter_last_good_sweep_timestamp_seconds"] == []
     name = "parroter_image_processing_seconds_count"
     assert value(families["parroter_image_processing_seconds"], name, status="done") == 0
+
+
+def test_metrics_last_good_sweep_counts_idle_sweeps_that_leave_no_row(client, broker):
+    ScheduleActivity.note_idle("quiet")
+    idle_at = ScheduleActivity.objects.get(schedule_name="quiet").last_idle_at
+    name = "parroter_last_good_sweep_timestamp_seconds"
+    sweeps = scrape(client)[name]
+    assert value(sweeps, name, schedule="quiet") == pytest.approx(idle_at.timestamp())
 
 
 def test_metrics_require_the_token_when_one_is_set(client, settings, broker):

@@ -154,11 +154,19 @@ def test_image_mark_done_records_the_result_and_ends_the_lease():
 
 
 def test_image_mark_done_of_content_done_already_raises_integrity_error():
-    pending("first.jpg", status=Image.Status.DONE, sha256="same")
+    pending("first.jpg", status=Image.Status.DONE, sha256="same", archive="archives/first.zip")
     image = started(sha256="same")
     with pytest.raises(IntegrityError):
         image.mark_done(**RESULT)
     assert row(image)["status"] == Image.Status.PROCESSING
+
+
+def test_image_mark_done_of_content_whose_zip_retention_deleted_makes_a_new_archive():
+    first = pending("first.jpg", status=Image.Status.DONE, sha256="same", archive="")
+    image = started(sha256="same")
+    assert not image.mark_duplicate(first), "no zip to share"
+    assert image.mark_done(**RESULT)
+    assert row(image)["archive"] == RESULT["archive"]
 
 
 def test_image_mark_failed_and_release_changed():
@@ -173,7 +181,7 @@ def test_image_mark_failed_and_release_changed():
 
 
 def test_image_mark_duplicate_only_while_the_first_is_done():
-    first = pending("first.jpg", status=Image.Status.DONE, sha256="same")
+    first = pending("first.jpg", status=Image.Status.DONE, sha256="same", archive="archives/1.zip")
     image = started(sha256="same", archive="archives/old.zip")
     Image.objects.filter(id=first.id).update(status=Image.Status.PENDING)  # reprocessed
     assert not image.mark_duplicate(first)

@@ -18,7 +18,8 @@ from PIL import Image as PILImage
 
 from jobs import intake, processing, storage, sweep
 from jobs.models import Image, Sweep
-from jobs.tasks import SweepArgumentsError, make_thumbnails, sweep_folder
+from jobs.sweep import SweepArgumentsError
+from jobs.tasks import make_thumbnails, sweep_folder
 
 from .conftest import image_bytes, jpeg_tables, noise_jpeg
 from .processes import wait_for
@@ -28,10 +29,7 @@ pytestmark = pytest.mark.django_db
 
 def claim(folders, drop, name: str = "photo.jpg", data: bytes | None = None) -> Image:
     drop(folders["watch"], name, data)
-    record, path, labels = sweep.start_sweep(
-        str(folders["watch"]), ["64x64", "32x32"], trigger=Sweep.Trigger.MANUAL
-    )
-    sweep.run_sweep(record, path, labels)
+    sweep.sweep_folder(str(folders["watch"]), ["64x64", "32x32"])
     return Image.objects.get(name=name)
 
 
@@ -104,10 +102,7 @@ def test_make_thumbnails_does_not_follow_symlinks(folders, drop, tmp_path):
     secret = tmp_path / "secret.jpg"
     secret.write_bytes(image_bytes())
     (folders["watch"] / "link.jpg").symlink_to(secret)
-    record, path, labels = sweep.start_sweep(
-        str(folders["watch"]), None, trigger=Sweep.Trigger.MANUAL
-    )
-    sweep.run_sweep(record, path, labels)
+    sweep.sweep_folder(str(folders["watch"]), None)
     image = Image.objects.get(name="link.jpg")
     assert make_thumbnails(image.id) == Image.Status.FAILED
     image.refresh_from_db()
@@ -349,7 +344,7 @@ def test_process_image_outliving_its_lease_is_not_taken_over(folders, drop, sett
             timeout=30,
             what="the first lease to pass",
         )
-        retried.extend(sweep.reconcile(folders["watch"]))
+        retried.extend(sweep.reconcile(folders["watch"]).requeue)
         return real_write_archive(*args, **kwargs)
 
     monkeypatch.setattr(processing.pipeline, "write_archive", slow_write_archive)
@@ -369,7 +364,7 @@ def test_process_image_taken_over_records_nothing_and_spares_the_new_run(
     def taken_over_while_writing(*args, **kwargs):
         # This run froze; its lease ran out; a sweep retried the image; a new run started.
         Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=1))
-        assert sweep.reconcile(folders["watch"]) == [image.id]
+        assert sweep.reconcile(folders["watch"]).requeue == [image.id]
         later["token"] = Image.objects.start(image.id)
         new_run = Image.objects.get(id=image.id)
         destination = storage.archive_path(new_run)

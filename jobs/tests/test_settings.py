@@ -208,11 +208,12 @@ def test_check_folders_refuses_a_watch_folder_inside_media_root(tmp_path, settin
     settings.WATCH_ROOTS = [settings.WATCH_FOLDER]
     assert [message.id for message in run_checks()] == ["parroter.E001"]
     settings.WATCH_FOLDER = tmp_path / "inbox"
-    settings.WATCH_ROOTS = [settings.WATCH_FOLDER, tmp_path]
+    settings.WATCH_ROOTS = [settings.WATCH_FOLDER, tmp_path / "media" / "more"]
     errors = run_checks()
     assert [message.id for message in errors] == ["parroter.E001"]
     assert "WATCH_ROOTS" in errors[0].msg
-    settings.WATCH_ROOTS = [settings.WATCH_FOLDER]
+    # A root holding MEDIA_ROOT is allowed: sweeps are refused folders overlapping it.
+    settings.WATCH_ROOTS = [settings.WATCH_FOLDER, tmp_path]
     assert run_checks() == []
 
 

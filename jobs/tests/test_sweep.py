@@ -28,8 +28,7 @@ def new_sweep(folder: Path, sizes: list[str] | None = None) -> Sweep:
 
 
 def run(folder: Path, sizes: list[str] | None = None) -> sweep.SweepOutcome:
-    record = new_sweep(folder, sizes)
-    return sweep.run_sweep(record, folder, record.sizes)
+    return sweep.sweep_folder(str(folder), sizes or ["64x64"])
 
 
 def test_scan_skips_junk_hidden_and_partial_files(folders, drop):
@@ -102,19 +101,21 @@ def test_claim_of_racing_sweeps_has_one_winner(folders, drop):
 
 def test_run_sweep_is_skipped_while_another_sweep_holds_the_folder(folders, drop):
     drop(folders["watch"], "a.jpg")
-    holder = new_sweep(folders["watch"])
-    assert sweep.acquire_lock(holder, folders["watch"])
+    holder = sweep.acquire_lock(folders["watch"])
+    assert holder is not None
+    assert sweep.acquire_lock(folders["watch"]) is None
     outcome = run(folders["watch"])
     assert outcome.sweep.status == Sweep.Status.SKIPPED
     assert outcome.to_queue == []
-    sweep.release_lock(holder, folders["watch"])
+    sweep.release_lock(folders["watch"], holder)
     assert run(folders["watch"]).sweep.claimed == 1
 
 
 def test_acquire_lock_takes_over_an_expired_lock(folders):
-    dead = new_sweep(folders["watch"])
-    SweepLock.objects.create(folder=str(folders["watch"]), sweep=dead, expires_at=timezone.now())
-    assert sweep.acquire_lock(new_sweep(folders["watch"]), folders["watch"])
+    SweepLock.objects.create(folder=str(folders["watch"]), expires_at=timezone.now())
+    owner = sweep.acquire_lock(folders["watch"])
+    assert owner is not None
+    assert SweepLock.objects.get().owner == owner
 
 
 @pytest.mark.parametrize(
@@ -286,7 +287,7 @@ def test_recover_unswept_requeues_an_upload_whose_worker_died(folders):
     )
     Image.objects.start(image.id, "task", worker="elsewhere:1")
     expire_lease(image)
-    assert sweep.recover_unswept() == [image.id]
+    assert sweep.recover_unswept().requeue == [image.id]
     assert Image.objects.get(id=image.id).status == Image.Status.PENDING
 
 
@@ -307,7 +308,7 @@ def test_recover_unswept_requeues_a_lost_reprocess_and_leaves_fresh_work(folders
     Image.objects.create(
         name="b.jpg", folder="/gone", source_path=str(kept), in_folder=False, **common
     )
-    assert sweep.recover_unswept() == [lost.id]
+    assert sweep.recover_unswept().requeue == [lost.id]
 
 
 def test_run_sweep_leaves_names_the_database_cannot_hold_and_says_so(folders, drop):
@@ -335,21 +336,6 @@ def test_put_original_away_leaves_a_file_replaced_after_its_claim(folders, drop)
     assert len(run(folders["watch"]).to_queue) == 1, "the new file is claimed anew"
 
 
-def test_prune_idle_sweeps_forgets_only_old_sweeps_that_did_nothing(folders, drop):
-    idle = new_sweep(folders["watch"])
-    idle.finish(Sweep.Status.DONE)
-    busy = run(folders["watch"]).sweep
-    drop(folders["watch"], "a.jpg")
-    claimed = run(folders["watch"]).sweep
-    failed, _, _ = sweep.start_sweep("/etc", None, trigger=Sweep.Trigger.MANUAL)
-    Sweep.objects.update(started_at=timezone.now() - timedelta(days=8))
-    recent = new_sweep(folders["watch"])
-    recent.finish(Sweep.Status.DONE)
-    assert sweep.prune_idle_sweeps(timedelta(days=7)) == 2
-    assert set(Sweep.objects.values_list("id", flat=True)) == {claimed.id, failed.id, recent.id}
-    assert busy.claimed == 0
-
-
 def test_put_original_away_by_two_hands_at_once_keeps_the_record_right(folders, drop):
     image = claim_one(folders, drop)
     image.status = Image.Status.DONE
@@ -375,6 +361,6 @@ def test_run_sweep_does_not_claim_a_file_moved_away_while_it_listed(folders, dro
         return found
 
     monkeypatch.setattr(sweep, "scan", scan_then_finish_the_image)
-    monkeypatch.setattr(sweep, "reconcile", lambda folder, requeue_after=None: [])
+    monkeypatch.setattr(sweep, "reconcile", lambda folder, requeue_after=None: sweep.Repairs())
     assert run(folders["watch"]).to_queue == []
     assert Image.objects.count() == 1

@@ -237,7 +237,7 @@ def test_image_status_never_publishes_and_recovery_requeues_a_lost_upload(
     # A status request only reads; the lost message is jobs.recover's business.
     assert queue_length() == 0
     assert Image.objects.get(id=image_id).queued_at.year == 2000
-    assert recover_unswept() == [image_id]
+    assert recover_unswept().requeue == [image_id]
 
 
 def test_image_status_answers_with_the_broker_down(client, folders, alice, broker):

@@ -7,9 +7,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from jobs import processing
+from jobs import processing, sweep
 from jobs.models import Image, Sweep
-from jobs.tasks import SweepArgumentsError, queue_images, sweep_now
+from jobs.tasks import queue_images, requeue_after
 
 BAR_WIDTH = 30
 
@@ -30,17 +30,20 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            sweep, image_ids = sweep_now(
-                options["folder"], options["sizes"], trigger=Sweep.Trigger.MANUAL
+            outcome = sweep.sweep_folder(
+                options["folder"], options["sizes"], requeue_after=requeue_after()
             )
-        except SweepArgumentsError as exc:
+        except sweep.SweepArgumentsError as exc:
             raise CommandError(str(exc)) from None
-        if sweep.status == Sweep.Status.SKIPPED:
-            raise CommandError(f"another sweep of {sweep.folder} is running; try again shortly")
+        record, image_ids = outcome.sweep, outcome.to_queue
+        if record.status == Sweep.Status.SKIPPED:
+            raise CommandError(f"another sweep of {record.folder} is running; try again shortly")
+        if record.status == Sweep.Status.HELD:
+            raise CommandError(record.error)
         self.stdout.write(
-            f"sweep #{sweep.id} of {sweep.folder}: {sweep.claimed} new, {sweep.requeued} "
-            f"retried, {sweep.unstable} still changing, {sweep.ignored} ignored; "
-            f"sizes {', '.join(sweep.sizes)}"
+            f"sweep #{record.id} of {record.folder}: {record.claimed} new, {record.requeued} "
+            f"retried, {record.unstable} still changing, {record.ignored} ignored; "
+            f"sizes {', '.join(record.sizes)}"
         )
         if not image_ids:
             return

@@ -33,6 +33,9 @@
     if (sweep.status === "failed") {
       state.textContent = "Sweep failed: " + sweep.error;
       state.classList.add("parroter-bad");
+    } else if (sweep.status === "held") {
+      state.textContent = "Held back: " + sweep.error;
+      state.classList.add("parroter-bad");
     } else if (sweep.status === "skipped") {
       state.textContent = "Skipped: another sweep of this folder was running. Try again shortly.";
     } else if (sweep.over && sweep.total === 0) {
