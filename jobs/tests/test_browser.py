@@ -115,14 +115,14 @@ def test_admin_adds_a_folder_schedule_then_reviews_reprocesses_and_sweeps(
         wide = Image.objects.get(name="wide.jpg")
         page.goto(f"/admin/jobs/image/{wide.id}/change/")
         assert page.locator(".parroter-gallery img").count() == 2
-        assert "wide_40x30.jpg" in page.inner_text(".field-zip_contents")
+        assert "wide_40x10.jpg" in page.inner_text(".field-zip_contents")
         screenshot(page, "image-detail")
         with page.expect_download() as download:
             page.click("a.button:has-text('Download zip')")
         saved = tmp_path / "wide.zip"
         download.value.save_as(saved)
         with zipfile.ZipFile(saved) as archive:
-            assert sorted(archive.namelist()) == ["wide.jpg", "wide_20x20.jpg", "wide_40x30.jpg"]
+            assert sorted(archive.namelist()) == ["wide.jpg", "wide_20x5.jpg", "wide_40x10.jpg"]
 
         # Reprocess from the list with a new size.
         page.goto("/admin/jobs/image/")
@@ -141,7 +141,7 @@ def test_admin_adds_a_folder_schedule_then_reviews_reprocesses_and_sweeps(
             what="the reprocessed image",
         )
         page.reload()
-        assert "wide_64x64.jpg" in page.inner_text(".field-zip_contents")
+        assert "wide_64x16.jpg" in page.inner_text(".field-zip_contents")
         assert page.locator(".parroter-gallery img").count() == 1
 
         # Sweep now: a folder with no schedule, with its own size, and its progress.
@@ -209,8 +209,8 @@ def test_upload_page_uploads_two_images_and_offers_their_zips(system, folders, t
         with zipfile.ZipFile(saved) as archive:
             assert sorted(archive.namelist()) == [
                 "photo.jpg",
-                "photo_100x100.jpg",
-                "photo_50x50.jpg",
+                "photo_100x67.jpg",
+                "photo_50x33.jpg",
             ]
             assert archive.read("photo.jpg") == photo
 

@@ -101,4 +101,4 @@ def test_beat_picks_up_a_new_periodic_task_without_restart(system, folders, drop
     assert image.thumbnails == {"40x30": [40, 10], "20x20": [20, 5]}
     assert image.sweep.schedule_name == "other folder"
     with zipfile.ZipFile(folders["media"] / image.archive) as archive:
-        assert sorted(archive.namelist()) == ["wide.jpg", "wide_20x20.jpg", "wide_40x30.jpg"]
+        assert sorted(archive.namelist()) == ["wide.jpg", "wide_20x5.jpg", "wide_40x10.jpg"]
