@@ -411,7 +411,9 @@ def upload(request: HttpRequest) -> JsonResponse:
     saved = intake.save_uploads(form.cleaned_data["accepted"])
     try:
         with transaction.atomic():
-            sweep, ids = intake.claim_uploads(saved, form.cleaned_data["sizes"], request.user)
+            sweep, ids = intake.claim_uploads(
+                saved, form.cleaned_data["sizes"], request.user, form.cleaned_data["options"]
+            )
             # Robust: with the broker down the upload still stands; jobs.recover requeues it.
             transaction.on_commit(lambda: queue_images(ids), robust=True)
     except BaseException:

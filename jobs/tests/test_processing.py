@@ -230,7 +230,7 @@ def test_sweep_folder_fails_on_an_unknown_argument_with_a_recorded_reason(folder
     assert recorded.status == Sweep.Status.FAILED
     assert recorded.error == (
         "bad sweep arguments: unknown argument(s) 'qualty'; "
-        "a sweep takes only folder, sizes, quality"
+        "a sweep takes only folder, sizes, quality, format, fit, gravity, metadata, colour, gps"
     )
     assert not Image.objects.exists()
 

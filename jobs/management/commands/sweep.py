@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from jobs import processing
 from jobs.models import Image, Sweep
+from jobs.sweep import PRESET_CHOICES
 from jobs.tasks import SweepArgumentsError, queue_images, sweep_now
 
 BAR_WIDTH = 30
@@ -20,6 +21,14 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--folder", help="Absolute folder to sweep (default WATCH_FOLDER).")
         parser.add_argument("--sizes", nargs="+", help="Sizes like 128x128 (default: settings).")
+        parser.add_argument("--quality", type=int, help="JPEG/WebP/AVIF quality, 1 to 95.")
+        for name, (choices, _default) in PRESET_CHOICES.items():
+            parser.add_argument(
+                f"--{name}", choices=choices, help="Output preset (default: settings)."
+            )
+        parser.add_argument(
+            "--gps", action="store_true", help="With --metadata keep: keep the GPS block too."
+        )
         parser.add_argument(
             "--inline",
             action="store_true",
@@ -30,8 +39,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
+            preset = {
+                name: options[name]
+                for name in ("quality", *PRESET_CHOICES, "gps")
+                if options.get(name) not in (None, False)
+            }
             sweep, image_ids = sweep_now(
-                options["folder"], options["sizes"], trigger=Sweep.Trigger.MANUAL
+                options["folder"], options["sizes"], trigger=Sweep.Trigger.MANUAL, options=preset
             )
         except SweepArgumentsError as exc:
             raise CommandError(str(exc)) from None
