@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 import struct
 import time
@@ -1239,13 +1240,32 @@ def _wide_to_srgb(icc_profile: bytes | None, work_mode: str) -> ImageCms.ImageCm
         return None
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-        if "srgb" in ImageCms.getProfileDescription(source).lower().replace(" ", ""):
-            return None  # sRGB already: the profile is kept as it is
+        if not _wider_than_srgb(source):
+            return None  # sRGB, or a profile without primaries: kept as it is, as before
         return ImageCms.buildTransform(
             source, _srgb_profile(), work_mode, work_mode, ImageCms.Intent.RELATIVE_COLORIMETRIC
         )
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         return None  # a broken profile: the pixels go out as they are, with it
+
+
+# How far (in xy chromaticity) a primary may lie from sRGB's and still count as sRGB:
+# profiles that say sRGB differ by a few thousandths; Display P3's red is 0.034 away,
+# Adobe RGB's green 0.10.
+SRGB_PRIMARY_TOLERANCE = 0.01
+
+
+def _wider_than_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
+    """Whether a matrix/TRC RGB profile's primaries are other than sRGB's (Display P3, Adobe
+    RGB, ProPhoto). A LUT-based profile has none to compare: it is left to the viewer."""
+    ours, theirs = _srgb_profile().profile, profile.profile
+    for name in ("red_colorant", "green_colorant", "blue_colorant"):
+        primary, reference = getattr(theirs, name), getattr(ours, name)
+        if primary is None:
+            return False
+        if math.dist(primary[1][:2], reference[1][:2]) > SRGB_PRIMARY_TOLERANCE:
+            return True
+    return False
 
 
 _SRGB: list[ImageCms.ImageCmsProfile] = []
