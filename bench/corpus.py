@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageFilter
+from pillow_heif import register_heif_opener
+
+register_heif_opener()  # the HEIC sample is written with pillow-heif's encoder
 
 logger = logging.getLogger("bench.corpus")
 
@@ -131,6 +134,9 @@ def _synthesize(folder: Path, photos: list[Image.Image], scale: float) -> list[P
     save(grey.point(lambda value: value * 257).convert("I;16"), "grey16.png", format="PNG")
     save(sized(last, min(width, 3000)), "photo.webp", format="WEBP", quality=85)
     save(rgba.resize((rgba.width // 2, rgba.height // 2)), "rgba.webp", format="WEBP")
+    # Phone formats.
+    save(sized(first, min(width, 3000)), "phone.heic", format="HEIF", quality=85)
+    save(sized(last, min(width, 3000)), "phone.avif", format="AVIF", quality=85, speed=8)
     return files
 
 

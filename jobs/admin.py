@@ -33,8 +33,9 @@ from django_celery_results.admin import TaskResultAdmin as BaseTaskResultAdmin
 from django_celery_results.models import TaskResult
 
 from . import beat, broker, intake, stats, storage, views
-from .forms import SizesForm, SweepNowForm, SweepTaskForm, default_sizes
+from .forms import ReprocessForm, SweepNowForm, SweepTaskForm, default_sizes
 from .models import Heartbeat, Image, ScheduleActivity, Sweep, WebhookDelivery
+from .sweep import PRESET_CHOICES
 from .tasks import SWEEP_TASK, queue_images, sweep_folder
 
 logger = logging.getLogger(__name__)
@@ -468,6 +469,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
                     "file_size_display",
                     "sizes_asked",
                     "output_options",
+                    "notes",
                     "gallery",
                     "zip_contents",
                     "archive_size_display",
@@ -688,8 +690,14 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
             return
         self.requeue(request, failed, None)
 
-    def requeue(self, request: HttpRequest, images: list[Image], sizes: list[str] | None) -> None:
-        result = intake.claim_again(images, sizes)
+    def requeue(
+        self,
+        request: HttpRequest,
+        images: list[Image],
+        sizes: list[str] | None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        result = intake.claim_again(images, sizes, options)
         if result.queued:
             queued = result.queued
             transaction.on_commit(lambda: queue_images(queued))
@@ -722,9 +730,11 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         ids = [int(part) for part in raw.split(",") if part.strip().isdigit()]
         images = list(Image.objects.filter(id__in=ids).order_by("id"))
         if request.method == "POST":
-            form = SizesForm(request.POST)
+            form = ReprocessForm(request.POST)
             if form.is_valid() and images:
-                self.requeue(request, images, form.cleaned_data["sizes"])
+                self.requeue(
+                    request, images, form.cleaned_data["sizes"], form.cleaned_data["options"]
+                )
                 url = reverse("admin:jobs_image_changelist")
                 if len(images) == 1:
                     url = reverse("admin:jobs_image_change", args=[images[0].id])
@@ -732,7 +742,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         else:
             current = {image.sizes_key for image in images}
             sizes = images[0].sizes if len(current) == 1 else settings.THUMBNAIL_SIZES
-            form = SizesForm(initial={"sizes": ", ".join(sizes)})
+            form = ReprocessForm(initial={"sizes": ", ".join(sizes)})
         context = {
             **self.admin_site.each_context(request),
             "title": "Reprocess images",
@@ -835,7 +845,13 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
         (
             "Sweep: what and where",
             {
-                "fields": ["folder", "sizes", "quality"],
+                "fields": [
+                    "folder",
+                    "sizes",
+                    "quality",
+                    ("format", "fit", "gravity"),
+                    ("metadata", "gps", "colour"),
+                ],
                 "description": "For the task jobs.sweep_folder: these fields write its "
                 "keyword arguments, checked before saving.",
             },
@@ -968,6 +984,11 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
         sizes = sizes_text(kwargs["sizes"]) if kwargs.get("sizes") else "default sizes"
         if kwargs.get("quality") is not None:
             sizes += f"; quality {kwargs['quality']}"
+        preset = [f"{name} {kwargs[name]}" for name in PRESET_CHOICES if kwargs.get(name)]
+        if kwargs.get("gps"):
+            preset.append("GPS kept")
+        if preset:
+            sizes += "; " + ", ".join(preset)
         return format_html(
             '<code>{}</code><br><small class="parroter-muted">{}</small>',
             wrap_path(kwargs.get("folder") or settings.WATCH_FOLDER),

@@ -15,7 +15,15 @@ from django_celery_beat.models import PeriodicTask
 
 from . import pipeline
 from .beat import sweep_kwargs
-from .sweep import MAX_QUALITY, MIN_QUALITY, FolderRejected, resolve_folder, resolve_sizes
+from .sweep import (
+    MAX_QUALITY,
+    MIN_QUALITY,
+    PRESET_CHOICES,
+    FolderRejected,
+    resolve_folder,
+    resolve_options,
+    resolve_sizes,
+)
 from .tasks import SWEEP_TASK
 from .upload_limits import file_over_limit
 
@@ -119,9 +127,56 @@ def check_upload(upload: UploadedFile) -> str:
     return ""
 
 
-class UploadForm(forms.Form):
+PRESET_LABELS = {
+    "format": (
+        "Thumbnail format",
+        "same: the input's family (JPEG, WebP, else PNG; HEIC/AVIF become JPEG).",
+    ),
+    "fit": ("Fit", "contain: inside the box, aspect kept; cover: exactly the box, cut."),
+    "gravity": ("Cut around", "With cover: the centre, or the busiest part (attention)."),
+    "metadata": ("Metadata", "strip: no EXIF/XMP; keep: author, copyright, camera, date."),
+    "colour": ("Colour", "srgb: wide-gamut photos converted to sRGB; keep: their profile."),
+}
+
+
+class PresetForm(forms.Form):
+    """The output preset's fields: each empty by default, which means the settings' choice."""
+
+    format = forms.ChoiceField(required=False)
+    fit = forms.ChoiceField(required=False)
+    gravity = forms.ChoiceField(required=False)
+    metadata = forms.ChoiceField(required=False)
+    gps = forms.BooleanField(
+        label="Keep GPS", required=False, help_text="With metadata keep: the location too."
+    )
+    colour = forms.ChoiceField(required=False)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name, (choices, default) in PRESET_CHOICES.items():
+            if name not in self.fields:
+                continue
+            chosen = getattr(settings, f"THUMBNAIL_{name.upper()}", default)
+            field = self.fields[name]
+            field.choices = [("", f"default ({chosen})"), *((c, c) for c in choices)]
+            field.label, field.help_text = PRESET_LABELS[name]
+
+    def preset(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The preset's keyword arguments as chosen (unset ones left out), checked."""
+        chosen = {name: data[name] for name in PRESET_CHOICES if data.get(name)}
+        if data.get("gps"):
+            chosen["gps"] = True
+        try:
+            resolve_options(chosen)
+        except ValueError as exc:
+            self.add_error("gps" if "gps" in str(exc) else None, str(exc))
+        return chosen
+
+
+class UploadForm(PresetForm):
     images = MultipleImageField(label="Images")
     sizes = SizesField(initial=default_sizes)
+    field_order = ["images", "sizes"]
 
     def __init__(
         self, *args: Any, refused: list[dict[str, str]] | None = None, **kwargs: Any
@@ -145,12 +200,30 @@ class UploadForm(forms.Form):
                 accepted.append(upload)
         data["accepted"] = accepted
         data["rejected"] = rejected
+        data["options"] = self.preset(data)
         if "images" in data and not accepted:
             self.add_error("images", "None of the chosen files can be taken (see each reason).")
         return data
 
 
-class SweepTaskForm(PeriodicTaskForm):
+class ReprocessForm(PresetForm):
+    """New sizes, and optionally a new output preset, for images made again."""
+
+    sizes = SizesField(initial=default_sizes)
+    change_preset = forms.BooleanField(
+        label="Apply this output preset",
+        required=False,
+        help_text="Unticked, each image keeps the output options it was made with.",
+    )
+    field_order = ["sizes", "change_preset"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        data["options"] = self.preset(data) if data.get("change_preset") else None
+        return data
+
+
+class SweepTaskForm(PeriodicTaskForm, PresetForm):
     """A periodic task; for `jobs.sweep_folder` the kwargs come from the sweep fields."""
 
     folder = forms.CharField(
@@ -196,6 +269,9 @@ class SweepTaskForm(PeriodicTaskForm):
                 self.initial.setdefault("sizes", sizes)
             if kwargs.get("quality") is not None:
                 self.initial.setdefault("quality", kwargs["quality"])
+            for name in (*PRESET_CHOICES, "gps"):
+                if kwargs.get(name):
+                    self.initial.setdefault(name, kwargs[name])
 
     def is_sweep(self) -> bool:
         return SWEEP_TASK in (self.data.get("regtask"), self.data.get("task"))
@@ -238,6 +314,7 @@ class SweepTaskForm(PeriodicTaskForm):
         kwargs: dict[str, Any] = {"folder": folder, "sizes": sizes}
         if data.get("quality") is not None:
             kwargs["quality"] = data["quality"]
+        kwargs.update(self.preset(data))
         data["kwargs"] = json.dumps(kwargs)
         self.instance.kwargs = data["kwargs"]
         return data

@@ -29,6 +29,7 @@ from . import storage
 from .models import Image, Sweep
 from .pipeline import safe_stem
 from .storage import SavedUploads
+from .sweep import resolve_options
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +80,26 @@ def discard_uploads(saved: SavedUploads) -> None:
     storage.discard_uploads(saved)
 
 
-def claim_uploads(saved: SavedUploads, sizes: list[str], user: User) -> tuple[Sweep, list[int]]:
+def claim_uploads(
+    saved: SavedUploads,
+    sizes: list[str],
+    user: User,
+    options: dict[str, object] | None = None,
+) -> tuple[Sweep, list[int]]:
     """Claim saved uploads in one upload sweep. Returns it and the image ids.
+
+    `options` is the output preset asked for; what it leaves out takes the settings'.
 
     Call inside a transaction, queue the ids once it commits, and discard the files if it
     rolls back.
     """
+    resolved = resolve_options(options)
     sweep = Sweep.objects.create(
-        trigger=Sweep.Trigger.UPLOAD, folder=str(saved.folder), sizes=sizes, requested_by=user
+        trigger=Sweep.Trigger.UPLOAD,
+        folder=str(saved.folder),
+        sizes=sizes,
+        requested_by=user,
+        options=resolved,
     )
     now = timezone.now()
     ids = []
@@ -103,7 +116,8 @@ def claim_uploads(saved: SavedUploads, sizes: list[str], user: User) -> tuple[Sw
             device=saved_file.identity.device,
             inode=saved_file.identity.inode,
             sizes=sizes,
-            sizes_key=Image.sizes_key_for(sizes),
+            sizes_key=Image.sizes_key_for(sizes, resolved),
+            options=resolved,
             queued_at=now,
         )
         ids.append(image.id)
@@ -156,12 +170,16 @@ def why_not_reprocess(image: Image) -> str:
     return ""
 
 
-def claim_again(images: Iterable[Image], sizes: list[str] | None = None) -> Reclaim:
+def claim_again(
+    images: Iterable[Image],
+    sizes: list[str] | None = None,
+    options: dict[str, object] | None = None,
+) -> Reclaim:
     """Put finished images back to pending, read from their kept original, with new sizes.
 
     Each image is claimed by one conditional update, so two people pressing the button at
     once queue it once. The old archive stays recorded until the new run records its own.
-    Each keeps its output options (quality).
+    Each keeps its output options (quality, preset) unless `options` gives new ones.
     """
     result = Reclaim()
     for image in images:
@@ -180,7 +198,14 @@ def claim_again(images: Iterable[Image], sizes: list[str] | None = None) -> Recl
             result.skipped.append((image, f"its original cannot be read: {exc}"))
             continue
         was_failed = image.status == Image.Status.FAILED
-        if not image.reclaim(labels, kept):
+        resolved = None
+        if options is not None:
+            # A new preset; each image keeps the quality it was made with.
+            kept_quality = (
+                {"quality": image.options["quality"]} if "quality" in image.options else {}
+            )
+            resolved = resolve_options({**kept_quality, **options})
+        if not image.reclaim(labels, kept, resolved):
             result.skipped.append((image, "someone else changed it at the same moment"))
             continue
         if was_failed:

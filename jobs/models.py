@@ -196,6 +196,9 @@ class Image(models.Model):
         default=dict, blank=True, help_text="Output options, e.g. quality; {} means the defaults."
     )
     thumbnails = models.JSONField(default=dict, blank=True, help_text="Size label -> [w, h].")
+    notes = models.TextField(
+        blank=True, help_text="Where the output differs from its options (a format fallback)."
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     archive = models.CharField(max_length=1024, blank=True, help_text="Relative to MEDIA_ROOT.")
     archive_size = models.BigIntegerField(null=True, blank=True)
@@ -282,6 +285,7 @@ class Image(models.Model):
         height: int,
         format: str,
         thumbnails: dict[str, list[int]],
+        notes: str = "",
     ) -> bool:
         """processing -> done with its archive. False if this run no longer owns the image.
 
@@ -294,6 +298,7 @@ class Image(models.Model):
             "height": height,
             "format": format,
             "thumbnails": thumbnails,
+            "notes": notes,
         }
         # A savepoint, so that the IntegrityError of a duplicate leaves the connection usable.
         with transaction.atomic():
@@ -395,15 +400,19 @@ class Image(models.Model):
         self.status = self.Status.PENDING
         return self.status
 
-    def reclaim(self, sizes: list[str], kept: FileIdentity) -> bool:
+    def reclaim(
+        self, sizes: list[str], kept: FileIdentity, options: dict[str, object] | None = None
+    ) -> bool:
         """final -> pending, to be processed again from its kept original with sizes.
 
         `kept` is the identity of the kept original as read just now.
 
         Only if nobody changed it since it was read, and no duplicate gets its zip from it.
         The old archive stays recorded until the new run records its own. Its output options
-        (quality) stay: a reprocess changes only the sizes.
+        stay, unless new `options` (resolved) are given.
         """
+        if options is not None:
+            self.options = options
         fresh = {
             "status": self.Status.PENDING,
             "file_size": kept.size,
@@ -412,6 +421,8 @@ class Image(models.Model):
             "inode": kept.inode,
             "sizes": sizes,
             "sizes_key": self.sizes_key_for(sizes, self.options),
+            "options": self.options,
+            "notes": "",
             "error": "",
             "duplicate_of": None,
             "attempts": 0,

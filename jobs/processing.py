@@ -174,6 +174,7 @@ def _process(image: Image) -> str:
             height=info.height,
             format=info.format,
             thumbnails={label: list(size) for label, size in info.thumbnails.items()},
+            notes="; ".join(info.notes),
         )
     except IntegrityError:
         # Same content with the same sizes finished first in another worker. The zip goes,
@@ -196,11 +197,20 @@ def _process(image: Image) -> str:
 
 
 def encode_options(options: dict[str, object]) -> pipeline.EncodeOptions:
-    """How to encode an image's thumbnails: its own options, else the settings."""
+    """How to make an image's thumbnails: its own options (the preset its sweep resolved,
+    see sweep.resolve_options), else the pipeline's defaults and JPEG_QUALITY."""
+    preset = {
+        name: options[name]
+        for name in ("format", "fit", "gravity", "metadata", "colour")
+        if isinstance(options.get(name), str)
+    }
+    preset["gps"] = options.get("gps") is True
     quality = options.get("quality")
     if isinstance(quality, int) and not isinstance(quality, bool):
-        return pipeline.EncodeOptions(jpeg_quality=quality, webp_quality=quality)
-    return pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY)
+        return pipeline.EncodeOptions(
+            jpeg_quality=quality, webp_quality=quality, avif_quality=quality, **preset
+        )
+    return pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY, **preset)
 
 
 def _retire_archive(relative: str) -> None:

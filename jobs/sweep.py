@@ -25,7 +25,14 @@ from django_celery_beat.models import PeriodicTask
 
 from . import beat, storage
 from .models import LEASE_EXPIRED, Image, ScheduleActivity, Sweep, SweepLock
-from .pipeline import parse_sizes
+from .pipeline import (
+    COLOUR_CHOICES,
+    FIT_CHOICES,
+    FORMAT_CHOICES,
+    GRAVITY_CHOICES,
+    METADATA_CHOICES,
+    parse_sizes,
+)
 from .storage import Candidate, discard_partial_archives, kept_path, scan
 
 logger = logging.getLogger(__name__)
@@ -113,14 +120,24 @@ def resolve_sizes(sizes: Iterable[str] | str | None) -> list[str]:
 # Thumbnail quality a sweep may ask for (JPEG and WebP); above 95 Pillow's JPEGs grow much
 # larger for hardly any gain.
 MIN_QUALITY, MAX_QUALITY = 1, 95
-OPTION_NAMES = ("quality",)
+# The output preset's choices, and the pipeline's own default for each (never stored).
+PRESET_CHOICES = {
+    "format": (FORMAT_CHOICES, "same"),
+    "fit": (FIT_CHOICES, "contain"),
+    "gravity": (GRAVITY_CHOICES, "centre"),
+    "metadata": (METADATA_CHOICES, "strip"),
+    "colour": (COLOUR_CHOICES, "srgb"),
+}
+OPTION_NAMES = ("quality", *PRESET_CHOICES, "gps")
 
 
-def resolve_options(raw: Mapping[str, object] | None) -> dict[str, int]:
+def resolve_options(raw: Mapping[str, object] | None) -> dict[str, object]:
     """Output options from a task's kwargs, without the ones left to defaults; ValueError if bad.
 
     `raw` holds every keyword a sweep was sent besides folder and sizes: a name that is not
-    an option is refused, so a typo in hand-written kwargs cannot pass unnoticed.
+    an option is refused, so a typo in hand-written kwargs cannot pass unnoticed. A preset
+    not asked for takes the settings' default (THUMBNAIL_FORMAT, ...), recorded when it is
+    not the pipeline's own, so that the same content made another way is no duplicate.
     """
     raw = dict(raw or {})
     unknown = sorted(set(raw) - set(OPTION_NAMES))
@@ -128,7 +145,22 @@ def resolve_options(raw: Mapping[str, object] | None) -> dict[str, int]:
         names = ", ".join(repr(name) for name in unknown)
         accepted = ", ".join(("folder", "sizes", *OPTION_NAMES))
         raise ValueError(f"unknown argument(s) {names}; a sweep takes only {accepted}")
-    options: dict[str, int] = {}
+    options: dict[str, object] = {}
+    for name, (choices, default) in PRESET_CHOICES.items():
+        value = raw.get(name)
+        if value is None or value == "":
+            value = getattr(settings, f"THUMBNAIL_{name.upper()}", default)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if value != default:
+            options[name] = value
+    gps = raw.get("gps")
+    if gps not in (None, False, True):
+        raise ValueError(f"gps must be true or false, got {gps!r}")
+    if gps:
+        if options.get("metadata") != "keep":
+            raise ValueError("gps=true keeps GPS in kept metadata: it needs metadata=keep")
+        options["gps"] = True
     quality = raw.get("quality")
     if quality is not None:
         if (

@@ -40,7 +40,9 @@ def sweep_folder(
 ) -> dict[str, object]:
     """Sweep one folder (jobs.sweep.sweep_folder), then queue one task per image.
 
-    `quality` is the JPEG/WebP thumbnail quality (None: JPEG_QUALITY). Unknown keyword
+    `quality` is the JPEG/WebP thumbnail quality (None: JPEG_QUALITY); the output preset
+    comes as `format`, `fit`, `gravity`, `metadata`, `gps` and `colour` (see
+    sweep.resolve_options; left out: the settings' THUMBNAIL_* defaults). Unknown keyword
     arguments (a periodic task's kwargs edited by hand) fail the sweep with a recorded
     reason, rather than a TypeError that leaves no sweep behind. An idle sweep leaves no
     task result, as it leaves no sweep record.

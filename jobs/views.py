@@ -15,7 +15,7 @@ import mimetypes
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -104,9 +104,13 @@ def archive_holder(image: Image) -> Image | None:
     return image if image.archive else None
 
 
-def thumbnail_member(names: list[str], label: str) -> str | None:
-    """The zip member holding the thumbnail of size `label` (never the original)."""
-    endings = tuple(f"_{label}{extension}" for extension in set(EXTENSIONS.values()))
+def thumbnail_member(names: list[str], size: Sequence[int]) -> str | None:
+    """The zip member holding the thumbnail made at `size`, [w, h] (never the original).
+
+    Members are named after the size they are, whatever box they were made for; an image's
+    `thumbnails` says which size each box came to."""
+    width, height = size
+    endings = tuple(f"_{width}x{height}{extension}" for extension in set(EXTENSIONS.values()))
     return next((name for name in names[1:] if name.endswith(endings)), None)
 
 
@@ -188,7 +192,8 @@ def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
     _, holder, handle = visible_archive(request, image_id)
     try:
         with handle, zipfile.ZipFile(handle) as archive:
-            member = thumbnail_member(archive.namelist(), label)
+            size = holder.thumbnails.get(label)
+            member = thumbnail_member(archive.namelist(), size) if size else None
             if member is None:
                 raise Http404("no thumbnail of that size")
             data = archive.read(member)
@@ -410,7 +415,9 @@ def upload(request: HttpRequest) -> JsonResponse:
     saved = intake.save_uploads(form.cleaned_data["accepted"])
     try:
         with transaction.atomic():
-            sweep, ids = intake.claim_uploads(saved, form.cleaned_data["sizes"], request.user)
+            sweep, ids = intake.claim_uploads(
+                saved, form.cleaned_data["sizes"], request.user, form.cleaned_data["options"]
+            )
             # Robust: with the broker down the upload still stands; jobs.recover requeues it.
             transaction.on_commit(lambda: queue_images(ids), robust=True)
     except BaseException:

@@ -18,7 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
 from jobs.logs import escape_log_arguments
-from jobs.pipeline import parse_sizes
+from jobs.pipeline import FIT_CHOICES, FORMAT_CHOICES, METADATA_CHOICES, parse_sizes
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -309,6 +309,22 @@ try:
 except ValueError as exc:
     raise ImproperlyConfigured(f"THUMBNAIL_SIZES: {exc}") from None
 JPEG_QUALITY = envint("JPEG_QUALITY", "85", minimum=1)
+# The output preset of sweeps that do not choose one (the settings' sweep, uploads).
+# Thumbnails' format: same (the input's family; phone photos become JPEG), jpeg, webp, avif.
+THUMBNAIL_FORMAT = envstr("THUMBNAIL_FORMAT", "same").strip().lower() or "same"
+# contain: inside the box, aspect kept; cover: exactly the box, cut around the centre.
+THUMBNAIL_FIT = envstr("THUMBNAIL_FIT", "contain").strip().lower() or "contain"
+# strip: no EXIF/XMP in thumbnails; keep: who, with what and when (never GPS).
+THUMBNAIL_METADATA = envstr("THUMBNAIL_METADATA", "strip").strip().lower() or "strip"
+for _name, _choices in (
+    ("THUMBNAIL_FORMAT", FORMAT_CHOICES),
+    ("THUMBNAIL_FIT", FIT_CHOICES),
+    ("THUMBNAIL_METADATA", METADATA_CHOICES),
+):
+    if globals()[_name] not in _choices:
+        raise ImproperlyConfigured(
+            f"{_name} must be one of {', '.join(_choices)}, got {globals()[_name]!r}"
+        )
 # Images above this many pixels are refused before decoding (decompression bombs).
 MAX_IMAGE_PIXELS = envint("MAX_IMAGE_PIXELS", "200000000", minimum=1)
 MAX_IMAGE_BYTES = envint("MAX_IMAGE_BYTES", str(200 * 1024 * 1024), minimum=1)

@@ -60,7 +60,7 @@ def test_image_change_page_shows_thumbnails_zip_download_and_links(admin_client,
     page = admin_client.get(reverse("admin:jobs_image_change", args=[photo.id])).content.decode()
     assert page.count('class="parroter-gallery"') == 1
     assert f"/images/{photo.id}/thumbnails/64x64/" in page
-    assert "<code>photo_64x64.jpg</code>" in page
+    assert "<code>photo_64x48.jpg</code>" in page
     assert reverse("jobs:archive", args=[photo.id]) in page
     assert reverse("admin:jobs_sweep_change", args=[photo.sweep_id]) in page
     assert "Reprocess…" in page
@@ -107,7 +107,7 @@ def test_reprocess_makes_new_sizes_from_the_kept_original(
     # Once done, the record points to a new zip with the new sizes; the old file is gone.
     assert photo.archive != old_archive
     with zipfile.ZipFile(folders["media"] / photo.archive) as archive:
-        assert sorted(archive.namelist()) == ["photo.jpg", "photo_100x100.jpg"]
+        assert sorted(archive.namelist()) == ["photo.jpg", "photo_100x75.jpg"]
     assert not old_file.exists()
     assert Path(photo.original_path).is_file()
     assert Path(photo.original_path).parent.parent.parent.parent.name == "originals"

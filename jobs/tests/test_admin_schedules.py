@@ -89,7 +89,7 @@ def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
     assert first.sweep.schedule_name == "second folder"
     assert first.sweep.options == first.options == {"quality": 40}
     with zipfile.ZipFile(folders["media"] / first.archive) as archive:
-        made = PILImage.open(io.BytesIO(archive.read("first_40x30.jpg")))
+        made = PILImage.open(io.BytesIO(archive.read("first_40x10.jpg")))
         assert made.quantization == jpeg_tables(40)
 
     # Edited: the next sweeps use the new sizes (and the default quality).

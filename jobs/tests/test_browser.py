@@ -6,12 +6,15 @@ the file-backed test database. Screenshots of the key pages go to test-artifacts
 
 from __future__ import annotations
 
+import io
+import json
 import secrets
 import zipfile
 
 import pytest
 from django.contrib.auth.models import User
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
+from PIL import Image as PILImage
 
 from jobs.models import Image, Sweep
 
@@ -115,14 +118,14 @@ def test_admin_adds_a_folder_schedule_then_reviews_reprocesses_and_sweeps(
         wide = Image.objects.get(name="wide.jpg")
         page.goto(f"/admin/jobs/image/{wide.id}/change/")
         assert page.locator(".parroter-gallery img").count() == 2
-        assert "wide_40x30.jpg" in page.inner_text(".field-zip_contents")
+        assert "wide_40x10.jpg" in page.inner_text(".field-zip_contents")
         screenshot(page, "image-detail")
         with page.expect_download() as download:
             page.click("a.button:has-text('Download zip')")
         saved = tmp_path / "wide.zip"
         download.value.save_as(saved)
         with zipfile.ZipFile(saved) as archive:
-            assert sorted(archive.namelist()) == ["wide.jpg", "wide_20x20.jpg", "wide_40x30.jpg"]
+            assert sorted(archive.namelist()) == ["wide.jpg", "wide_20x5.jpg", "wide_40x10.jpg"]
 
         # Reprocess from the list with a new size.
         page.goto("/admin/jobs/image/")
@@ -141,7 +144,7 @@ def test_admin_adds_a_folder_schedule_then_reviews_reprocesses_and_sweeps(
             what="the reprocessed image",
         )
         page.reload()
-        assert "wide_64x64.jpg" in page.inner_text(".field-zip_contents")
+        assert "wide_64x16.jpg" in page.inner_text(".field-zip_contents")
         assert page.locator(".parroter-gallery img").count() == 1
 
         # Sweep now: a folder with no schedule, with its own size, and its progress.
@@ -209,8 +212,8 @@ def test_upload_page_uploads_two_images_and_offers_their_zips(system, folders, t
         with zipfile.ZipFile(saved) as archive:
             assert sorted(archive.namelist()) == [
                 "photo.jpg",
-                "photo_100x100.jpg",
-                "photo_50x50.jpg",
+                "photo_100x67.jpg",
+                "photo_50x33.jpg",
             ]
             assert archive.read("photo.jpg") == photo
 
@@ -225,3 +228,66 @@ def test_upload_page_uploads_two_images_and_offers_their_zips(system, folders, t
     uploads = Image.objects.filter(source=Image.Source.UPLOAD)
     assert uploads.count() == 2
     assert {image.uploaded_by.username for image in uploads} == {"uploader"}
+
+
+def test_admin_schedule_with_an_output_preset_makes_webp_covers_of_a_heic(system, folders, drop):
+    User.objects.create_superuser("admin", "admin@example.com", PASSWORD)
+    system.worker()
+    system.beat()
+    base_url = start_web(system)
+    interval = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
+
+    with chromium_page(base_url) as page:
+        admin_login(page)
+        page.goto("/admin/django_celery_beat/periodictask/add/")
+        page.fill("#id_name", "Phone photos")
+        page.fill("#id_folder", str(folders["other"]))
+        page.fill("#id_sizes", "64x64, 32x48")
+        page.select_option("#id_format", "webp")
+        page.select_option("#id_fit", "cover")
+        page.select_option("#id_metadata", "keep")
+        page.select_option("#id_interval", str(interval.id))
+        screenshot(page, "periodic-task-preset")
+        page.click("input[name=_save]")
+        page.wait_for_url("**/periodictask/")
+        task = PeriodicTask.objects.get(name="Phone photos")
+        assert json.loads(task.kwargs) == {
+            "folder": str(folders["other"]),
+            "sizes": ["64x64", "32x48"],
+            "format": "webp",
+            "fit": "cover",
+            "metadata": "keep",
+        }
+        assert "format webp, fit cover, metadata keep" in page.inner_text("#result_list")
+
+        # A phone photo, taken on its side: HEIC, turned by its container.
+        photo = PILImage.new("RGB", (300, 200), (0, 90, 200))
+        exif = PILImage.Exif()
+        exif[0x0112] = 6
+        buffer = io.BytesIO()
+        photo.transpose(PILImage.Transpose.ROTATE_90).save(
+            buffer, "HEIF", quality=90, exif=exif.tobytes()
+        )
+        drop(folders["other"], "IMG_0042.HEIC", buffer.getvalue())
+        (image,) = wait_for(lambda: images_done(folders["other"], 1), timeout=60, what="done")
+        assert (
+            image.options
+            == image.sweep.options
+            == {
+                "format": "webp",
+                "fit": "cover",
+                "metadata": "keep",
+            }
+        )
+        assert (image.format, image.width, image.height) == ("HEIF", 300, 200)
+        assert image.thumbnails == {"64x64": [64, 64], "32x48": [32, 48]}
+        with zipfile.ZipFile(folders["media"] / image.archive) as archive:
+            assert sorted(archive.namelist()) == [
+                "IMG_0042.heic",
+                "IMG_0042_32x48.webp",
+                "IMG_0042_64x64.webp",
+            ]
+
+        page.goto(f"/admin/jobs/image/{image.id}/change/")
+        assert "fit cover, format webp, metadata keep" in page.inner_text("body")
+        assert page.locator(".parroter-gallery img").count() == 2

@@ -6,6 +6,7 @@ see the same rows as the test.
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from django_celery_results.models import TaskResult
+from PIL import Image as PILImage
 
 from jobs.models import Image, ScheduleActivity, Sweep
 
@@ -101,4 +103,43 @@ def test_beat_picks_up_a_new_periodic_task_without_restart(system, folders, drop
     assert image.thumbnails == {"40x30": [40, 10], "20x20": [20, 5]}
     assert image.sweep.schedule_name == "other folder"
     with zipfile.ZipFile(folders["media"] / image.archive) as archive:
-        assert sorted(archive.namelist()) == ["wide.jpg", "wide_20x20.jpg", "wide_40x30.jpg"]
+        assert sorted(archive.namelist()) == ["wide.jpg", "wide_20x5.jpg", "wide_40x10.jpg"]
+
+
+def test_workers_make_thumbnails_of_phone_photos(system, folders, drop):
+    system.worker()
+    system.beat()
+    # An AVIF stored on its side (EXIF orientation 6) and a HEIC with transparency.
+    upright = PILImage.new("RGB", (400, 200), (200, 30, 30))
+    upright.paste((30, 30, 200), (200, 0, 400, 200))  # blue on the right
+    exif = PILImage.Exif()
+    exif[0x0112] = 6
+    turned = io.BytesIO()
+    upright.transpose(PILImage.Transpose.ROTATE_90).save(
+        turned, "AVIF", quality=90, exif=exif.tobytes()
+    )
+    drop(folders["watch"], "side.avif", turned.getvalue())
+    clear = io.BytesIO()
+    PILImage.new("RGBA", (300, 300), (0, 200, 0, 100)).save(clear, "HEIF", quality=90)
+    drop(folders["watch"], "clear.heic", clear.getvalue())
+
+    wait_for(lambda: final_images(2), timeout=90, what="both phone photos to finish")
+
+    side = Image.objects.get(name="side.avif")
+    assert (side.status, side.format, side.width, side.height) == ("done", "AVIF", 400, 200)
+    with zipfile.ZipFile(folders["media"] / side.archive) as archive:
+        assert archive.namelist()[1:] == ["side_400x200.jpg", "side_256x128.jpg", "side_128x64.jpg"]
+        thumb = PILImage.open(io.BytesIO(archive.read("side_128x64.jpg")))
+    assert thumb.getpixel((10, 32))[0] > 150  # red on the left: turned upright, once
+    assert thumb.getpixel((118, 32))[2] > 150
+    clear_image = Image.objects.get(name="clear.heic")
+    assert (clear_image.status, clear_image.format) == ("done", "HEIF")
+    with zipfile.ZipFile(folders["media"] / clear_image.archive) as archive:
+        assert archive.namelist()[1:] == [
+            "clear_300x300.png",
+            "clear_256x256.png",
+            "clear_128x128.png",
+        ]
+        thumb = PILImage.open(io.BytesIO(archive.read("clear_128x128.png")))
+    assert thumb.mode == "RGBA"
+    assert 80 <= thumb.getpixel((64, 64))[3] <= 120

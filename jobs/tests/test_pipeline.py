@@ -224,7 +224,8 @@ def test_open_image_decides_by_content_not_by_name(image_format, name, tmp_path)
 def test_write_archive_takes_a_png_named_jpg_as_png(tmp_path):
     info, _destination = build(tmp_path, encoded(quadrants(64, 64), "PNG"), "really.jpg")
     assert info.format == "PNG"
-    assert info.members[1:] == ("really_512x512.png", "really_256x256.png", "really_128x128.png")
+    # 64x64 fits every box at its own size: one thumbnail, named after its real size.
+    assert info.members[1:] == ("really_64x64.png",)
     # The original keeps its bytes but gets the extension its content deserves.
     assert info.members[0] == "really.png"
 
@@ -337,10 +338,12 @@ def test_write_archive_handles_every_supported_kind(case, tmp_path):
     width, height = (600, 400) if not case.startswith(("animated", "multipage")) else (300, 200)
     assert (info.width, info.height) == (width, height)
     thumbs = thumbnails_of(destination)
-    assert sorted(thumbs) == [f"in_{size.label}{extension}" for size in sorted(SIZES)]
+    fits = sorted({size.fit(width, height) for size in SIZES})
+    assert sorted(thumbs) == sorted(f"in_{w}x{h}{extension}" for w, h in fits)
     for size in SIZES:
-        thumb = thumbs[f"in_{size.label}{extension}"]
-        assert thumb.size == size.fit(width, height) == info.thumbnails[size.label]
+        fit = size.fit(width, height)
+        thumb = thumbs[f"in_{fit[0]}x{fit[1]}{extension}"]
+        assert thumb.size == fit == info.thumbnails[size.label]
         assert thumb.mode in ("RGB", "RGBA", "L", "LA")
     with zipfile.ZipFile(destination) as archive:
         assert archive.read(info.members[0]) == data
@@ -531,9 +534,11 @@ def test_write_archive_never_upscales(tmp_path):
 @pytest.mark.parametrize("source", [(1000, 333), (333, 1000), (4000, 3), (7, 2000), (999, 998)])
 def test_write_archive_keeps_the_aspect_within_one_pixel(source, tmp_path):
     data = encoded(Image.new("RGB", source, BLUE), "JPEG")
-    _, destination = build(tmp_path, data)
-    for name, thumb in thumbnails_of(destination).items():
-        box = ThumbnailSize.parse(name.rsplit("_", 1)[1].split(".")[0])
+    info, destination = build(tmp_path, data)
+    thumbs = thumbnails_of(destination)
+    for label, made in info.thumbnails.items():
+        box = ThumbnailSize.parse(label)
+        thumb = thumbs[f"photo_{made[0]}x{made[1]}.jpg"]
         scale = min(box.width / source[0], box.height / source[1], 1)
         assert abs(thumb.width - source[0] * scale) <= 1
         assert abs(thumb.height - source[1] * scale) <= 1
@@ -557,9 +562,9 @@ def test_write_archive_zip_holds_the_original_byte_for_byte_and_stored(tmp_path)
     # The original first, then the thumbnails in the order they are made: largest first.
     assert info.members == (
         "Holiday Photo.jpg",
-        "Holiday Photo_512x512.jpg",
-        "Holiday Photo_256x256.jpg",
-        "Holiday Photo_128x128.jpg",
+        "Holiday Photo_512x341.jpg",
+        "Holiday Photo_256x171.jpg",
+        "Holiday Photo_128x85.jpg",
     )
     assert info.archive_bytes == destination.stat().st_size
     with zipfile.ZipFile(destination) as archive:
@@ -582,7 +587,7 @@ def test_write_archive_member_names_come_from_safe_stem(name, stem, tmp_path):
     info, destination = build(tmp_path, encoded(quadrants(60, 40), "JPEG"), name)
     assert safe_stem(name) == stem
     assert info.members[0] == stem + Path(name).suffix
-    assert info.members[-1] == f"{stem}_128x128.jpg"
+    assert info.members[-1] == f"{stem}_60x40.jpg"
     with zipfile.ZipFile(destination) as archive:
         for member in archive.namelist():
             assert "/" not in member
@@ -593,7 +598,7 @@ def test_write_archive_member_names_come_from_safe_stem(name, stem, tmp_path):
 def test_write_archive_dedupes_repeated_sizes(tmp_path):
     sizes = [ThumbnailSize(64, 64), ThumbnailSize(32, 32), ThumbnailSize(64, 64)]
     info, _ = build(tmp_path, encoded(quadrants(600, 400), "PNG"), "d.png", sizes=sizes)
-    assert info.members == ("d.png", "d_64x64.png", "d_32x32.png")
+    assert info.members == ("d.png", "d_64x43.png", "d_32x21.png")
 
 
 def test_write_archive_without_sizes_still_checks_the_pixels(tmp_path):

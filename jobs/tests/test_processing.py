@@ -46,7 +46,7 @@ def test_make_thumbnails_writes_the_zip_then_moves_the_original(folders, drop):
     archive = folders["media"] / image.archive
     assert image.archive_size == archive.stat().st_size
     with zipfile.ZipFile(archive) as bundle:
-        assert sorted(bundle.namelist()) == ["photo.jpg", "photo_32x32.jpg", "photo_64x64.jpg"]
+        assert sorted(bundle.namelist()) == ["photo.jpg", "photo_32x24.jpg", "photo_64x48.jpg"]
         assert bundle.read("photo.jpg") == data
     assert not Path(image.source_path).exists()
     assert Path(image.original_path).read_bytes() == data
@@ -170,7 +170,8 @@ def test_sweep_folder_task_fails_loudly_on_bad_kwargs(folders):
 
 def thumbnail(image: Image, media: Path, label: str) -> bytes:
     with zipfile.ZipFile(media / image.archive) as bundle:
-        return bundle.read(f"{Path(image.name).stem}_{label}.jpg")
+        width, height = image.thumbnails[label]
+        return bundle.read(f"{Path(image.name).stem}_{width}x{height}.jpg")
 
 
 def test_sweep_folder_quality_makes_smaller_or_larger_thumbnails(folders, drop):
@@ -224,7 +225,7 @@ def test_sweep_folder_fails_on_an_unknown_argument_with_a_recorded_reason(folder
     assert recorded.status == Sweep.Status.FAILED
     assert recorded.error == (
         "bad sweep arguments: unknown argument(s) 'qualty'; "
-        "a sweep takes only folder, sizes, quality"
+        "a sweep takes only folder, sizes, quality, format, fit, gravity, metadata, colour, gps"
     )
     assert not Image.objects.exists()
 
@@ -275,7 +276,7 @@ def test_reprocessing_keeps_the_old_archive_until_the_new_one_is_recorded(
     assert new != old
     assert not old.exists()
     with zipfile.ZipFile(new) as bundle:
-        assert sorted(bundle.namelist()) == ["photo.jpg", "photo_20x20.jpg"]
+        assert sorted(bundle.namelist()) == ["photo.jpg", "photo_20x15.jpg"]
     assert image.thumbnails == {"20x20": [20, 15]}
     assert Path(image.original_path).is_file()
 

@@ -46,6 +46,9 @@ def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[s
         ("PORT", "eighty"),
         ("WEBHOOK_URL", "https://ok.example/hook,ftp://files.example/"),
         ("WORKER_MEMORY_MB", "64"),
+        ("THUMBNAIL_FORMAT", "gif"),
+        ("THUMBNAIL_FIT", "stretch"),
+        ("THUMBNAIL_METADATA", "some"),
     ],
 )
 def test_settings_bad_value_stops_start_up_with_one_line_naming_it(variable, value):

@@ -174,7 +174,7 @@ def test_sweep_status_follows_uploads_to_done_with_zip_and_thumbnails(client, fo
     archive = client.get(image["archive_url"])
     assert archive.status_code == 200
     with zipfile.ZipFile(io.BytesIO(b"".join(archive.streaming_content))) as zipped:
-        assert sorted(zipped.namelist()) == ["photo.jpg", "photo_200x200.jpg", "photo_64x64.jpg"]
+        assert sorted(zipped.namelist()) == ["photo.jpg", "photo_200x150.jpg", "photo_64x48.jpg"]
     thumb = client.get(image["thumbnails"][0]["url"])
     assert thumb.status_code == 200
     assert thumb["Content-Type"] == "image/jpeg"
@@ -218,7 +218,7 @@ def test_duplicate_upload_downloads_the_first_zip_under_its_own_name(client, fol
     assert "duplicate_of" not in data
     archive = client.get(data["archive_url"])
     with zipfile.ZipFile(io.BytesIO(b"".join(archive.streaming_content))) as zipped:
-        assert sorted(zipped.namelist()) == ["mine.jpg", "mine_50x50.jpg"]
+        assert sorted(zipped.namelist()) == ["mine.jpg", "mine_50x33.jpg"]
         assert zipped.read("mine.jpg") == photo
     assert client.get(data["thumbnails"][0]["url"]).status_code == 200
 

@@ -20,6 +20,14 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--folder", help="Absolute folder to sweep (default WATCH_FOLDER).")
         parser.add_argument("--sizes", nargs="+", help="Sizes like 128x128 (default: settings).")
+        parser.add_argument("--quality", type=int, help="JPEG/WebP/AVIF quality, 1 to 95.")
+        for name, (choices, _default) in sweep.PRESET_CHOICES.items():
+            parser.add_argument(
+                f"--{name}", choices=choices, help="Output preset (default: settings)."
+            )
+        parser.add_argument(
+            "--gps", action="store_true", help="With --metadata keep: keep the GPS block too."
+        )
         parser.add_argument(
             "--inline",
             action="store_true",
@@ -30,8 +38,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
+            preset = {
+                name: options[name]
+                for name in ("quality", *sweep.PRESET_CHOICES, "gps")
+                if options.get(name) not in (None, False)
+            }
             outcome = sweep.sweep_folder(
-                options["folder"], options["sizes"], requeue_after=requeue_after()
+                options["folder"], options["sizes"], options=preset, requeue_after=requeue_after()
             )
         except sweep.SweepArgumentsError as exc:
             raise CommandError(str(exc)) from None
