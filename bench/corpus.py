@@ -15,6 +15,7 @@ as people really have them. `kind` names each file's row in the per-format table
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,17 @@ def build_mixed(smoke: bool = False) -> Corpus:
         files.append(path)
     if not files:
         raise SystemExit(f"no wallpapers could be had from {', '.join(MIXED_PACKAGES)}")
+    # Flat, and named uniquely: KDE names its pictures by their size (5120x2880.png).
+    flat = CORPUS / "mixed"
+    shutil.rmtree(flat, ignore_errors=True)
+    flat.mkdir()
+    named = []
+    for path in files:
+        parts = [part for part in path.relative_to(target).parts[-4:] if part != "contents"]
+        link = flat / "_".join(parts)
+        os.link(path, link)
+        named.append(link)
+    files = named
     counts = dict.fromkeys(KINDS, 0)
     for path in files:
         counts[kind(path)] += 1

@@ -127,6 +127,9 @@ def _bench(built: corpus.Corpus, corpus_name: str, sizes, reps: int, args) -> No
         }
         if pyvips is not None:
             runners["libvips floor"] = lambda path, folder: vips_decode_floor(path, sizes)
+            runners["pipe+libvips"] = lambda path, folder: run_pipeline(
+                path, folder, sizes, libvips=True
+            )
         vips = None if args.no_vips else shutil.which("vipsthumbnail")
         tallies = {name: Tally() for name in [*runners, *(["vipsthumbnail"] if vips else [])]}
         logger.info(
@@ -185,10 +188,12 @@ def tutorial(path: Path, out: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -
     return destination
 
 
-def run_pipeline(path: Path, out: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -> Path:
+def run_pipeline(
+    path: Path, out: Path, sizes: tuple[pipeline.ThumbnailSize, ...], libvips: bool = False
+) -> Path:
     destination = out / f"{path.stem}.zip"
     with storage.atomic_file(destination) as archive:
-        pipeline.write_archive(path.read_bytes(), path.name, archive, sizes)
+        pipeline.write_archive(path.read_bytes(), path.name, archive, sizes, libvips=libvips)
     return destination
 
 
@@ -294,15 +299,17 @@ def _report_kinds(tallies: dict[str, Tally], reps: int) -> None:
     write = sys.stdout.write
     pipe, tut, floor = tallies["pipeline"], tallies["tutorial"], tallies["decode floor"]
     vips = tallies.get("libvips floor")
+    with_vips = tallies.get("pipe+libvips")
     write(
         "\nper format, CPU s per pass (one core); floors decode only, at reduced scale where "
         "the library can:\n"
     )
     write(
         f"{'format':<18}{'files':>6}{'pipeline':>10}{'tutorial':>10}{'ratio':>7}"
-        f"{'Pillow floor':>14}{'libvips floor':>15}{'pipe/best floor':>17}\n"
+        f"{'Pillow floor':>14}{'libvips floor':>15}{'pipe/best floor':>17}"
+        f"{'pipe+libvips':>14}{'its/best floor':>16}\n"
     )
-    totals = [0.0, 0.0, 0.0, 0.0, 0.0]
+    totals = [0.0] * 6
     for kind in corpus.KINDS:
         files = pipe.kind_files.get(kind, 0) // reps
         if not files:
@@ -312,29 +319,39 @@ def _report_kinds(tallies: dict[str, Tally], reps: int) -> None:
             for tally in (pipe, tut, floor, vips)
         ]
         best = min(value for value in figures[2:] if value == value)
-        for index, value in enumerate([*figures, best]):
+        after = with_vips.kind_cpu.get(kind, float("nan")) / reps if with_vips else float("nan")
+        for index, value in enumerate([*figures, best, after]):
             totals[index] += value if value == value else 0.0
-        write(_kind_line(kind, files, *figures, best))
+        write(_kind_line(kind, files, *figures, best, after))
     write(_kind_line("all", pipe.images // reps, *totals))
     write("  (pipe/best floor: the best floor's CPU s over the pipeline's; target >= 0.85)\n")
 
 
-def _kind_line(name, files, pipe, tut, pillow, vips, best) -> str:
+def _kind_line(name, files, pipe, tut, pillow, vips, best, after) -> str:
     vips_text = f"{vips:>15.2f}" if vips == vips and vips else f"{'-':>15}"
+    after_text = (
+        f"{after:>14.2f}{best / after:>16.2f}" if after == after and after else f"{'-':>14}"
+    )
     return (
         f"{name:<18}{files:>6}{pipe:>10.2f}{tut:>10.2f}{tut / pipe:>6.2f}x"
-        f"{pillow:>14.2f}{vips_text}{best / pipe:>17.2f}\n"
+        f"{pillow:>14.2f}{vips_text}{best / pipe:>17.2f}{after_text}\n"
     )
 
 
 def _quality(files: list[Path], out: Path, sizes) -> dict[str, Quality]:
     """Mean absolute difference (0-255) to a full decode + Lanczos reference, per method."""
     results = {"tutorial": Quality(), "pipeline": Quality()}
+    methods: list[tuple[str, Callable]] = [("tutorial", tutorial), ("pipeline", run_pipeline)]
+    if pyvips is not None:
+        results["pipe+libvips"] = Quality()
+        methods.append(
+            ("pipe+libvips", lambda *args: run_pipeline(*args, libvips=True)),
+        )
     for path in files:
         references = _references(path, sizes)
         if references is None:
             continue
-        for name, runner in (("tutorial", tutorial), ("pipeline", run_pipeline)):
+        for name, runner in methods:
             try:
                 destination = runner(path, out, sizes)
                 with zipfile.ZipFile(destination) as archive:

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", choices=("bench", "mixed"), default="bench")
     parser.add_argument("--sweep-interval", default="1", help="SWEEP_INTERVAL (1)")
     parser.add_argument("--settle", default="0.5", help="SETTLE_SECONDS (0.5)")
+    parser.add_argument("--libvips", action="store_true", help="LIBVIPS_DECODE=true")
     args = parser.parse_args(argv)
     # A stopped benchmark must still stop the worker, beat and Redis it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -135,6 +136,7 @@ def _configure(work: Path, redis_url: str, args) -> dict[str, str]:
         "REDIS_URL": redis_url,
         "SWEEP_INTERVAL": args.sweep_interval,
         "SETTLE_SECONDS": args.settle,
+        "LIBVIPS_DECODE": "true" if args.libvips else "false",
         "THUMBNAIL_SIZES": SIZES,
         "WORKER_CONCURRENCY": str(CONCURRENCY),
         "DJANGO_SECRET_KEY": "bench",
@@ -506,6 +508,7 @@ def _archive(job: tuple[Path, Path]) -> tuple[bool, float, float]:
                     max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
                 ),
                 options=pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY),
+                libvips=settings.LIBVIPS_DECODE,
             )
     except Exception:
         logger.warning("pipeline alone failed on %s", path.name, exc_info=True)
@@ -605,7 +608,8 @@ def _report_breakdown(latencies, breakdowns: list[Breakdown], args) -> None:
     queue = statistics.median(wait for _, wait in latencies)
     write(
         f"\nbefore work starts (SWEEP_INTERVAL={args.sweep_interval}, "
-        f"SETTLE_SECONDS={args.settle}): drop -> first claim {claim * 1000:.0f} ms a batch "
+        f"SETTLE_SECONDS={args.settle}, LIBVIPS_DECODE={args.libvips}): drop -> first claim "
+        f"{claim * 1000:.0f} ms a batch "
         f"(settle wait + sweep interval), claim -> started {queue * 1000:.0f} ms an image on "
         "average (its message, and the images queued before it)\n"
     )

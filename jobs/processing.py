@@ -162,6 +162,7 @@ def _process(image: Image) -> str:
                 memory_bytes=settings.WORKER_MEMORY_MB * pipeline.MiB,
             ),
             options=encode_options(image.options),
+            libvips=settings.LIBVIPS_DECODE,
         )
     relative = destination.relative_to(settings.MEDIA_ROOT).as_posix()
     previous = image.archive

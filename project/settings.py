@@ -309,6 +309,15 @@ try:
 except ValueError as exc:
     raise ImproperlyConfigured(f"THUMBNAIL_SIZES: {exc}") from None
 JPEG_QUALITY = envint("JPEG_QUALITY", "85", minimum=1)
+# WebP decoded by libvips at reduced scale (after Pillow's checks): less CPU and memory.
+LIBVIPS_DECODE = envbool("LIBVIPS_DECODE", "false")
+if LIBVIPS_DECODE:
+    try:
+        import pyvips  # noqa: F401
+    except (ImportError, OSError) as exc:
+        raise ImproperlyConfigured(
+            f"LIBVIPS_DECODE needs pyvips and pyvips-binary (requirements-dev.txt): {exc}"
+        ) from None
 # Images above this many pixels are refused before decoding (decompression bombs).
 MAX_IMAGE_PIXELS = envint("MAX_IMAGE_PIXELS", "200000000", minimum=1)
 MAX_IMAGE_BYTES = envint("MAX_IMAGE_BYTES", str(200 * 1024 * 1024), minimum=1)
