@@ -300,6 +300,8 @@ PORT = envint("PORT", "8000", minimum=1)
 DJANGO_BIND = envstr("DJANGO_BIND", "127.0.0.1").strip() or "127.0.0.1"
 SWEEP_INTERVAL = envfloat("SWEEP_INTERVAL", "10", minimum=1)
 SETTLE_SECONDS = envfloat("SETTLE_SECONDS", "2")
+# Beat also sweeps WATCH_FOLDER as soon as a local writer finishes a file (Linux inotify).
+WATCH_EVENTS = envbool("WATCH_EVENTS", "false")
 try:
     THUMBNAIL_SIZES = [size.label for size in parse_sizes(envlist("THUMBNAIL_SIZES", ""))] or [
         "128x128",
