@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-interval", default="1", help="SWEEP_INTERVAL (1)")
     parser.add_argument("--settle", default="0.5", help="SETTLE_SECONDS (0.5)")
     parser.add_argument("--libvips", action="store_true", help="LIBVIPS_DECODE=true")
+    parser.add_argument("--watch-events", action="store_true", help="WATCH_EVENTS=true")
     args = parser.parse_args(argv)
     # A stopped benchmark must still stop the worker, beat and Redis it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -137,6 +138,7 @@ def _configure(work: Path, redis_url: str, args) -> dict[str, str]:
         "SWEEP_INTERVAL": args.sweep_interval,
         "SETTLE_SECONDS": args.settle,
         "LIBVIPS_DECODE": "true" if args.libvips else "false",
+        "WATCH_EVENTS": "true" if args.watch_events else "false",
         "THUMBNAIL_SIZES": SIZES,
         "WORKER_CONCURRENCY": str(CONCURRENCY),
         "DJANGO_SECRET_KEY": "bench",
@@ -608,7 +610,8 @@ def _report_breakdown(latencies, breakdowns: list[Breakdown], args) -> None:
     queue = statistics.median(wait for _, wait in latencies)
     write(
         f"\nbefore work starts (SWEEP_INTERVAL={args.sweep_interval}, "
-        f"SETTLE_SECONDS={args.settle}, LIBVIPS_DECODE={args.libvips}): drop -> first claim "
+        f"SETTLE_SECONDS={args.settle}, LIBVIPS_DECODE={args.libvips}, "
+        f"WATCH_EVENTS={args.watch_events}): drop -> first claim "
         f"{claim * 1000:.0f} ms a batch "
         f"(settle wait + sweep interval), claim -> started {queue * 1000:.0f} ms an image on "
         "average (its message, and the images queued before it)\n"
