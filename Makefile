@@ -44,6 +44,8 @@ bench: $(DEV_STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/system.py
+	$(BIN)/python bench/system.py --corpus mixed --rounds 2
+	$(BIN)/python bench/system.py --corpus mixed --rounds 2 --libvips --watch-events
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -37,16 +37,6 @@ from typing import BinaryIO
 
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-try:
-    import pyvips
-except (ImportError, OSError):  # not installed, or no libvips: Pillow decodes everything
-    pyvips = None
-else:
-    # A worker runs one image per process: libvips' own threads would only fight the other
-    # processes for the cores, and its operation cache would keep pixels after the image.
-    pyvips.concurrency_set(1)
-    pyvips.cache_set_max(0)
-
 # Formats Pillow may open: an allow-list, so that no other decoder (EPS/Ghostscript, PSD,
 # ...) ever sees untrusted bytes. The format is decided by content, never by the name.
 # MPO (a multi-picture JPEG) has no opener of its own: Pillow's JPEG opener returns it.
@@ -557,11 +547,31 @@ def _load(image: Image.Image, sizes: Sequence[ThumbnailSize], limits: Limits) ->
     return orientation
 
 
+_PYVIPS: list = []
+
+
+def _libvips():
+    """pyvips, imported on first use (its libraries add about 20 MB to a process); None
+    when it is not installed or libvips cannot be loaded: Pillow decodes everything."""
+    if not _PYVIPS:
+        try:
+            import pyvips
+        except (ImportError, OSError):
+            pyvips = None
+        else:
+            # A worker runs one image per process: libvips' own threads would only fight the
+            # other processes for the cores, and its cache would keep pixels after the image.
+            pyvips.concurrency_set(1)
+            pyvips.cache_set_max(0)
+        _PYVIPS.append(pyvips)
+    return _PYVIPS[0]
+
+
 def _libvips_scale(image: Image.Image, sizes: Sequence[ThumbnailSize]) -> float:
     """The scale libvips would decode this opened image at: LIBVIPS_GAP times the first
     thumbnail. 1 when libvips is missing or not for this format, or could not reduce it
     (a full-size decode handed over to Pillow only costs more)."""
-    if pyvips is None or image.format not in LIBVIPS_FORMATS:
+    if image.format not in LIBVIPS_FORMATS or _libvips() is None:
         return 1.0
     orientation = _orientation(image)
     width, height = _rotated(image.size, orientation)
@@ -584,6 +594,7 @@ def _load_libvips(image: Image.Image, data: bytes, scale: float) -> tuple[Image.
     info = {"icc_profile": image.info["icc_profile"]} if "icc_profile" in image.info else {}
     input_format = image.format
     image.close()
+    pyvips = _libvips()
     try:
         decoded = pyvips.Image.new_from_buffer(data, "", access="sequential", scale=scale)
         if decoded.format != "uchar" or decoded.bands not in (3, 4):
