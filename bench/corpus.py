@@ -5,11 +5,17 @@ odd real files from Pillow's own test images (its source distribution on PyPI). 
 photos it synthesizes the mix issue 5 asks for: large JPEGs (baseline, progressive, CMYK,
 EXIF-rotated), PNGs (RGB, RGBA, palette, 16-bit grey) and WebP. When a download fails the
 same mix is generated from noise and gradients, and the log says so.
+
+`build_mixed` is a second corpus, nothing synthesized: the wallpapers of GNOME, KDE
+Plasma, MATE, UKUI and Debian's desktop themes as their packages ship them — baseline and
+progressive JPEGs up to 18 MP, RGB and RGBA PNGs of 8-15 MP, WebPs of 4096x4096 — a folder
+as people really have them. `kind` names each file's row in the per-format tables.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +46,20 @@ PILLOW_TEST_IMAGES = (
     "exif_imagemagick_orientation.png",
     "16bit.cropped.tif",
 )
+
+
+# Every real file of these packages of at least MIXED_MIN_BYTES, one of each size (the
+# packages ship the same picture under several names).
+MIXED_PACKAGES = (
+    "gnome-backgrounds",
+    "plasma-workspace-wallpapers",
+    "mate-backgrounds",
+    "ukui-wallpapers",
+    "desktop-base",
+)
+MIXED_MIN_BYTES = 150_000
+MIXED_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+KINDS = ("baseline JPEG", "progressive JPEG", "PNG", "WebP", "other")
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,99 @@ def build(smoke: bool = False) -> Corpus:
     _tiled(photos, (12_000, 8_334)).save(big, "JPEG", quality=90)
     manifest.write_text("\n".join([";".join(sources), *map(str, files)]))
     return Corpus(tuple(files), big, tuple(sources))
+
+
+def build_mixed(smoke: bool = False) -> Corpus:
+    """The real mixed collection; smoke makes a tiny generated one of the same four kinds."""
+    if smoke:
+        folder = Path(tempfile.mkdtemp(prefix="parroter-bench-smoke-mixed-"))
+        photo = _generated_photo((1200, 800), 3)
+        files = []
+        for name, params in (
+            ("baseline.jpg", {"format": "JPEG", "quality": 90}),
+            ("progressive.jpg", {"format": "JPEG", "quality": 90, "progressive": True}),
+            ("rgb.png", {"format": "PNG"}),
+            ("photo.webp", {"format": "WEBP", "quality": 85}),
+        ):
+            photo.save(folder / name, **params)
+            files.append(folder / name)
+        rgba = photo.convert("RGBA")
+        rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+        rgba.save(folder / "rgba.png")
+        files.append(folder / "rgba.png")
+        return Corpus(tuple(files), files[0], ("generated (smoke)",))
+    target = CORPUS / "debian-mixed"
+    manifest = CORPUS / "mixed-manifest.txt"
+    if manifest.exists():
+        lines = manifest.read_text().splitlines()
+        files = tuple(Path(line) for line in lines[1:])
+        if files and all(path.exists() for path in files):
+            logger.info("reusing the mixed corpus in %s", target)
+            return Corpus(files, files[0], tuple(lines[0].split(";")))
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise SystemExit("the mixed corpus needs apt-get and dpkg-deb (Debian packages)")
+    downloads = CORPUS / "debs-mixed"
+    downloads.mkdir(parents=True, exist_ok=True)
+    for package in MIXED_PACKAGES:
+        if not list(downloads.glob(f"{package}_*.deb")):
+            result = subprocess.run(
+                ["apt-get", "download", package],
+                cwd=downloads,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+            if result.returncode:
+                logger.warning("apt-get download %s failed: %s", package, result.stderr.strip())
+    shutil.rmtree(target, ignore_errors=True)
+    for deb in sorted(downloads.glob("*.deb")):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True, timeout=600)
+    files, seen = [], set()
+    for path in sorted(target.rglob("*")):
+        if path.is_symlink() or not path.is_file() or path.suffix.lower() not in MIXED_SUFFIXES:
+            continue
+        size = path.stat().st_size
+        if size < MIXED_MIN_BYTES or size in seen:
+            continue
+        seen.add(size)
+        files.append(path)
+    if not files:
+        raise SystemExit(f"no wallpapers could be had from {', '.join(MIXED_PACKAGES)}")
+    # Flat, and named uniquely: KDE names its pictures by their size (5120x2880.png).
+    flat = CORPUS / "mixed"
+    shutil.rmtree(flat, ignore_errors=True)
+    flat.mkdir()
+    named = []
+    for path in files:
+        parts = [part for part in path.relative_to(target).parts[-4:] if part != "contents"]
+        link = flat / "_".join(parts)
+        os.link(path, link)
+        named.append(link)
+    files = named
+    counts = dict.fromkeys(KINDS, 0)
+    for path in files:
+        counts[kind(path)] += 1
+    sources = [
+        f"Debian {', '.join(MIXED_PACKAGES)}: "
+        + ", ".join(f"{count} {name}" for name, count in counts.items() if count)
+    ]
+    manifest.write_text("\n".join([";".join(sources), *map(str, files)]))
+    return Corpus(tuple(files), files[0], tuple(sources))
+
+
+def kind(path: Path) -> str:
+    """The file's row in a per-format table, from its content."""
+    try:
+        with Image.open(path) as image:
+            if image.format in ("JPEG", "MPO"):
+                progressive = image.info.get("progressive") or image.info.get("progression")
+                return "progressive JPEG" if progressive else "baseline JPEG"
+            if image.format in ("PNG", "WEBP"):
+                return {"PNG": "PNG", "WEBP": "WebP"}[image.format]
+    except OSError:
+        pass
+    return "other"
 
 
 def _synthesize(folder: Path, photos: list[Image.Image], scale: float) -> list[Path]:

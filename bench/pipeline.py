@@ -10,6 +10,13 @@ each to a temporary file, add them to a zip with the default DEFLATE. "decode fl
 decodes every image, JPEGs at the smallest draft scale that still covers the largest
 thumbnail: no thumbnail can be made faster with Pillow. "vipsthumbnail" (when installed)
 makes the thumbnails only, as JPEG, without a zip, one thread.
+
+Two corpora (`--corpus`): "bench", the synthesized mix of bench/corpus.py, and "mixed", real
+wallpapers as Debian's desktop packages ship them (corpus.build_mixed). For each, a table per
+format (baseline JPEG, progressive JPEG, PNG, WebP) sets the pipeline's CPU seconds against
+the tutorial's and against two reduced-scale decode floors: Pillow's (JPEG draft; PNG and
+WebP have no reduced-scale decode in Pillow) and libvips' (`pyvips`, one thread: JPEG
+shrink-on-load, WebP scale-on-load, PNG through libspng at full size), each decoding only.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ import corpus
 from jobs import pipeline, storage
 
 logger = logging.getLogger("bench")
+# libvips is a bench dependency only: imported in main(), not by the memory measurement.
+pyvips = None
 
 HEADER = (
     f"{'method':<15}{'images':>7}{'failed':>7}{'wall s':>9}{'img/s':>8}{'MP/s':>8}"
@@ -55,6 +64,9 @@ class Tally:
     cpu: float = 0.0
     megapixels: float = 0.0
     errors: set[str] = field(default_factory=set)
+    # CPU seconds and files per corpus.kind, for the per-format table.
+    kind_cpu: dict[str, float] = field(default_factory=dict)
+    kind_files: dict[str, int] = field(default_factory=dict)
 
     def line(self, name: str) -> str:
         return (
@@ -70,17 +82,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="measured passes (default 3)")
     parser.add_argument("--sizes", default="128x128,256x256,512x512")
     parser.add_argument("--no-vips", action="store_true", help="leave vipsthumbnail out")
+    parser.add_argument(
+        "--corpus",
+        choices=("bench", "mixed", "both"),
+        default="both",
+        help="the synthesized bench corpus, the real mixed one, or both (default)",
+    )
     parser.add_argument("--measure-memory", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="pipeline", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
     sizes = pipeline.parse_sizes(args.sizes)
     if args.measure_memory:
         return _measure_memory_here(args.measure_memory, sizes, args.method)
 
-    built = corpus.build(smoke=args.smoke)
     reps = 1 if args.smoke else args.reps
+    global pyvips
+    try:
+        import pyvips
+    except (ImportError, OSError):  # then the libvips columns are left out
+        pyvips = None
+    if pyvips is not None:
+        # Per core, like every other method here.
+        pyvips.concurrency_set(1)
+        pyvips.cache_set_max(0)
+    names = ("bench", "mixed") if args.corpus == "both" else (args.corpus,)
+    for number, name in enumerate(names):
+        if number:
+            sys.stdout.write("\n\n")
+        build = corpus.build if name == "bench" else corpus.build_mixed
+        _bench(build(smoke=args.smoke), name, sizes, reps, args)
+    return 0
+
+
+def _bench(built: corpus.Corpus, corpus_name: str, sizes, reps: int, args) -> None:
     files = list(built.files)
+    kinds = {path: corpus.kind(path) for path in files}
     megapixels = {path: _megapixels(path) for path in files}
     out = Path(tempfile.mkdtemp(prefix="parroter-bench-"))
     try:
@@ -89,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline": lambda path, folder: run_pipeline(path, folder, sizes),
             "decode floor": lambda path, folder: decode_floor(path, sizes),
         }
+        if pyvips is not None:
+            runners["libvips floor"] = lambda path, folder: vips_decode_floor(path, sizes)
+            runners["pipe+libvips"] = lambda path, folder: run_pipeline(
+                path, folder, sizes, libvips=True
+            )
         vips = None if args.no_vips else shutil.which("vipsthumbnail")
         tallies = {name: Tally() for name in [*runners, *(["vipsthumbnail"] if vips else [])]}
         logger.info(
@@ -99,29 +142,33 @@ def main(argv: list[str] | None = None) -> int:
         )
         logger.info("warm-up pass")
         for runner in runners.values():
-            _run(runner, files, megapixels, out, Tally())
+            _run(runner, files, megapixels, out, Tally(), kinds)
         if vips:
             _run_vips(vips, files, megapixels, out, sizes, Tally())
         for rep in range(reps):
             logger.info("pass %d of %d", rep + 1, reps)
             for name, runner in runners.items():
-                _run(runner, files, megapixels, out, tallies[name])
+                _run(runner, files, megapixels, out, tallies[name], kinds)
             if vips:
                 _run_vips(vips, files, megapixels, out, sizes, tallies["vipsthumbnail"])
         quality = _quality(files, out, sizes)
-        phones = _phone_rows(files, out, sizes)
-        memory = {
-            method: _measure_memory(built.big_jpeg, sizes, method)
-            for method in ("pipeline", "tutorial")
-        }
+        phones = _phone_rows(files, out, sizes) if corpus_name == "bench" else []
+        memory = (
+            {
+                method: _measure_memory(built.big_jpeg, sizes, method)
+                for method in ("pipeline", "tutorial")
+            }
+            if corpus_name == "bench"
+            else {}
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
         if args.smoke:
             shutil.rmtree(built.files[0].parent, ignore_errors=True)
 
     _report(built, files, megapixels, sizes, reps, tallies, quality, memory)
+    _report_kinds(tallies, reps)
     _report_phones(phones)
-    return 0
 
 
 # --- the methods ------------------------------------------------------------------------
@@ -152,10 +199,12 @@ def _pillow_formats() -> list[str]:
     return [name for name in Image.OPEN if name != "HEIF"]
 
 
-def run_pipeline(path: Path, out: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -> Path:
+def run_pipeline(
+    path: Path, out: Path, sizes: tuple[pipeline.ThumbnailSize, ...], libvips: bool = False
+) -> Path:
     destination = out / f"{path.stem}.zip"
     with storage.atomic_file(destination) as archive:
-        pipeline.write_archive(path.read_bytes(), path.name, archive, sizes)
+        pipeline.write_archive(path.read_bytes(), path.name, archive, sizes, libvips=libvips)
     return destination
 
 
@@ -170,9 +219,28 @@ def decode_floor(path: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -> None:
         image.load()
 
 
-def _run(runner: RUNNER, files, megapixels, out: Path, tally: Tally) -> None:
+def vips_decode_floor(path: Path, sizes: tuple[pipeline.ThumbnailSize, ...]) -> None:
+    """Only decode, with libvips: JPEG shrunk on load by 2, 4 or 8 and WebP scaled on load,
+    each still covering the largest thumbnail; PNG (libspng) and the rest at full size."""
+    data = path.read_bytes()
+    image = pyvips.Image.new_from_buffer(data, "", access="sequential")
+    loader = image.get("vips-loader")
+    largest = max(size.fit(image.width, image.height) for size in sizes)
+    ratio = min(image.width / largest[0], image.height / largest[1])
+    if loader == "jpegload_buffer":
+        shrink = next((step for step in (8, 4, 2) if ratio >= step), 1)
+        image = pyvips.Image.new_from_buffer(data, "", access="sequential", shrink=shrink)
+    elif loader == "webpload_buffer" and ratio > 1:
+        image = pyvips.Image.new_from_buffer(data, "", access="sequential", scale=1 / ratio)
+    image.avg()  # pulls every pixel through the decoder
+
+
+def _run(
+    runner: RUNNER, files, megapixels, out: Path, tally: Tally, kinds: dict[Path, str]
+) -> None:
     wall, cpu = time.perf_counter(), time.process_time()
     for path in files:
+        started = time.process_time()
         try:
             runner(path, out)
         except Exception as exc:  # a bench counts failures, it does not stop
@@ -181,6 +249,9 @@ def _run(runner: RUNNER, files, megapixels, out: Path, tally: Tally) -> None:
         else:
             tally.images += 1
             tally.megapixels += megapixels[path]
+            kind = kinds[path]
+            tally.kind_cpu[kind] = tally.kind_cpu.get(kind, 0.0) + time.process_time() - started
+            tally.kind_files[kind] = tally.kind_files.get(kind, 0) + 1
     tally.wall += time.perf_counter() - wall
     tally.cpu += time.process_time() - cpu
     for leftover in out.glob("*.zip"):
@@ -234,14 +305,64 @@ class Quality:
         )
 
 
+def _report_kinds(tallies: dict[str, Tally], reps: int) -> None:
+    """CPU seconds per pass, per format: the pipeline against the tutorial and the floors."""
+    write = sys.stdout.write
+    pipe, tut, floor = tallies["pipeline"], tallies["tutorial"], tallies["decode floor"]
+    vips = tallies.get("libvips floor")
+    with_vips = tallies.get("pipe+libvips")
+    write(
+        "\nper format, CPU s per pass (one core); floors decode only, at reduced scale where "
+        "the library can:\n"
+    )
+    write(
+        f"{'format':<18}{'files':>6}{'pipeline':>10}{'tutorial':>10}{'ratio':>7}"
+        f"{'Pillow floor':>14}{'libvips floor':>15}{'pipe/best floor':>17}"
+        f"{'pipe+libvips':>14}{'its/best floor':>16}\n"
+    )
+    totals = [0.0] * 6
+    for kind in corpus.KINDS:
+        files = pipe.kind_files.get(kind, 0) // reps
+        if not files:
+            continue
+        figures = [
+            tally.kind_cpu.get(kind, float("nan")) / reps if tally else float("nan")
+            for tally in (pipe, tut, floor, vips)
+        ]
+        best = min(value for value in figures[2:] if value == value)
+        after = with_vips.kind_cpu.get(kind, float("nan")) / reps if with_vips else float("nan")
+        for index, value in enumerate([*figures, best, after]):
+            totals[index] += value if value == value else 0.0
+        write(_kind_line(kind, files, *figures, best, after))
+    write(_kind_line("all", pipe.images // reps, *totals))
+    write("  (pipe/best floor: the best floor's CPU s over the pipeline's; target >= 0.85)\n")
+
+
+def _kind_line(name, files, pipe, tut, pillow, vips, best, after) -> str:
+    vips_text = f"{vips:>15.2f}" if vips == vips and vips else f"{'-':>15}"
+    after_text = (
+        f"{after:>14.2f}{best / after:>16.2f}" if after == after and after else f"{'-':>14}"
+    )
+    return (
+        f"{name:<18}{files:>6}{pipe:>10.2f}{tut:>10.2f}{tut / pipe:>6.2f}x"
+        f"{pillow:>14.2f}{vips_text}{best / pipe:>17.2f}{after_text}\n"
+    )
+
+
 def _quality(files: list[Path], out: Path, sizes) -> dict[str, Quality]:
     """Mean absolute difference (0-255) to a full decode + Lanczos reference, per method."""
     results = {"tutorial": Quality(), "pipeline": Quality()}
+    methods: list[tuple[str, Callable]] = [("tutorial", tutorial), ("pipeline", run_pipeline)]
+    if pyvips is not None:
+        results["pipe+libvips"] = Quality()
+        methods.append(
+            ("pipe+libvips", lambda *args: run_pipeline(*args, libvips=True)),
+        )
     for path in files:
         references = _references(path, sizes)
         if references is None:
             continue
-        for name, runner in (("tutorial", tutorial), ("pipeline", run_pipeline)):
+        for name, runner in methods:
             try:
                 destination = runner(path, out, sizes)
                 with zipfile.ZipFile(destination) as archive:
@@ -394,6 +515,8 @@ def _phone_rows(files: list[Path], out: Path, sizes) -> list[str]:
 
 
 def _report_phones(rows: list[str]) -> None:
+    if not rows:
+        return
     sys.stdout.write("\nphone formats, one run each:\n")
     for row in rows:
         sys.stdout.write(row + "\n")
@@ -435,6 +558,8 @@ def _report(built, files, megapixels, sizes, reps, tallies, quality, memory) -> 
     write("\nquality vs full decode + Lanczos reference (0-255 levels):\n")
     for name, result in quality.items():
         write(result.line(name) + "\n")
+    if not memory:
+        return
     write("\nmemory, one archive of the big JPEG in a fresh process (target < 300 MB):\n")
     for name, figures in memory.items():
         if figures:

@@ -16,11 +16,19 @@ Then, with the system stopped, the same images (same bytes) go through
 jobs.pipeline.build_archive in a multiprocessing Pool(2), and through the tutorial's
 make_thumbnails (bench/pipeline.py) back to back in one process. Every copy of a corpus
 file gets a unique trailer after its image data, so no copy is recorded as a duplicate.
+
+`--corpus mixed` runs on the real wallpapers of bench/corpus.py's build_mixed instead, and
+`--sweep-interval`/`--settle` try other values of those two settings. Where the time per
+image goes beyond the pipeline is printed last: the wait before work starts (drop -> claim,
+claim -> started), and, measured in this process over claimed copies with the system
+paused, what jobs.processing spends in SQL statements, fsyncs, moving the original, sha256
+and the rest, each exclusive of the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import multiprocessing
 import multiprocessing.pool
@@ -31,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         "--tutorial-rounds", type=int, default=2, help="corpus copies for the tutorial (2)"
     )
     parser.add_argument("--worker-app", default="project", help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", choices=("bench", "mixed"), default="bench")
+    parser.add_argument("--sweep-interval", default="1", help="SWEEP_INTERVAL (1)")
+    parser.add_argument("--settle", default="0.5", help="SETTLE_SECONDS (0.5)")
+    parser.add_argument("--libvips", action="store_true", help="LIBVIPS_DECODE=true")
+    parser.add_argument("--watch-events", action="store_true", help="WATCH_EVENTS=true")
     args = parser.parse_args(argv)
     # A stopped benchmark must still stop the worker, beat and Redis it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -97,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.rounds, args.reps, args.tutorial_rounds = 1, 1, 1
 
-    built = corpus.build(smoke=args.smoke)
+    built = (corpus.build if args.corpus == "bench" else corpus.build_mixed)(smoke=args.smoke)
     work = Path(tempfile.mkdtemp(prefix="parroter-bench-system-"))
     try:
         from jobs.redis_server import start_bundled_redis
 
         with start_bundled_redis() as redis_server:
-            environment = _configure(work, redis_server.url)
+            environment = _configure(work, redis_server.url, args)
             return _run(work, environment, list(built.files), args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -111,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(built.files[0].parent, ignore_errors=True)
 
 
-def _configure(work: Path, redis_url: str) -> dict[str, str]:
+def _configure(work: Path, redis_url: str, args) -> dict[str, str]:
     """The environment of every process of this system, also set up in this one."""
     for name in ("inbox/watch", "media", "staging", "out", "logs"):
         (work / name).mkdir(parents=True)
@@ -121,8 +135,10 @@ def _configure(work: Path, redis_url: str) -> dict[str, str]:
         "WATCH_ROOTS": str(work / "inbox"),
         "MEDIA_ROOT": str(work / "media"),
         "REDIS_URL": redis_url,
-        "SWEEP_INTERVAL": "1",
-        "SETTLE_SECONDS": "0.5",
+        "SWEEP_INTERVAL": args.sweep_interval,
+        "SETTLE_SECONDS": args.settle,
+        "LIBVIPS_DECODE": "true" if args.libvips else "false",
+        "WATCH_EVENTS": "true" if args.watch_events else "false",
         "THUMBNAIL_SIZES": SIZES,
         "WORKER_CONCURRENCY": str(CONCURRENCY),
         "DJANGO_SECRET_KEY": "bench",
@@ -146,6 +162,8 @@ def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> in
     processing, alone, tutorial = Runs(), Runs(), Runs()
     in_task: list[float] = []
     per_image: list[float] = []
+    latencies: list[tuple[float, float]] = []
+    breakdowns: list[Breakdown] = []
     try:
         processes.worker(concurrency=CONCURRENCY, app=args.worker_app)
         processes.beat()
@@ -168,6 +186,9 @@ def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> in
             for runs, wall in ((system, batch.drop_wall), (claimed, batch.claim_wall)):
                 runs.add(batch.images, batch.failed, wall, cpu)
             in_task.append(batch.mean_in_task)
+            latencies.append((batch.claim_latency, batch.queue_wait))
+            logger.info("run %d of %d: where processing's time goes", rep + 1, args.reps)
+            breakdowns.append(_breakdown(work, batch.paths[: max(8, len(files))], f"run{rep}"))
             logger.info("run %d of %d: processing without Celery", rep + 1, args.reps)
             processing.add(*_processing(work, batch.paths, f"run{rep}"))
             logger.info("run %d of %d: pipeline alone", rep + 1, args.reps)
@@ -202,6 +223,7 @@ def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> in
         statistics.median(in_task),
         statistics.median(per_image),
     )
+    _report_breakdown(latencies, breakdowns, args)
     return 0
 
 
@@ -261,6 +283,8 @@ class Batch:
     drop_wall: float
     claim_wall: float
     mean_in_task: float
+    claim_latency: float = 0.0  # the drop to the first claim: settle wait and sweep interval
+    queue_wait: float = 0.0  # claimed to started, mean: the message and a free worker
 
 
 def _stage(work: Path, files: list[Path], rounds: int, tag: str) -> list[Path]:
@@ -304,6 +328,8 @@ def _drop_and_wait(work: Path, files: list[Path], rounds: int, tag: str, process
         first_start=Min("started_at"),
         last_finish=Max("finished_at"),
         in_task=Avg(F("finished_at") - F("started_at")),
+        first_claim=Min("queued_at"),
+        queue_wait=Avg(F("started_at") - F("queued_at")),
     )
     failed = rows.exclude(status=Image.Status.DONE)
     for image in failed.values("name", "status", "error")[:5]:
@@ -321,6 +347,8 @@ def _drop_and_wait(work: Path, files: list[Path], rounds: int, tag: str, process
         drop_wall=figures["last_finish"].timestamp() - dropped,
         claim_wall=(figures["last_finish"] - figures["first_start"]).total_seconds(),
         mean_in_task=in_task.total_seconds() if in_task is not None else 0.0,
+        claim_latency=figures["first_claim"].timestamp() - dropped,
+        queue_wait=figures["queue_wait"].total_seconds() if figures["queue_wait"] else 0.0,
     )
 
 
@@ -339,15 +367,13 @@ def _wait(condition, timeout: float, what: str, processes) -> None:
 # --- without the system ----------------------------------------------------------------
 
 
-def _processing(work: Path, originals: list[Path], tag: str) -> tuple[int, int, float, float]:
-    """jobs.processing over fresh copies in Pool(2), claimed by a sweep here: no Celery."""
+def _claimed_copies(work: Path, originals: list[Path], tag: str) -> list[int]:
+    """Fresh copies of the originals in a folder of their own, claimed by a sweep here."""
     from django.conf import settings
-    from django.db import connections
 
     from jobs import sweep
-    from jobs.models import Image, Sweep
+    from jobs.models import Sweep
 
-    tag = f"direct-{tag}"
     folder = work / "inbox" / tag
     folder.mkdir()
     for copy in _stage(work, originals, 1, tag):
@@ -355,7 +381,16 @@ def _processing(work: Path, originals: list[Path], tag: str) -> tuple[int, int, 
     settings.SETTLE_SECONDS = 0
     outcome = sweep.sweep_folder(str(folder), SIZES)
     assert outcome.sweep.status == Sweep.Status.DONE, outcome.sweep.error
-    ids = outcome.to_queue
+    return outcome.to_queue
+
+
+def _processing(work: Path, originals: list[Path], tag: str) -> tuple[int, int, float, float]:
+    """jobs.processing over fresh copies in Pool(2), claimed by a sweep here: no Celery."""
+    from django.db import connections
+
+    from jobs.models import Image
+
+    ids = _claimed_copies(work, originals, f"direct-{tag}")
     # Each pool process opens its own database connection.
     connections.close_all()
     with _pool() as pool:
@@ -364,6 +399,73 @@ def _processing(work: Path, originals: list[Path], tag: str) -> tuple[int, int, 
         wall = time.perf_counter() - started
     done = sum(1 for status, _ in results if status == Image.Status.DONE)
     return done, len(ids) - done, wall, sum(cpu for _, cpu in results)
+
+
+@dataclass
+class Breakdown:
+    """Milliseconds per image in jobs.processing, by what it was doing, and call counts."""
+
+    images: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    stack: list[float] = field(default_factory=list)
+
+    def timed(self, name: str, function):
+        """`function`, its time counted under `name`, less the time of timed calls inside."""
+
+        def wrapped(*args, **kwargs):
+            self.stack.append(0.0)
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - started
+                inner = self.stack.pop()
+                self.seconds[name] += elapsed - inner
+                self.calls[name] += 1
+                if self.stack:
+                    self.stack[-1] += elapsed
+
+        return wrapped
+
+
+def _breakdown(work: Path, originals: list[Path], tag: str) -> Breakdown:
+    """jobs.processing over fresh copies, one at a time in this process, every SQL
+    statement, fsync, original moved, sha256 and pipeline call timed; the rest is Python."""
+    from django.db import connection
+
+    from jobs import pipeline, processing, storage
+
+    ids = _claimed_copies(work, originals, f"breakdown-{tag}")
+    breakdown = Breakdown(images=len(ids))
+    patches = [
+        (os, "fsync", "fsync"),
+        (storage, "move_original", "moving the original (rename)"),
+        (storage, "read_original", "reading the original"),
+        (hashlib, "sha256", "sha256 of the original"),
+        (pipeline, "write_archive", "pipeline (write_archive)"),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, label in patches:
+        setattr(owner, name, breakdown.timed(label, getattr(owner, name)))
+    statement = breakdown.timed("SQL statements", lambda execute, *args: execute(*args))
+    # Commits do not go through execute: on SQLite each one is a write to the database file.
+    connection.ensure_connection()
+    connection.commit = breakdown.timed("SQL commits", connection.commit)
+    try:
+        with connection.execute_wrapper(
+            lambda execute, sql, params, many, context: statement(
+                execute, sql, params, many, context
+            )
+        ):
+            run = breakdown.timed("process_image in all", processing.process_image)
+            for image_id in ids:
+                run(image_id)
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+        del connection.commit
+    return breakdown
 
 
 def _pool() -> multiprocessing.pool.Pool:
@@ -408,6 +510,7 @@ def _archive(job: tuple[Path, Path]) -> tuple[bool, float, float]:
                     max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=settings.MAX_IMAGE_BYTES
                 ),
                 options=pipeline.EncodeOptions(jpeg_quality=settings.JPEG_QUALITY),
+                libvips=settings.LIBVIPS_DECODE,
             )
     except Exception:
         logger.warning("pipeline alone failed on %s", path.name, exc_info=True)
@@ -499,6 +602,36 @@ def _report(args, corpus_size: int, rows: dict[str, Runs], in_task, per_image) -
         f"the pipeline: processing.py {cost(processing):.0f} ms, Celery and processing "
         f"{cost(claimed):.0f} ms, with the sweep latency {cost(system):.0f} ms\n"
     )
+
+
+def _report_breakdown(latencies, breakdowns: list[Breakdown], args) -> None:
+    write = sys.stdout.write
+    claim = statistics.median(latency for latency, _ in latencies)
+    queue = statistics.median(wait for _, wait in latencies)
+    write(
+        f"\nbefore work starts (SWEEP_INTERVAL={args.sweep_interval}, "
+        f"SETTLE_SECONDS={args.settle}, LIBVIPS_DECODE={args.libvips}, "
+        f"WATCH_EVENTS={args.watch_events}): drop -> first claim "
+        f"{claim * 1000:.0f} ms a batch "
+        f"(settle wait + sweep interval), claim -> started {queue * 1000:.0f} ms an image on "
+        "average (its message, and the images queued before it)\n"
+    )
+    images = sum(b.images for b in breakdowns)
+    labels = sorted(
+        {label for b in breakdowns for label in b.seconds},
+        key=lambda label: -sum(b.seconds[label] for b in breakdowns),
+    )
+    write(
+        f"jobs.processing alone, {images} images one at a time in this process, ms per image "
+        "(each exclusive of the others; calls per image):\n"
+    )
+    for label in labels:
+        seconds = sum(b.seconds[label] for b in breakdowns)
+        calls = sum(b.calls[label] for b in breakdowns)
+        name = "rest (ORM, Python, lease thread)" if label == "process_image in all" else label
+        write(f"  {name:<36}{seconds * 1000 / images:>8.1f} ms{calls / images:>7.1f}\n")
+    total = sum(sum(b.seconds.values()) for b in breakdowns)
+    write(f"  {'all of process_image':<36}{total * 1000 / images:>8.1f} ms\n")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ admin.site.site_title = "Parroter"
 admin.site.index_title = "Thumbnails: review and control"
 admin.site.index_template = "admin/jobs/index.html"
 
-STATUS_COLOURS = {
+STATUS_COLOURS: dict[str, str] = {
     Image.Status.PENDING: "#6c757d",
     Image.Status.PROCESSING: "#0d6efd",
     Image.Status.DONE: "#198754",
@@ -222,7 +222,7 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
         ("Tracking", {"fields": ["error", "task_result", "requested_by"]}),
     ]
     # Nothing here is edited by hand: every field shown is read-only.
-    readonly_fields = [name for _, section in fieldsets for name in section["fields"]]
+    readonly_fields = [name for _, section in fieldsets for name in section["fields"]]  # type: ignore[misc]
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: Sweep) -> str:
@@ -246,10 +246,11 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
     def sent_by(self, obj: Sweep) -> str:
         if obj.schedule_name:
             return obj.schedule_name
-        return {
+        senders: dict[str, str] = {
             Sweep.Trigger.MANUAL: "sweep now / command",
             Sweep.Trigger.UPLOAD: "upload page",
-        }.get(obj.trigger, obj.get_trigger_display())
+        }
+        return senders.get(obj.trigger, obj.get_trigger_display())
 
     @admin.display(description="folder", ordering="folder")
     def folder_display(self, obj: Sweep) -> str:
@@ -497,12 +498,12 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         ("Files", {"fields": ["source_path_display", "original_path_display", "archive_display"]}),
     ]
     # Nothing here is edited by hand: every field shown is read-only.
-    readonly_fields = [name for _, section in fieldsets for name in section["fields"]]
+    readonly_fields = [name for _, section in fieldsets for name in section["fields"]]  # type: ignore[misc]
 
     def has_reprocess_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("jobs.reprocess_image")
 
-    def get_fieldsets(self, request: HttpRequest, obj: Image | None = None) -> list:
+    def get_fieldsets(self, request: HttpRequest, obj: Image | None = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
         if obj is None or obj.error:
             return fieldsets
@@ -991,7 +992,7 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
             sizes += "; " + ", ".join(preset)
         return format_html(
             '<code>{}</code><br><small class="parroter-muted">{}</small>',
-            wrap_path(kwargs.get("folder") or settings.WATCH_FOLDER),
+            wrap_path(str(kwargs.get("folder") or settings.WATCH_FOLDER)),
             sizes,
         )
 
@@ -1300,7 +1301,7 @@ class WebhookDeliveryAdmin(RecordAdminMixin, admin.ModelAdmin):
         "run",
         "payload",
     ]
-    readonly_fields = fields
+    readonly_fields = fields  # type: ignore[assignment]
 
     def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -20,10 +22,12 @@ from django.utils import timezone
 from django_celery_beat.models import PeriodicTask, PeriodicTasks
 from django_celery_beat.schedulers import DatabaseScheduler
 
+from . import watcher
 from .health import BeatHeartbeat
 
 logger = logging.getLogger(__name__)
 
+WATCH_ENTRY = "sweep-watch-folder"
 SETTINGS_MARK = "Defined in settings (CELERY_BEAT_SCHEDULE): edits made here are overwritten"
 CLEANUP_TASK = "celery.backend_cleanup"
 
@@ -78,11 +82,27 @@ def retire_removed_entries(owned: set[str]) -> list[str]:
 
 class Scheduler(DatabaseScheduler):
     """django-celery-beat's DatabaseScheduler, plus the settings/admin ownership rule, and
-    a heartbeat on its ticks for /healthz."""
+    a heartbeat on its ticks for /healthz, and with WATCH_EVENTS a sweep of WATCH_FOLDER as
+    soon as files were finished there (jobs/watcher.py)."""
 
     def __init__(self, *args, **kwargs) -> None:
         self.heartbeat = BeatHeartbeat()
+        self.watching: threading.Event | None = None
         super().__init__(*args, **kwargs)
+        if settings.WATCH_EVENTS and WATCH_ENTRY in settings.CELERY_BEAT_SCHEDULE:
+            _, self.watching = watcher.start(
+                Path(settings.WATCH_FOLDER), settings.SETTLE_SECONDS, self.sweep_watch_folder
+            )
+
+    def sweep_watch_folder(self) -> None:
+        """Send the watch folder's settings-defined sweep now, as beat would."""
+        entry: dict[str, Any] = settings.CELERY_BEAT_SCHEDULE[WATCH_ENTRY]
+        self.app.send_task(entry["task"], kwargs=entry["kwargs"], **entry.get("options", {}))
+
+    def close(self) -> None:
+        if self.watching is not None:
+            self.watching.set()
+        super().close()
 
     def setup_schedule(self) -> None:
         super().setup_schedule()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from django import forms
 from django.conf import settings
@@ -42,7 +42,7 @@ class SizesField(forms.CharField):
         kwargs.setdefault("widget", forms.TextInput(attrs={"size": 50, "spellcheck": "false"}))
         super().__init__(**kwargs)
 
-    def to_python(self, value: Any) -> list[str] | None:
+    def to_python(self, value: Any) -> list[str] | None:  # type: ignore[override]
         text = super().to_python(value)
         if not text:
             return None
@@ -112,11 +112,12 @@ def check_upload(upload: UploadedFile) -> str:
     Judged from the file object: Pillow reads the header it needs, not the whole file.
     """
     limit = settings.UPLOAD_MAX_BYTES
-    if upload.size > limit:
-        return f"{filesizeformat(upload.size)}, {file_over_limit(limit)}"
+    size = upload.size or 0
+    if size > limit:
+        return f"{filesizeformat(size)}, {file_over_limit(limit)}"
     limits = pipeline.Limits(max_pixels=settings.MAX_IMAGE_PIXELS, max_bytes=limit)
     try:
-        with pipeline.open_image(upload, limits):
+        with pipeline.open_image(cast(BinaryIO, upload), limits):
             pass
     except pipeline.ImageRejected as exc:
         return str(exc)
@@ -157,7 +158,7 @@ class PresetForm(forms.Form):
             if name not in self.fields:
                 continue
             chosen = getattr(settings, f"THUMBNAIL_{name.upper()}", default)
-            field = self.fields[name]
+            field = cast(forms.ChoiceField, self.fields[name])
             field.choices = [("", f"default ({chosen})"), *((c, c) for c in choices)]
             field.label, field.help_text = PRESET_LABELS[name]
 
@@ -188,7 +189,7 @@ class UploadForm(PresetForm):
             self.fields["images"].required = False
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data: dict[str, Any] = super().clean() or {}
         if "sizes" in data and not data["sizes"]:
             data["sizes"] = list(settings.THUMBNAIL_SIZES)
         accepted, rejected = [], list(self.refused)
@@ -218,7 +219,7 @@ class ReprocessForm(PresetForm):
     field_order = ["sizes", "change_preset"]
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data: dict[str, Any] = super().clean() or {}
         data["options"] = self.preset(data) if data.get("change_preset") else None
         return data
 
@@ -283,7 +284,7 @@ class SweepTaskForm(PeriodicTaskForm, PresetForm):
         return super().clean_kwargs()
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data: dict[str, Any] = super().clean() or {}
         if data.get("task") != SWEEP_TASK:
             return data
         folder = data.get("folder") or ""

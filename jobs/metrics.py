@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from django.db.models import Count, Max, Min, Q, Sum
@@ -142,12 +143,13 @@ def last_good_sweeps() -> GaugeMetricFamily:
         .annotate(last=Max("finished_at"))
         .order_by()
     )
-    last_good = dict(rows)
+    last_good: dict[str, datetime] = {name: last for name, last in rows if last is not None}
     # Idle sweeps leave no Sweep row: their schedule's activity says when one last ran.
     for schedule, idle in ScheduleActivity.objects.exclude(last_idle_at=None).values_list(
         "schedule_name", "last_idle_at"
     ):
-        last_good[schedule] = max(idle, last_good.get(schedule, idle))
+        if idle is not None:
+            last_good[schedule] = max(idle, last_good.get(schedule, idle))
     for schedule, last in sorted(last_good.items()):
         metric.add_metric([schedule], last.timestamp())
     return metric

@@ -18,6 +18,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
@@ -163,6 +164,7 @@ def _process(image: Image) -> str:
                 memory_bytes=settings.WORKER_MEMORY_MB * pipeline.MiB,
             ),
             options=encode_options(image.options),
+            libvips=settings.LIBVIPS_DECODE,
         )
     relative = destination.relative_to(settings.MEDIA_ROOT).as_posix()
     previous = image.archive
@@ -199,7 +201,7 @@ def _process(image: Image) -> str:
 def encode_options(options: dict[str, object]) -> pipeline.EncodeOptions:
     """How to make an image's thumbnails: its own options (the preset its sweep resolved,
     see sweep.resolve_options), else the pipeline's defaults and JPEG_QUALITY."""
-    preset = {
+    preset: dict[str, Any] = {
         name: options[name]
         for name in ("format", "fit", "gravity", "metadata", "colour")
         if isinstance(options.get(name), str)

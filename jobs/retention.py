@@ -190,7 +190,9 @@ def _used_by_recent_duplicates(image_ids: list[int], cutoff: datetime | None) ->
         for first, status, finished_at in Image.objects.filter(
             duplicate_of__in=image_ids
         ).values_list("duplicate_of", "status", "finished_at")
-        if status == Image.Status.DUPLICATE and (finished_at is None or finished_at >= cutoff)
+        if first is not None
+        and status == Image.Status.DUPLICATE
+        and (finished_at is None or finished_at >= cutoff)
     }
 
 

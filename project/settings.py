@@ -300,6 +300,8 @@ PORT = envint("PORT", "8000", minimum=1)
 DJANGO_BIND = envstr("DJANGO_BIND", "127.0.0.1").strip() or "127.0.0.1"
 SWEEP_INTERVAL = envfloat("SWEEP_INTERVAL", "10", minimum=1)
 SETTLE_SECONDS = envfloat("SETTLE_SECONDS", "2")
+# Beat also sweeps WATCH_FOLDER as soon as a local writer finishes a file (Linux inotify).
+WATCH_EVENTS = envbool("WATCH_EVENTS", "false")
 try:
     THUMBNAIL_SIZES = [size.label for size in parse_sizes(envlist("THUMBNAIL_SIZES", ""))] or [
         "128x128",
@@ -325,6 +327,15 @@ for _name, _choices in (
         raise ImproperlyConfigured(
             f"{_name} must be one of {', '.join(_choices)}, got {globals()[_name]!r}"
         )
+# WebP decoded by libvips at reduced scale (after Pillow's checks): less CPU and memory.
+LIBVIPS_DECODE = envbool("LIBVIPS_DECODE", "false")
+if LIBVIPS_DECODE:
+    try:
+        import pyvips  # noqa: F401
+    except (ImportError, OSError) as exc:
+        raise ImproperlyConfigured(
+            f"LIBVIPS_DECODE needs pyvips and pyvips-binary (requirements-dev.txt): {exc}"
+        ) from None
 # Images above this many pixels are refused before decoding (decompression bombs).
 MAX_IMAGE_PIXELS = envint("MAX_IMAGE_PIXELS", "200000000", minimum=1)
 MAX_IMAGE_BYTES = envint("MAX_IMAGE_BYTES", str(200 * 1024 * 1024), minimum=1)

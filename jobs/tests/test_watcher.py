@@ -1,0 +1,101 @@
+"""The inotify watch: a finished file brings a sweep before the next SWEEP_INTERVAL."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from jobs import watcher
+from jobs.models import Image, Sweep
+
+from .conftest import image_bytes
+from .processes import wait_for
+
+
+def watching(folder: Path) -> tuple[threading.Event, threading.Event, threading.Thread]:
+    """watcher.watch on folder in a thread; returns (sweep wanted, stop, thread)."""
+    wanted = threading.Event()
+    thread, stop = watcher.start(folder, 0.1, wanted.set)
+    return wanted, stop, thread
+
+
+def test_watch_wants_a_sweep_for_a_written_file(tmp_path):
+    wanted, stop, thread = watching(tmp_path)
+    try:
+        (tmp_path / "photo.jpg").write_bytes(b"pixels")
+        assert wanted.wait(30)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_watch_wants_a_sweep_for_a_file_renamed_in(tmp_path):
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    (staging / "photo.jpg").write_bytes(b"pixels")
+    wanted, stop, thread = watching(watched)
+    try:
+        os.rename(staging / "photo.jpg", watched / "photo.jpg")
+        assert wanted.wait(30)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_watch_follows_folders_made_after_it_started(tmp_path):
+    wanted, stop, thread = watching(tmp_path)
+    try:
+        (tmp_path / "holiday").mkdir()
+        assert wanted.wait(30)  # a new folder may hold files already: swept
+        wanted.clear()
+        wait_for(lambda: len(watched_folders()) >= 2, timeout=30, what="the new watch")
+        (tmp_path / "holiday" / "photo.jpg").write_bytes(b"pixels")
+        assert wanted.wait(30)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def watched_folders() -> list[str]:
+    """The watches of this process's inotify instances, from /proc."""
+    fds = Path(f"/proc/{os.getpid()}/fdinfo")
+    return [
+        line
+        for fd in fds.iterdir()
+        for line in _read(fd).splitlines()
+        if line.startswith("inotify wd:")
+    ]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_beat_with_watch_events_sweeps_a_dropped_file_before_the_interval(system, folders, drop):
+    # No periodic sweep within the test: only the watch can take the file.
+    system.environment.update({"SWEEP_INTERVAL": "3600", "WATCH_EVENTS": "true"})
+    system.worker()
+    system.beat()
+    wait_for(lambda: "watching" in system.logs(), timeout=30, what="the watch to start")
+    drop(folders["watch"], "photo.jpg", image_bytes((800, 600)))
+
+    wait_for(
+        lambda: Image.objects.filter(name="photo.jpg", status=Image.Status.DONE).exists(),
+        timeout=90,
+        what="the dropped file to be done",
+    )
+    image = Image.objects.get(name="photo.jpg")
+    assert image.sweep.trigger == Sweep.Trigger.MANUAL  # sent by the watch, not the schedule
+    assert not Sweep.objects.filter(trigger=Sweep.Trigger.SCHEDULE).exists()
+    assert not (folders["watch"] / "photo.jpg").exists()

@@ -1,0 +1,160 @@
+"""Sweep as soon as a local writer is done, instead of at the next SWEEP_INTERVAL.
+
+A Linux inotify watch on WATCH_FOLDER and every folder below it: a file closed after
+writing (IN_CLOSE_WRITE) or renamed in (IN_MOVED_TO) starts a timer of SETTLE_SECONDS; when
+it runs out with no further event, one sweep is sent. The sweep still judges every file by
+its ctime and mtime, so a file still being written is left for later exactly as before.
+
+Polling stays the guarantee: a network share sends no events for other hosts' writes, a
+queue overflow loses events, and a watch can fail (too many folders for
+fs.inotify.max_user_watches). The periodic sweep finds whatever the watch missed. Measured
+in bench/system.py: see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_ISDIR = 0x40000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+# Writes done, files renamed in, folders made (to watch them too).
+WATCHED_EVENTS = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_ONLYDIR
+_EVENT = struct.Struct("iIII")
+# A sweep's settle check compares whole nanoseconds of two clocks read apart: leave a margin.
+SETTLE_MARGIN = 0.05
+
+
+class Inotify:
+    """An inotify instance on a folder tree: which of its folders saw a finished file."""
+
+    def __init__(self, root: Path) -> None:
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.fd = fd
+        self.folders: dict[int, Path] = {}
+        self.add_tree(root)
+
+    def add_tree(self, root: Path) -> None:
+        """Watch root and every folder below it (not following links)."""
+        for folder, subfolders, _ in os.walk(root):
+            self._add(Path(folder))
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+
+    def _add(self, folder: Path) -> None:
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(folder), WATCHED_EVENTS)
+        if wd < 0:
+            code = ctypes.get_errno()
+            if code in (errno.ENOENT, errno.ENOTDIR):
+                return  # gone already
+            # ENOSPC: fs.inotify.max_user_watches reached. The periodic sweep still runs.
+            logger.warning("cannot watch %s: %s", folder, os.strerror(code))
+            return
+        self.folders[wd] = folder
+
+    def read(self, timeout: float) -> bool:
+        """Wait up to `timeout` s; True when a file was finished (or events were lost)."""
+        ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        if not ready:
+            return False
+        try:
+            data = os.read(self.fd, 64 * 1024)
+        except BlockingIOError:
+            return False
+        finished = False
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _, length = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
+            offset += _EVENT.size + length
+            if mask & IN_Q_OVERFLOW:
+                finished = True
+            elif mask & IN_IGNORED:
+                self.folders.pop(wd, None)
+            elif mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO) and wd in self.folders:
+                # A folder made or moved in: watch it, and sweep for what it already holds.
+                self.add_tree(self.folders[wd] / os.fsdecode(name))
+                finished = True
+            elif mask & (IN_CLOSE_WRITE | IN_MOVED_TO):
+                finished = True
+        return finished
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def watch(
+    inotify: Inotify,
+    settle_seconds: float,
+    on_ready: Callable[[], None],
+    stop: threading.Event,
+) -> None:
+    """Call on_ready once files were finished in the watched tree and SETTLE_SECONDS passed
+    since; until stop is set. Closes the inotify instance when done."""
+    wait = settle_seconds + SETTLE_MARGIN
+    # When the next sweep is due, and when the last file was finished. The first file of a
+    # long copy is not kept waiting for the last: a sweep is sent once the first settled,
+    # and another for those finished too late for it.
+    due: float | None = None
+    last = 0.0
+    try:
+        while not stop.is_set():
+            timeout = 1.0 if due is None else due - time.monotonic()
+            if inotify.read(min(1.0, timeout)):
+                last = time.monotonic()
+                due = due or last + wait
+            elif due is not None and time.monotonic() >= due:
+                sent = time.monotonic()
+                try:
+                    on_ready()
+                except Exception:
+                    # A broker blip: the periodic sweep takes these files instead.
+                    logger.warning("could not send a sweep for finished files", exc_info=True)
+                due = last + wait if last + wait > sent else None
+    finally:
+        inotify.close()
+
+
+def start(
+    folder: Path, settle_seconds: float, on_ready: Callable[[], None]
+) -> tuple[threading.Thread | None, threading.Event]:
+    """Watch folder's tree from now on, in a daemon thread; set the event to stop it.
+
+    The thread is None where inotify is missing or fails: the periodic sweep only.
+    """
+    stop = threading.Event()
+    try:
+        inotify = Inotify(folder)
+    except (OSError, AttributeError) as exc:
+        logger.warning("no inotify watch on %s (%s): the periodic sweep only", folder, exc)
+        return None, stop
+    logger.info("watching %s for finished files (%d folders)", folder, len(inotify.folders))
+    thread = threading.Thread(
+        target=watch,
+        args=(inotify, settle_seconds, on_ready, stop),
+        name="watch-folder",
+        daemon=True,
+    )
+    thread.start()
+    return thread, stop
