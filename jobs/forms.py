@@ -65,10 +65,6 @@ def clean_folder(value: str) -> str:
         raise forms.ValidationError(str(exc)) from None
 
 
-class SizesForm(forms.Form):
-    sizes = SizesField(initial=default_sizes)
-
-
 class SweepNowForm(forms.Form):
     folder = forms.CharField(
         max_length=1024,

@@ -340,18 +340,6 @@ def open_image(data: bytes | BinaryIO, limits: Limits = Limits()) -> Image.Image
     return image
 
 
-def oriented_size(image: Image.Image) -> tuple[int, int]:
-    """The image's size as a person sees it, after its EXIF orientation.
-
-    Cheap for a JPEG, whose EXIF comes first; a PNG may keep it after the pixels, which
-    Pillow then decodes to find it: call this after make_thumbnails for those.
-    """
-    width, height = image.size
-    if _orientation(image) in _ROTATING_ORIENTATIONS:
-        return height, width
-    return width, height
-
-
 def make_thumbnails(
     image: Image.Image,
     sizes: Sequence[ThumbnailSize],
