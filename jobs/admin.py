@@ -136,6 +136,16 @@ class RecordAdminMixin(ParroterAdminMixin):
 # --- Sweeps -------------------------------------------------------------------------------
 
 
+def schedule_names() -> list[str]:
+    """Names of the periodic tasks that sent a recorded sweep, for the schedule filters."""
+    return list(
+        Sweep.objects.exclude(schedule_name="")
+        .order_by("schedule_name")
+        .values_list("schedule_name", flat=True)
+        .distinct()
+    )
+
+
 class SweepScheduleFilter(admin.SimpleListFilter):
     """The periodic task that sent a sweep (sweeps of no schedule are under "trigger")."""
 
@@ -143,12 +153,7 @@ class SweepScheduleFilter(admin.SimpleListFilter):
     parameter_name = "schedule_name"
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
-        names = (
-            Sweep.objects.exclude(schedule_name="")
-            .order_by("schedule_name")
-            .values_list("schedule_name", flat=True)
-            .distinct()
-        )
+        names = schedule_names()
         return [(name, name) for name in names]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Sweep]) -> QuerySet[Sweep]:
@@ -376,12 +381,7 @@ class ScheduleFilter(admin.SimpleListFilter):
     parameter_name = "schedule"
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
-        names = (
-            Sweep.objects.exclude(schedule_name="")
-            .order_by("schedule_name")
-            .values_list("schedule_name", flat=True)
-            .distinct()
-        )
+        names = schedule_names()
         return [
             *[(f"task:{name}", name) for name in names],
             ("manual", "sweep now / command"),
