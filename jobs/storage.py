@@ -30,7 +30,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -687,23 +687,43 @@ def remove_kept_originals(paths: Iterable[str]) -> list[str]:
     """Delete kept originals (in originals/ or failed/) and the notes beside them, opening
     each folder once. Returns those gone, now or before; one that cannot be deleted is
     left, with a warning (its record should keep pointing at it)."""
+    return _remove_by_folder(
+        paths,
+        lambda parent: open_folder(Path(parent), kept_roots()),
+        "kept original",
+        also=(NOTE_SUFFIX,),
+    )
+
+
+def _remove_by_folder(
+    paths: Iterable[str],
+    open_parent: Callable[[str], Folder],
+    what: str,
+    also: Sequence[str] = (),
+) -> list[str]:
+    """Delete files (and `name + suffix` for each of `also`) opening each folder once.
+
+    Returns those gone, now or before (a whole folder gone counts); one that cannot be
+    deleted is left, with a warning.
+    """
     gone: list[str] = []
     for parent, names in _by_folder(paths).items():
         try:
-            folder = open_folder(Path(parent), kept_roots())
+            folder = open_parent(parent)
         except FileNotFoundError:
             gone.extend(f"{parent}/{name}" for name in names)  # the whole folder is gone
             continue
         except (OSError, NotBeneath) as exc:
-            logger.warning("cannot delete %d kept original(s) in %s: %s", len(names), parent, exc)
+            logger.warning("cannot delete %d %s(s) in %s: %s", len(names), what, parent, exc)
             continue
         with folder:
             for name in names:
                 try:
                     folder.unlink(name)
-                    folder.unlink(name + NOTE_SUFFIX)
+                    for suffix in also:
+                        folder.unlink(name + suffix)
                 except (OSError, NotBeneath) as exc:
-                    logger.warning("cannot delete kept original %s/%s: %s", parent, name, exc)
+                    logger.warning("cannot delete %s %s/%s: %s", what, parent, name, exc)
                     continue
                 gone.append(f"{parent}/{name}")
     return gone
@@ -844,28 +864,16 @@ def remove_archives(relatives: Iterable[str]) -> list[str]:
     """Delete recorded zips (relative to MEDIA_ROOT), opening each folder once. Returns
     those gone, now or before; one that cannot be deleted is left, with a warning."""
     area = media_area(ARCHIVES)
-    gone: list[str] = []
-    for parent, names in _by_folder(relative for relative in relatives if relative).items():
+
+    def open_parent(parent: str) -> Folder:
         head, _, below = parent.partition("/")
-        try:
-            if head != ARCHIVES:
-                raise NotBeneath(f"{parent} is not in the {ARCHIVES} area")
-            folder = open_folder(area / below if below else area, [area])
-        except FileNotFoundError:
-            gone.extend(f"{parent}/{name}" for name in names)
-            continue
-        except (OSError, NotBeneath) as exc:
-            logger.warning("cannot delete %d archive(s) in %s: %s", len(names), parent, exc)
-            continue
-        with folder:
-            for name in names:
-                try:
-                    folder.unlink(name)
-                except (OSError, NotBeneath) as exc:
-                    logger.warning("cannot delete archive %s/%s: %s", parent, name, exc)
-                    continue
-                gone.append(f"{parent}/{name}")
-    return gone
+        if head != ARCHIVES:
+            raise NotBeneath(f"{parent} is not in the {ARCHIVES} area")
+        return open_folder(area / below if below else area, [area])
+
+    return _remove_by_folder(
+        (relative for relative in relatives if relative), open_parent, "archive"
+    )
 
 
 def discard_partial_archives(image: Image) -> None:
