@@ -6,7 +6,7 @@
 
 A sweep is what `jobs.sweep_folder` does before it queues: record the sweep, repair
 leftovers, list the folder, claim every ready file (one row each) and read back the ids.
-It is timed with its database queries counted (jobs.sweep.sweep_folder, the one entry
+It is timed with its database queries counted (jobs.sweeper.sweep_folder, the one entry
 point, with its one query for nested schedules). Queueing one message per claimed image to
 a real Redis (the bundled server on a free port) is timed apart: it happens after the
 commit.
@@ -259,8 +259,7 @@ def _measure(watch: Path, files: int, recorded: int, reps: int, profile: bool = 
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from jobs import sweep as sweeping
-    from jobs import tasks
+    from jobs import sweeper, tasks
     from jobs.models import Image, Sweep
 
     case = Case(recorded, files)
@@ -268,14 +267,14 @@ def _measure(watch: Path, files: int, recorded: int, reps: int, profile: bool = 
         profiler = cProfile.Profile() if profile and rep == reps - 1 else None
         timings = _Timings()
         with (
-            _timed(sweeping, "scan", timings),
-            _timed(sweeping, "claim", timings),
+            _timed(sweeper, "scan", timings),
+            _timed(sweeper, "claim", timings),
             CaptureQueriesContext(connection) as queries,
         ):
             if profiler:
                 profiler.enable()
             started = time.perf_counter()
-            outcome = sweeping.sweep_folder(str(watch), None)
+            outcome = sweeper.sweep_folder(str(watch), None)
             elapsed = time.perf_counter() - started
             if profiler:
                 profiler.disable()
@@ -355,7 +354,7 @@ def _report(cases: list[Case], files: int, reps: int, connection) -> None:
     write(
         f"Parroter sweep benchmark: {files:,} waiting files, {vendor} database, "
         f"{reps} measured sweep(s) per history size (median), one process\n"
-        "sweep s = jobs.sweep.sweep_folder (with the nested-schedule lookup), in one process, "
+        "sweep s = jobs.sweeper.sweep_folder (with the nested-schedule lookup), in one process, "
         "with its queries;\nqueue s = one message per claimed image to the bundled Redis, "
         "after the commit\n\n"
     )

@@ -21,7 +21,7 @@ file gets a unique trailer after its image data, so no copy is recorded as a dup
 `--sweep-interval`/`--settle` try other values of those two settings. Where the time per
 image goes beyond the pipeline is printed last: the wait before work starts (drop -> claim,
 claim -> started), and, measured in this process over claimed copies with the system
-paused, what jobs.processing spends in SQL statements, fsyncs, moving the original, sha256
+paused, what jobs.runner spends in SQL statements, fsyncs, moving the original, sha256
 and the rest, each exclusive of the others.
 """
 
@@ -216,7 +216,7 @@ def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> in
         {
             "system, drop -> recorded": system,
             "system, claimed -> recorded": claimed,
-            f"processing.py, Pool({CONCURRENCY}), no Celery": processing,
+            f"runner.py, Pool({CONCURRENCY}), no Celery": processing,
             f"pipeline alone, Pool({CONCURRENCY})": alone,
             "tutorial, back to back, 1 process": tutorial,
         },
@@ -371,7 +371,7 @@ def _claimed_copies(work: Path, originals: list[Path], tag: str) -> list[int]:
     """Fresh copies of the originals in a folder of their own, claimed by a sweep here."""
     from django.conf import settings
 
-    from jobs import sweep
+    from jobs import sweeper
     from jobs.models import Sweep
 
     folder = work / "inbox" / tag
@@ -379,13 +379,13 @@ def _claimed_copies(work: Path, originals: list[Path], tag: str) -> list[int]:
     for copy in _stage(work, originals, 1, tag):
         os.rename(copy, folder / copy.name)
     settings.SETTLE_SECONDS = 0
-    outcome = sweep.sweep_folder(str(folder), SIZES)
+    outcome = sweeper.sweep_folder(str(folder), SIZES)
     assert outcome.sweep.status == Sweep.Status.DONE, outcome.sweep.error
     return outcome.to_queue
 
 
 def _processing(work: Path, originals: list[Path], tag: str) -> tuple[int, int, float, float]:
-    """jobs.processing over fresh copies in Pool(2), claimed by a sweep here: no Celery."""
+    """jobs.runner over fresh copies in Pool(2), claimed by a sweep here: no Celery."""
     from django.db import connections
 
     from jobs.models import Image
@@ -403,7 +403,7 @@ def _processing(work: Path, originals: list[Path], tag: str) -> tuple[int, int, 
 
 @dataclass
 class Breakdown:
-    """Milliseconds per image in jobs.processing, by what it was doing, and call counts."""
+    """Milliseconds per image in jobs.runner, by what it was doing, and call counts."""
 
     images: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -430,11 +430,11 @@ class Breakdown:
 
 
 def _breakdown(work: Path, originals: list[Path], tag: str) -> Breakdown:
-    """jobs.processing over fresh copies, one at a time in this process, every SQL
+    """jobs.runner over fresh copies, one at a time in this process, every SQL
     statement, fsync, original moved, sha256 and pipeline call timed; the rest is Python."""
     from django.db import connection
 
-    from jobs import pipeline, processing, storage
+    from jobs import pipeline, runner, storage
 
     ids = _claimed_copies(work, originals, f"breakdown-{tag}")
     breakdown = Breakdown(images=len(ids))
@@ -458,7 +458,7 @@ def _breakdown(work: Path, originals: list[Path], tag: str) -> Breakdown:
                 execute, sql, params, many, context
             )
         ):
-            run = breakdown.timed("process_image in all", processing.process_image)
+            run = breakdown.timed("process_image in all", runner.process_image)
             for image_id in ids:
                 run(image_id)
     finally:
@@ -486,10 +486,10 @@ def _setup_django() -> None:
 
 
 def _process(image_id: int) -> tuple[str, float]:
-    from jobs import processing
+    from jobs import runner
 
     started = time.process_time()
-    return processing.process_image(image_id), time.process_time() - started
+    return runner.process_image(image_id), time.process_time() - started
 
 
 def _archive(job: tuple[Path, Path]) -> tuple[bool, float, float]:
@@ -583,7 +583,7 @@ def _report(args, corpus_size: int, rows: dict[str, Runs], in_task, per_image) -
     write(
         f"system / pipeline alone   {ratio:5.2f}  (target >= {SYSTEM_TARGET}: "
         f"{'met' if ratio >= SYSTEM_TARGET else 'missed'}); claimed -> recorded "
-        f"{claimed.rate() / alone.rate():5.2f}, processing.py without Celery "
+        f"{claimed.rate() / alone.rate():5.2f}, runner.py without Celery "
         f"{processing.rate() / alone.rate():5.2f}\n"
     )
     ratio = system.rate() / tutorial.rate()
@@ -599,7 +599,7 @@ def _report(args, corpus_size: int, rows: dict[str, Runs], in_task, per_image) -
     write(
         f"per image and process: {per_image * 1000:.0f} ms in the pipeline alone, "
         f"{in_task * 1000:.0f} ms from started_at to finished_at in the system; on top of "
-        f"the pipeline: processing.py {cost(processing):.0f} ms, Celery and processing "
+        f"the pipeline: runner.py {cost(processing):.0f} ms, Celery and processing "
         f"{cost(claimed):.0f} ms, with the sweep latency {cost(system):.0f} ms\n"
     )
 
@@ -622,7 +622,7 @@ def _report_breakdown(latencies, breakdowns: list[Breakdown], args) -> None:
         key=lambda label: -sum(b.seconds[label] for b in breakdowns),
     )
     write(
-        f"jobs.processing alone, {images} images one at a time in this process, ms per image "
+        f"jobs.runner alone, {images} images one at a time in this process, ms per image "
         "(each exclusive of the others; calls per image):\n"
     )
     for label in labels:

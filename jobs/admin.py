@@ -32,10 +32,10 @@ from django_celery_beat.models import CrontabSchedule, PeriodicTask, PeriodicTas
 from django_celery_results.admin import TaskResultAdmin as BaseTaskResultAdmin
 from django_celery_results.models import TaskResult
 
-from . import beat, broker, intake, stats, storage, views
+from . import beat, broker, stats, storage, uploads, views
 from .forms import ReprocessForm, SweepNowForm, SweepTaskForm, default_sizes
 from .models import Heartbeat, Image, ScheduleActivity, Sweep, WebhookDelivery
-from .sweep import PRESET_CHOICES
+from .sweeper import PRESET_CHOICES
 from .tasks import SWEEP_TASK, queue_images, sweep_folder
 
 logger = logging.getLogger(__name__)
@@ -698,7 +698,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         sizes: list[str] | None,
         options: dict[str, Any] | None = None,
     ) -> None:
-        result = intake.claim_again(images, sizes, options)
+        result = uploads.claim_again(images, sizes, options)
         if result.queued:
             queued = result.queued
             transaction.on_commit(lambda: queue_images(queued))
@@ -749,7 +749,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
             "title": "Reprocess images",
             "opts": self.opts,
             "form": form,
-            "images": [(image, intake.why_not_reprocess(image)) for image in images],
+            "images": [(image, uploads.why_not_reprocess(image)) for image in images],
             "ids": ",".join(str(image.id) for image in images),
         }
         return TemplateResponse(request, "admin/jobs/image/reprocess.html", context)
@@ -784,12 +784,12 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         with transaction.atomic():
             final = queryset.filter(status__in=Image.FINAL_STATUSES).select_related(None)
             # A zip that duplicates outside this deletion still use stays, with its image.
-            used = intake.duplicates_using(final)
+            used = uploads.duplicates_using(final)
             for image in final.filter(id__in=list(used)).only("id", "name"):
                 self.message_user(
                     request,
                     f"{image.name} (#{image.id}) was kept: "
-                    f"{intake.duplicates_reason(used[image.id])}; "
+                    f"{uploads.duplicates_reason(used[image.id])}; "
                     "select its duplicates too to delete them together",
                     messages.WARNING,
                 )

@@ -15,7 +15,7 @@ from django_celery_beat.models import PeriodicTask
 
 from . import pipeline
 from .beat import sweep_kwargs
-from .sweep import (
+from .sweeper import (
     MAX_QUALITY,
     MIN_QUALITY,
     PRESET_CHOICES,

@@ -16,7 +16,7 @@ from django_celery_beat.models import PeriodicTask
 
 from . import storage
 from .models import Image, ScheduleActivity, Sweep
-from .sweep import SWEEP_TASK
+from .sweeper import SWEEP_TASK
 
 logger = logging.getLogger(__name__)
 

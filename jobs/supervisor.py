@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .lifetime import die_with_parent
-from .sweep import work_is_stalled
+from .sweeper import work_is_stalled
 
 POLL_INTERVAL = 0.2
 # Seconds each child gets between SIGTERM and SIGKILL. The worker's warm shutdown lets the

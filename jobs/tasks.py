@@ -11,10 +11,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import transaction
 
-from . import processing, retention, webhooks
-from . import sweep as sweeping
+from . import retention, runner, sweeper, webhooks
 from .broker import queue_length
-from .sweep import SWEEP_TASK
+from .sweeper import SWEEP_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +37,16 @@ def sweep_folder(
     quality: int | None = None,
     **unknown: object,
 ) -> dict[str, object]:
-    """Sweep one folder (jobs.sweep.sweep_folder), then queue one task per image.
+    """Sweep one folder (jobs.sweeper.sweep_folder), then queue one task per image.
 
     `quality` is the JPEG/WebP thumbnail quality (None: JPEG_QUALITY); the output preset
     comes as `format`, `fit`, `gravity`, `metadata`, `gps` and `colour` (see
-    sweep.resolve_options; left out: the settings' THUMBNAIL_* defaults). Unknown keyword
+    sweeper.resolve_options; left out: the settings' THUMBNAIL_* defaults). Unknown keyword
     arguments (a periodic task's kwargs edited by hand) fail the sweep with a recorded
     reason, rather than a TypeError that leaves no sweep behind. An idle sweep leaves no
     task result, as it leaves no sweep record.
     """
-    outcome = sweeping.sweep_folder(
+    outcome = sweeper.sweep_folder(
         folder,
         sizes,
         schedule_name=getattr(self.request, "periodic_task_name", None) or "",
@@ -62,7 +61,7 @@ def sweep_folder(
 @shared_task(bind=True, name="jobs.recover", **QUIET)
 def recover(self: Task) -> dict[str, int]:
     """Repair uploads and reprocessed images that a dead worker or a lost message left."""
-    repairs = sweeping.recover_unswept(requeue_after())
+    repairs = sweeper.recover_unswept(requeue_after())
     transaction.on_commit(lambda: queue_images(repairs.requeue))
     result = {"requeued": len(repairs.requeue), "settled": repairs.settled}
     return keep_result(self, result) if any(result.values()) else result
@@ -100,7 +99,7 @@ def requeue_after() -> float | None:
 )
 def make_thumbnails(self, image_id: int) -> str:
     """Turn one claimed image into its zip; idempotent, so a redelivery does no harm."""
-    return processing.process_image(
+    return runner.process_image(
         int(image_id),
         task_id=self.request.id or "",
         time_limit_errors=(SoftTimeLimitExceeded,),

@@ -38,7 +38,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST, require_safe
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import health, intake, metrics, storage
+from . import health, metrics, storage, uploads
 from .forms import UploadForm, default_sizes
 from .models import Image, Sweep
 from .pipeline import EXTENSIONS, safe_stem
@@ -412,16 +412,16 @@ def upload(request: HttpRequest) -> JsonResponse:
     # Files first, outside any transaction: on SQLite (IMMEDIATE) atomic() takes the write
     # lock on entry, and writing and fsyncing the files may take long.
     assert isinstance(request.user, User)  # signed in, or the upload middleware refused it
-    saved = intake.save_uploads(form.cleaned_data["accepted"])
+    saved = uploads.save_uploads(form.cleaned_data["accepted"])
     try:
         with transaction.atomic():
-            sweep, ids = intake.claim_uploads(
+            sweep, ids = uploads.claim_uploads(
                 saved, form.cleaned_data["sizes"], request.user, form.cleaned_data["options"]
             )
             # Robust: with the broker down the upload still stands; jobs.recover requeues it.
             transaction.on_commit(lambda: queue_images(ids), robust=True)
     except BaseException:
-        intake.discard_uploads(saved)
+        uploads.discard_uploads(saved)
         raise
     images = list(Image.objects.filter(id__in=ids).order_by("id"))
     return JsonResponse(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from jobs import processing, sweep
+from jobs import runner, sweeper
 from jobs.models import Image, Sweep
 from jobs.redis_server import start_bundled_redis
 from project.celery import app as celery_app
@@ -77,7 +77,7 @@ def drop() -> Callable[..., Path]:
 
 @pytest.fixture
 def sweep_and_process(folders) -> Callable[..., list[Image]]:
-    """Sweep a folder through jobs.sweep.sweep_folder, then process what it claimed here.
+    """Sweep a folder through jobs.sweeper.sweep_folder, then process what it claimed here.
 
     Returns the claimed images by name. `process=False` only claims; `options` are the
     sweep's output options (quality).
@@ -90,13 +90,13 @@ def sweep_and_process(folders) -> Callable[..., list[Image]]:
         process: bool = True,
         **options: object,
     ) -> list[Image]:
-        outcome = sweep.sweep_folder(
+        outcome = sweeper.sweep_folder(
             str(folder or folders["watch"]), sizes or ["64x64"], options=options
         )
         assert outcome.sweep.status == Sweep.Status.DONE, outcome.sweep.error
         if process:
             for image_id in outcome.to_queue:
-                processing.process_image(image_id)
+                runner.process_image(image_id)
         return list(Image.objects.filter(id__in=outcome.to_queue).order_by("name"))
 
     return run

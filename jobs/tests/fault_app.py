@@ -54,17 +54,17 @@ def inject_faults(**kwargs):
     """Patch each pool process once Django is ready (it is not when this module loads)."""
     global real_write_archive, real_put_original_away, real_claim, real_read_original
     global real_record, real_post
-    from jobs import pipeline, processing, storage, sweep, webhooks
+    from jobs import pipeline, runner, storage, sweeper, webhooks
 
     real_write_archive = pipeline.write_archive
-    real_put_original_away = processing.put_original_away
-    real_claim = sweep.claim
+    real_put_original_away = runner.put_original_away
+    real_claim = sweeper.claim
     real_read_original = storage.read_original
     real_record = webhooks.record
     real_post = webhooks.post
     pipeline.write_archive = faulty_write_archive
-    processing.put_original_away = faulty_put_original_away
-    sweep.claim = paused_claim
+    runner.put_original_away = faulty_put_original_away
+    sweeper.claim = paused_claim
     storage.read_original = paused_read_original
     webhooks.record = faulty_record
     webhooks.post = faulty_post

@@ -13,10 +13,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
-from jobs import beat, processing, stats
+from jobs import beat, runner, stats
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep
-from jobs.sweep import recover_unswept
+from jobs.sweeper import recover_unswept
 
 from .conftest import image_bytes
 
@@ -100,7 +100,7 @@ def test_reprocess_makes_new_sizes_from_the_kept_original(
     assert old_file.is_file()
 
     with django_capture_on_commit_callbacks(execute=True):
-        assert processing.process_image(photo.id) == Image.Status.DONE
+        assert runner.process_image(photo.id) == Image.Status.DONE
     photo.refresh_from_db()
     assert photo.thumbnails == {"100x100": [100, 75]}
     assert photo.sizes == ["100x100"]
@@ -210,7 +210,7 @@ def test_retry_failed_reprocesses_only_failed_images(admin_client, processed, se
     assert broken.status == Image.Status.PENDING
     assert not Path(broken.original_path + ".error.txt").exists()
 
-    assert processing.process_image(broken.id) == Image.Status.DONE
+    assert runner.process_image(broken.id) == Image.Status.DONE
     broken.refresh_from_db()
     assert "/originals/" in broken.original_path
     assert Path(broken.original_path).is_file()

@@ -16,9 +16,9 @@ from django_celery_beat.models import CrontabSchedule
 from django_celery_results.models import TaskResult
 
 from jobs import admin as jobs_admin
-from jobs import processing
+from jobs import runner
 from jobs.models import Image, Sweep
-from jobs.sweep import run_sweep, start_sweep
+from jobs.sweeper import run_sweep, start_sweep
 from project.celery import app as celery_app
 
 from .conftest import image_bytes
@@ -38,7 +38,7 @@ def processed(folders, drop) -> dict[str, Image]:
     )
     outcome = run_sweep(sweep, path, labels)
     for image_id in outcome.to_queue:
-        processing.process_image(image_id)
+        runner.process_image(image_id)
     return {image.name: image for image in Image.objects.all()}
 
 
@@ -157,7 +157,7 @@ def test_image_page_wraps_paths_and_escapes_them(admin_client, folders, drop):
     drop(folders["watch"], "a<b>c&d/x.jpg", b"not an image")
     sweep, path, labels = start_sweep(str(folders["watch"]), ["8x8"], trigger="manual")
     for image_id in run_sweep(sweep, path, labels).to_queue:
-        processing.process_image(image_id)
+        runner.process_image(image_id)
     image = Image.objects.get()
     page = admin_client.get(reverse("admin:jobs_image_change", args=[image.id])).content.decode()
     assert "a&lt;b&gt;c&amp;d/<wbr>x.jpg" in page

@@ -14,7 +14,7 @@ from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from django_celery_results.models import TaskResult
 
-from jobs import sweep
+from jobs import sweeper
 from jobs.models import Image, ScheduleActivity, Sweep, SweepLock
 from jobs.tasks import recover
 
@@ -24,8 +24,8 @@ from .processes import wait_for
 QUIET_TASKS = ["jobs.sweep_folder", "jobs.recover", "jobs.apply_retention"]
 
 
-def scheduled(folder, name: str = "every second") -> sweep.SweepOutcome:
-    return sweep.sweep_folder(str(folder), ["64x64"], schedule_name=name)
+def scheduled(folder, name: str = "every second") -> sweeper.SweepOutcome:
+    return sweeper.sweep_folder(str(folder), ["64x64"], schedule_name=name)
 
 
 @pytest.mark.django_db
@@ -92,7 +92,7 @@ def test_sweep_folder_of_a_schedule_seeing_only_a_changing_file_is_idle(folders,
 
 @pytest.mark.django_db
 def test_sweep_folder_of_a_schedule_skipped_for_a_running_sweep_is_idle(folders):
-    assert sweep.acquire_lock(folders["watch"]) is not None
+    assert sweeper.acquire_lock(folders["watch"]) is not None
     outcome = scheduled(folders["watch"])
     assert outcome.sweep.status == Sweep.Status.SKIPPED
     assert not outcome.recorded
@@ -102,8 +102,8 @@ def test_sweep_folder_of_a_schedule_skipped_for_a_running_sweep_is_idle(folders)
 
 @pytest.mark.django_db
 def test_sweep_folder_of_a_schedule_with_bad_arguments_is_recorded_as_failed(folders):
-    with pytest.raises(sweep.SweepArgumentsError, match="outside the allowed WATCH_ROOTS"):
-        sweep.sweep_folder("/etc", None, schedule_name="typo")
+    with pytest.raises(sweeper.SweepArgumentsError, match="outside the allowed WATCH_ROOTS"):
+        sweeper.sweep_folder("/etc", None, schedule_name="typo")
     assert Sweep.objects.get().status == Sweep.Status.FAILED
     activity = ScheduleActivity.objects.get(schedule_name="typo")
     assert activity.swept_at is not None
@@ -112,7 +112,7 @@ def test_sweep_folder_of_a_schedule_with_bad_arguments_is_recorded_as_failed(fol
 
 @pytest.mark.django_db
 def test_sweep_folder_asked_for_by_hand_is_recorded_even_when_idle(folders, admin_client):
-    outcome = sweep.sweep_folder(str(folders["watch"]), None, task_id="by-hand")
+    outcome = sweeper.sweep_folder(str(folders["watch"]), None, task_id="by-hand")
     assert outcome.recorded
     assert Sweep.objects.get().trigger == Sweep.Trigger.MANUAL
     assert not ScheduleActivity.objects.exists()
@@ -124,10 +124,10 @@ def test_sweep_folder_asked_for_by_hand_is_recorded_even_when_idle(folders, admi
 @pytest.mark.django_db
 def test_work_is_stalled_counts_idle_sweeps_as_a_live_worker(folders):
     window = timedelta(minutes=5)
-    assert sweep.work_is_stalled(window, beat_running=True)
+    assert sweeper.work_is_stalled(window, beat_running=True)
     scheduled(folders["watch"])
     assert not Sweep.objects.exists()
-    assert not sweep.work_is_stalled(window, beat_running=True)
+    assert not sweeper.work_is_stalled(window, beat_running=True)
 
 
 def sweep_ids(admin_client, query: str) -> set[int]:

@@ -11,7 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs import outcomes, sweep, views
+from jobs import outcomes, sweeper, views
 from jobs.models import Image, ProcessingTime, ScheduleActivity, Sweep, WebhookDelivery
 from jobs.tasks import make_thumbnails
 
@@ -167,10 +167,10 @@ def test_metrics_count_each_processed_image_once(client, broker, folders, drop):
     drop(folders["watch"], "a.jpg", image_bytes((300, 200), colour=(1, 2, 3)))
     drop(folders["watch"], "b.jpg", image_bytes((300, 200), colour=(1, 2, 3)))
     drop(folders["watch"], "c.jpg", b"not an image")
-    record, path, labels = sweep.start_sweep(
+    record, path, labels = sweeper.start_sweep(
         str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
     )
-    sweep.run_sweep(record, path, labels)
+    sweeper.run_sweep(record, path, labels)
     for image in Image.objects.order_by("name"):
         make_thumbnails(image.id)
         make_thumbnails(image.id)  # a redelivered message: skipped, not counted again

@@ -10,9 +10,9 @@ import pytest
 from django.urls import reverse
 from PIL import Image as PILImage
 
-from jobs import intake, processing
+from jobs import runner, uploads
 from jobs.models import Image, Sweep
-from jobs.sweep import SweepArgumentsError, resolve_options
+from jobs.sweeper import SweepArgumentsError, resolve_options
 from jobs.tasks import make_thumbnails, sweep_folder
 
 from .conftest import image_bytes
@@ -107,13 +107,13 @@ def test_claim_again_applies_a_new_preset_and_keeps_the_quality(
     image = Image.objects.get()
     assert make_thumbnails(image.id) == Image.Status.DONE
     image.refresh_from_db()
-    result = intake.claim_again([image], None, {"format": "avif", "fit": "cover"})
+    result = uploads.claim_again([image], None, {"format": "avif", "fit": "cover"})
     assert result.queued == [image.id]
     image.refresh_from_db()
     assert image.options == {"quality": 70, "format": "avif", "fit": "cover"}
     assert image.sizes_key == Image.sizes_key_for(["64x64"], image.options)
     with django_capture_on_commit_callbacks(execute=True):
-        assert processing.process_image(image.id) == Image.Status.DONE
+        assert runner.process_image(image.id) == Image.Status.DONE
     image.refresh_from_db()
     assert members(folders, image) == ["photo.jpg", "photo_64x64.avif"]
 
@@ -134,7 +134,7 @@ def test_admin_reprocess_form_applies_a_preset_only_when_ticked(
     image.refresh_from_db()
     assert image.options == {}
     with django_capture_on_commit_callbacks(execute=True):
-        processing.process_image(image.id)
+        runner.process_image(image.id)
     response = admin_client.post(
         url,
         {"ids": str(image.id), "sizes": "64x64", "change_preset": "on", "format": "webp"},
@@ -143,7 +143,7 @@ def test_admin_reprocess_form_applies_a_preset_only_when_ticked(
     image.refresh_from_db()
     assert image.options == {"format": "webp"}
     with django_capture_on_commit_callbacks(execute=True):
-        assert processing.process_image(image.id) == Image.Status.DONE
+        assert runner.process_image(image.id) == Image.Status.DONE
     image.refresh_from_db()
     assert members(folders, image) == ["photo.jpg", "photo_64x48.webp"]
     page = admin_client.get(reverse("admin:jobs_image_change", args=[image.id])).content
@@ -161,7 +161,7 @@ def test_upload_with_a_preset_is_recorded_and_made(client, folders, django_user_
     assert response.status_code == 201, response.content
     image = Image.objects.get()
     assert image.options == image.sweep.options == {"fit": "cover", "metadata": "keep"}
-    assert processing.process_image(image.id) == Image.Status.DONE
+    assert runner.process_image(image.id) == Image.Status.DONE
     image.refresh_from_db()
     assert image.thumbnails == {"50x50": [50, 50]}
 

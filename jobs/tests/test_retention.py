@@ -18,7 +18,7 @@ from django.db import connection
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
-from jobs import retention, storage, sweep
+from jobs import retention, storage, sweeper
 from jobs.models import Image, ScheduleActivity, Sweep
 
 from .conftest import image_bytes
@@ -456,7 +456,7 @@ def test_sweep_on_a_nearly_full_disk_claims_nothing_and_says_why(
     assert storage.free_bytes() < 2 * 1024 * 1024
     photo = drop(folders["watch"], "photo.jpg")
 
-    held = sweep.sweep_folder(str(folders["watch"]), None, schedule_name="every second")
+    held = sweeper.sweep_folder(str(folders["watch"]), None, schedule_name="every second")
     assert held.recorded, "held back is not idle"
     record = Sweep.objects.get()
     assert (record.status, record.claimed, held.to_queue) == (Sweep.Status.HELD, 0, [])
@@ -469,7 +469,7 @@ def test_sweep_on_a_nearly_full_disk_claims_nothing_and_says_why(
         call_command("sweep", "--inline")
 
     filler.unlink()
-    claimed = sweep.sweep_folder(str(folders["watch"]), None, schedule_name="every second")
+    claimed = sweeper.sweep_folder(str(folders["watch"]), None, schedule_name="every second")
     assert claimed.sweep.status == Sweep.Status.DONE
     assert claimed.sweep.claimed == 1
     assert Image.objects.get().name == "photo.jpg"

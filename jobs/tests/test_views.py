@@ -18,10 +18,10 @@ from django.test import Client
 from django.urls import reverse
 from PIL import Image as PILImage
 
-from jobs import processing, views
+from jobs import runner, views
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep
-from jobs.sweep import recover_unswept
+from jobs.sweeper import recover_unswept
 
 from .conftest import image_bytes
 
@@ -48,7 +48,7 @@ def upload(client: Client, *files: io.BytesIO, sizes: str = "64x64, 32x32") -> d
 
 def process_all(ids: list[int]) -> None:
     for image_id in ids:
-        processing.process_image(image_id)
+        runner.process_image(image_id)
 
 
 def test_upload_page_requires_login(client, folders):
@@ -306,7 +306,7 @@ def test_image_status_hides_server_paths_from_non_staff(client, folders, alice, 
     image_id = body["sweep"]["images"][0]["id"]
     source = Path(Image.objects.get(id=image_id).source_path)
     source.unlink()  # the file vanishes before it is read: the error names its path
-    assert processing.process_image(image_id) == Image.Status.FAILED
+    assert runner.process_image(image_id) == Image.Status.FAILED
     assert str(source) in Image.objects.get(id=image_id).error
 
     media = str(folders["media"])

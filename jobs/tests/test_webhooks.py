@@ -28,7 +28,7 @@ from django.db.models.functions import Now
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import sweep, webhooks
+from jobs import sweeper, webhooks
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep, WebhookDelivery
 from jobs.tasks import make_thumbnails
@@ -170,10 +170,10 @@ def test_processing_records_done_duplicate_and_failed_events(folders, drop, sett
     drop(folders["watch"], "first.jpg", photo)
     drop(folders["watch"], "again.jpg", photo)
     drop(folders["watch"], "broken.jpg", b"not an image")
-    record, path, labels = sweep.start_sweep(
+    record, path, labels = sweeper.start_sweep(
         str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
     )
-    sweep.run_sweep(record, path, labels)
+    sweeper.run_sweep(record, path, labels)
     for name in ("first.jpg", "again.jpg", "broken.jpg"):
         make_thumbnails(Image.objects.get(name=name).id)
     bodies = {
@@ -197,14 +197,14 @@ def test_reconcile_records_the_failure_of_a_poison_file(folders, drop, settings)
     settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
     settings.MAX_ATTEMPTS = 1
     drop(folders["watch"], "poison.jpg")
-    record, path, labels = sweep.start_sweep(
+    record, path, labels = sweeper.start_sweep(
         str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
     )
-    sweep.run_sweep(record, path, labels)
+    sweeper.run_sweep(record, path, labels)
     image = Image.objects.get()
     Image.objects.start(image.id, "task", worker="elsewhere:1")
     Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=1))
-    sweep.reconcile(folders["watch"])
+    sweeper.reconcile(folders["watch"])
     delivery = WebhookDelivery.objects.get()
     assert delivery.event == "image.failed"
     assert "1 times" in json.loads(delivery.body)["image"]["error"]

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from jobs import processing, sweep
+from jobs import runner, sweeper
 from jobs.models import Image, Sweep
 from jobs.tasks import queue_images, requeue_after
 
@@ -21,7 +21,7 @@ class Command(BaseCommand):
         parser.add_argument("--folder", help="Absolute folder to sweep (default WATCH_FOLDER).")
         parser.add_argument("--sizes", nargs="+", help="Sizes like 128x128 (default: settings).")
         parser.add_argument("--quality", type=int, help="JPEG/WebP/AVIF quality, 1 to 95.")
-        for name, (choices, _default) in sweep.PRESET_CHOICES.items():
+        for name, (choices, _default) in sweeper.PRESET_CHOICES.items():
             parser.add_argument(
                 f"--{name}", choices=choices, help="Output preset (default: settings)."
             )
@@ -40,13 +40,13 @@ class Command(BaseCommand):
         try:
             preset = {
                 name: options[name]
-                for name in ("quality", *sweep.PRESET_CHOICES, "gps")
+                for name in ("quality", *sweeper.PRESET_CHOICES, "gps")
                 if options.get(name) not in (None, False)
             }
-            outcome = sweep.sweep_folder(
+            outcome = sweeper.sweep_folder(
                 options["folder"], options["sizes"], options=preset, requeue_after=requeue_after()
             )
-        except sweep.SweepArgumentsError as exc:
+        except sweeper.SweepArgumentsError as exc:
             raise CommandError(str(exc)) from None
         record, image_ids = outcome.sweep, outcome.to_queue
         if record.status == Sweep.Status.SKIPPED:
@@ -62,7 +62,7 @@ class Command(BaseCommand):
             return
         if options["inline"]:
             for image_id in image_ids:
-                processing.process_image(image_id)
+                runner.process_image(image_id)
                 self.show_progress(image_ids)
         else:
             queue_images(image_ids)

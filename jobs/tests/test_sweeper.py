@@ -13,22 +13,22 @@ import pytest
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from jobs import storage, sweep
+from jobs import storage, sweeper
 from jobs.models import Image, Sweep, SweepLock
 
 pytestmark = pytest.mark.django_db
 
 
 def new_sweep(folder: Path, sizes: list[str] | None = None) -> Sweep:
-    record, path, _labels = sweep.start_sweep(
+    record, path, _labels = sweeper.start_sweep(
         str(folder), sizes or ["64x64"], trigger=Sweep.Trigger.MANUAL
     )
     assert path == folder, record.error
     return record
 
 
-def run(folder: Path, sizes: list[str] | None = None) -> sweep.SweepOutcome:
-    return sweep.sweep_folder(str(folder), sizes or ["64x64"])
+def run(folder: Path, sizes: list[str] | None = None) -> sweeper.SweepOutcome:
+    return sweeper.sweep_folder(str(folder), sizes or ["64x64"])
 
 
 def test_scan_skips_junk_hidden_and_partial_files(folders, drop):
@@ -94,26 +94,26 @@ def test_claim_of_racing_sweeps_has_one_winner(folders, drop):
     ready = storage.scan(folders["watch"], 0).ready
     first, second = new_sweep(folders["watch"]), new_sweep(folders["watch"])
     # Both read the folder before either inserted: the unique claim decides.
-    assert sweep.claim(first, ready, ["64x64"])
-    assert sweep.claim(second, ready, ["64x64"]) == []
+    assert sweeper.claim(first, ready, ["64x64"])
+    assert sweeper.claim(second, ready, ["64x64"]) == []
     assert Image.objects.count() == 1
 
 
 def test_run_sweep_is_skipped_while_another_sweep_holds_the_folder(folders, drop):
     drop(folders["watch"], "a.jpg")
-    holder = sweep.acquire_lock(folders["watch"])
+    holder = sweeper.acquire_lock(folders["watch"])
     assert holder is not None
-    assert sweep.acquire_lock(folders["watch"]) is None
+    assert sweeper.acquire_lock(folders["watch"]) is None
     outcome = run(folders["watch"])
     assert outcome.sweep.status == Sweep.Status.SKIPPED
     assert outcome.to_queue == []
-    sweep.release_lock(folders["watch"], holder)
+    sweeper.release_lock(folders["watch"], holder)
     assert run(folders["watch"]).sweep.claimed == 1
 
 
 def test_acquire_lock_takes_over_an_expired_lock(folders):
     SweepLock.objects.create(folder=str(folders["watch"]), expires_at=timezone.now())
-    owner = sweep.acquire_lock(folders["watch"])
+    owner = sweeper.acquire_lock(folders["watch"])
     assert owner is not None
     assert SweepLock.objects.get().owner == owner
 
@@ -131,14 +131,14 @@ def test_acquire_lock_takes_over_an_expired_lock(folders):
 def test_start_sweep_records_bad_folders(folders, folder, message):
     if isinstance(folder, str):
         folder = folder.format(media=folders["media"], root=folders["root"])
-    record, path, _ = sweep.start_sweep(folder, None, trigger=Sweep.Trigger.MANUAL)
+    record, path, _ = sweeper.start_sweep(folder, None, trigger=Sweep.Trigger.MANUAL)
     assert path is None
     assert record.status == Sweep.Status.FAILED
     assert message in record.error
 
 
 def test_start_sweep_records_bad_sizes(folders):
-    record, path, _ = sweep.start_sweep(
+    record, path, _ = sweeper.start_sweep(
         str(folders["watch"]), ["big"], trigger=Sweep.Trigger.SCHEDULE
     )
     assert path is None
@@ -146,7 +146,7 @@ def test_start_sweep_records_bad_sizes(folders):
 
 
 def test_start_sweep_defaults_to_watch_folder_and_configured_sizes(folders, settings):
-    _record, path, labels = sweep.start_sweep(None, None, trigger=Sweep.Trigger.MANUAL)
+    _record, path, labels = sweeper.start_sweep(None, None, trigger=Sweep.Trigger.MANUAL)
     assert path == folders["watch"]
     assert labels == settings.THUMBNAIL_SIZES
 
@@ -165,7 +165,7 @@ def expire_lease(image: Image) -> None:
 def test_reconcile_requeues_an_image_whose_lease_ran_out(folders, drop):
     image = claim_one(folders, drop)
     # Its label names this very process, alive: the lease decides, not the PID.
-    Image.objects.start(image.id, "task", worker=sweep.this_worker())
+    Image.objects.start(image.id, "task", worker=sweeper.this_worker())
     expire_lease(image)
     assert run(folders["watch"]).to_queue == [image.id]
     image.refresh_from_db()
@@ -178,7 +178,9 @@ def test_reconcile_leaves_a_run_whose_lease_is_live(folders, drop):
     # Its label names a PID that is gone on this host: the lease decides, not the PID.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    token = Image.objects.start(image.id, "task", worker=f"{sweep.socket.gethostname()}:{dead.pid}")
+    token = Image.objects.start(
+        image.id, "task", worker=f"{sweeper.socket.gethostname()}:{dead.pid}"
+    )
     Image.objects.filter(id=image.id).update(started_at=timezone.now() - timedelta(days=1))
     assert run(folders["watch"]).to_queue == []
     image.refresh_from_db()
@@ -230,7 +232,7 @@ def test_put_original_away_is_idempotent_after_a_crash_mid_move(folders, drop):
     destination = storage.kept_path(image)
     destination.parent.mkdir(parents=True)
     os.rename(image.source_path, destination)  # moved, but the database never heard
-    sweep.put_original_away(image)
+    sweeper.put_original_away(image)
     image.refresh_from_db()
     assert image.original_path == str(destination)
     assert not image.in_folder
@@ -239,7 +241,7 @@ def test_put_original_away_is_idempotent_after_a_crash_mid_move(folders, drop):
 def test_a_new_file_at_a_finished_path_is_claimed_anew(folders, drop):
     image = claim_one(folders, drop)
     image.status = Image.Status.DONE
-    sweep.put_original_away(image)
+    sweeper.put_original_away(image)
     drop(folders["watch"], "a.jpg")
     assert len(run(folders["watch"]).to_queue) == 1
     assert Image.objects.filter(name="a.jpg").count() == 2
@@ -287,7 +289,7 @@ def test_recover_unswept_requeues_an_upload_whose_worker_died(folders):
     )
     Image.objects.start(image.id, "task", worker="elsewhere:1")
     expire_lease(image)
-    assert sweep.recover_unswept().requeue == [image.id]
+    assert sweeper.recover_unswept().requeue == [image.id]
     assert Image.objects.get(id=image.id).status == Image.Status.PENDING
 
 
@@ -308,7 +310,7 @@ def test_recover_unswept_requeues_a_lost_reprocess_and_leaves_fresh_work(folders
     Image.objects.create(
         name="b.jpg", folder="/gone", source_path=str(kept), in_folder=False, **common
     )
-    assert sweep.recover_unswept().requeue == [lost.id]
+    assert sweeper.recover_unswept().requeue == [lost.id]
 
 
 def test_run_sweep_leaves_names_the_database_cannot_hold_and_says_so(folders, drop):
@@ -328,7 +330,7 @@ def test_put_original_away_leaves_a_file_replaced_after_its_claim(folders, drop)
     image = claim_one(folders, drop)
     drop(folders["watch"], "a.jpg", b"a different, newer file")
     image.status = Image.Status.DONE
-    sweep.put_original_away(image)
+    sweeper.put_original_away(image)
     image.refresh_from_db()
     assert image.original_path == ""
     assert not image.in_folder
@@ -343,7 +345,7 @@ def test_put_original_away_by_two_hands_at_once_keeps_the_record_right(folders, 
     destination.parent.mkdir(parents=True)
     # The worker renamed it a moment ago; this (the sweep's repair) arrives second.
     os.rename(image.source_path, destination)
-    sweep.put_original_away(image)
+    sweeper.put_original_away(image)
     image.refresh_from_db()
     assert image.original_path == str(destination)
     assert destination.is_file()
@@ -352,15 +354,15 @@ def test_put_original_away_by_two_hands_at_once_keeps_the_record_right(folders, 
 def test_run_sweep_does_not_claim_a_file_moved_away_while_it_listed(folders, drop, monkeypatch):
     image = claim_one(folders, drop)
     Image.objects.filter(id=image.id).update(status=Image.Status.DONE)
-    real_scan = sweep.scan
+    real_scan = sweeper.scan
 
     def scan_then_finish_the_image(*args, **kwargs):
         found = real_scan(*args, **kwargs)  # still lists a.jpg
         image.refresh_from_db()
-        sweep.put_original_away(image)  # a worker finishing it during the listing
+        sweeper.put_original_away(image)  # a worker finishing it during the listing
         return found
 
-    monkeypatch.setattr(sweep, "scan", scan_then_finish_the_image)
-    monkeypatch.setattr(sweep, "reconcile", lambda folder, requeue_after=None: sweep.Repairs())
+    monkeypatch.setattr(sweeper, "scan", scan_then_finish_the_image)
+    monkeypatch.setattr(sweeper, "reconcile", lambda folder, requeue_after=None: sweeper.Repairs())
     assert run(folders["watch"]).to_queue == []
     assert Image.objects.count() == 1

@@ -16,9 +16,9 @@ from django.db import connection
 from django.db.models.functions import Now
 from PIL import Image as PILImage
 
-from jobs import intake, processing, storage, sweep
+from jobs import runner, storage, sweeper, uploads
 from jobs.models import Image, Sweep
-from jobs.sweep import SweepArgumentsError
+from jobs.sweeper import SweepArgumentsError
 from jobs.tasks import make_thumbnails, sweep_folder
 
 from .conftest import image_bytes, jpeg_tables, noise_jpeg
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.django_db
 
 def claim(folders, drop, name: str = "photo.jpg", data: bytes | None = None) -> Image:
     drop(folders["watch"], name, data)
-    sweep.sweep_folder(str(folders["watch"]), ["64x64", "32x32"])
+    sweeper.sweep_folder(str(folders["watch"]), ["64x64", "32x32"])
     return Image.objects.get(name=name)
 
 
@@ -102,7 +102,7 @@ def test_make_thumbnails_does_not_follow_symlinks(folders, drop, tmp_path):
     secret = tmp_path / "secret.jpg"
     secret.write_bytes(image_bytes())
     (folders["watch"] / "link.jpg").symlink_to(secret)
-    sweep.sweep_folder(str(folders["watch"]), None)
+    sweeper.sweep_folder(str(folders["watch"]), None)
     image = Image.objects.get(name="link.jpg")
     assert make_thumbnails(image.id) == Image.Status.FAILED
     image.refresh_from_db()
@@ -236,7 +236,7 @@ def test_claim_again_keeps_the_image_options(folders, drop):
     image = Image.objects.get()
     make_thumbnails(image.id)
     image.refresh_from_db()
-    assert intake.claim_again([image], ["20x20"]).queued == [image.id]
+    assert uploads.claim_again([image], ["20x20"]).queued == [image.id]
     image.refresh_from_db()
     assert image.options == {"quality": 30}
     assert image.sizes_key == "20x20;quality=30"
@@ -264,7 +264,7 @@ def test_reprocessing_keeps_the_old_archive_until_the_new_one_is_recorded(
     make_thumbnails(image.id)
     image.refresh_from_db()
     old = folders["media"] / image.archive
-    assert intake.claim_again([image], ["20x20"]).queued == [image.id]
+    assert uploads.claim_again([image], ["20x20"]).queued == [image.id]
     image.refresh_from_db()
     assert image.status == Image.Status.PENDING
     assert old.is_file()
@@ -304,7 +304,7 @@ def test_keep_lease_renews_from_a_thread_and_stops_with_the_run(folders, drop, s
     image = claim(folders, drop)
     token = Image.objects.start(image.id)
     sessions = database_sessions()
-    with processing.keep_lease(image.id, token):
+    with runner.keep_lease(image.id, token):
         Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=5))
         wait_for(lambda: not lease_expired(image.id), timeout=30, what="a renewal")
         assert [thread.name for thread in lease_threads()] == [f"lease-{image.id}"]
@@ -320,7 +320,7 @@ def test_keep_lease_stops_renewing_once_the_run_was_taken_over(folders, drop, se
     settings.LEASE_SECONDS = 1
     image = claim(folders, drop)
     token = Image.objects.start(image.id)
-    with processing.keep_lease(image.id, token):
+    with runner.keep_lease(image.id, token):
         Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=5))
         dead = Image.objects.get(id=image.id)
         assert dead.retry(settings.MAX_ATTEMPTS) == Image.Status.PENDING
@@ -333,7 +333,7 @@ def test_keep_lease_stops_renewing_once_the_run_was_taken_over(folders, drop, se
 def test_process_image_outliving_its_lease_is_not_taken_over(folders, drop, settings, monkeypatch):
     settings.LEASE_SECONDS = 2
     image = claim(folders, drop)
-    real_write_archive = processing.pipeline.write_archive
+    real_write_archive = runner.pipeline.write_archive
     retried = []
 
     def slow_write_archive(*args, **kwargs):
@@ -345,11 +345,11 @@ def test_process_image_outliving_its_lease_is_not_taken_over(folders, drop, sett
             timeout=30,
             what="the first lease to pass",
         )
-        retried.extend(sweep.reconcile(folders["watch"]).requeue)
+        retried.extend(sweeper.reconcile(folders["watch"]).requeue)
         return real_write_archive(*args, **kwargs)
 
-    monkeypatch.setattr(processing.pipeline, "write_archive", slow_write_archive)
-    assert processing.process_image(image.id) == Image.Status.DONE
+    monkeypatch.setattr(runner.pipeline, "write_archive", slow_write_archive)
+    assert runner.process_image(image.id) == Image.Status.DONE
     assert retried == []
     image.refresh_from_db()
     assert image.attempts == 1
@@ -359,13 +359,13 @@ def test_process_image_taken_over_records_nothing_and_spares_the_new_run(
     folders, drop, monkeypatch
 ):
     image = claim(folders, drop)
-    real_write_archive = processing.pipeline.write_archive
+    real_write_archive = runner.pipeline.write_archive
     later: dict[str, object] = {}
 
     def taken_over_while_writing(*args, **kwargs):
         # This run froze; its lease ran out; a sweep retried the image; a new run started.
         Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=1))
-        assert sweep.reconcile(folders["watch"]).requeue == [image.id]
+        assert sweeper.reconcile(folders["watch"]).requeue == [image.id]
         later["token"] = Image.objects.start(image.id)
         new_run = Image.objects.get(id=image.id)
         destination = storage.archive_path(new_run)
@@ -374,8 +374,8 @@ def test_process_image_taken_over_records_nothing_and_spares_the_new_run(
         later["partial"] = partial
         return real_write_archive(*args, **kwargs)
 
-    monkeypatch.setattr(processing.pipeline, "write_archive", taken_over_while_writing)
-    assert processing.process_image(image.id) == "skipped"
+    monkeypatch.setattr(runner.pipeline, "write_archive", taken_over_while_writing)
+    assert runner.process_image(image.id) == "skipped"
     stored = Image.objects.get(id=image.id)
     assert stored.status == Image.Status.PROCESSING
     assert stored.token == later["token"]

@@ -25,7 +25,7 @@ from django.db import DatabaseError, IntegrityError, connection, transaction
 
 from . import pipeline, storage
 from .models import Image
-from .sweep import put_original_away, this_worker
+from .sweeper import put_original_away, this_worker
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _process(image: Image) -> str:
 
 def encode_options(options: dict[str, object]) -> pipeline.EncodeOptions:
     """How to make an image's thumbnails: its own options (the preset its sweep resolved,
-    see sweep.resolve_options), else the pipeline's defaults and JPEG_QUALITY."""
+    see sweeper.resolve_options), else the pipeline's defaults and JPEG_QUALITY."""
     preset: dict[str, Any] = {
         name: options[name]
         for name in ("format", "fit", "gravity", "metadata", "colour")

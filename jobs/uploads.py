@@ -29,7 +29,7 @@ from . import storage
 from .models import Image, Sweep
 from .pipeline import safe_stem
 from .storage import SavedUploads
-from .sweep import resolve_options
+from .sweeper import resolve_options
 
 logger = logging.getLogger(__name__)
 
