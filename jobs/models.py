@@ -557,13 +557,15 @@ class WebhookDelivery(models.Model):
     """One webhook POST owed to one URL for one event: the outbox.
 
     Written in the same transaction as the image's final state, so an event that happened
-    is never left unsent, and never recorded twice for the same run of the same image.
+    is never left unsent, and never recorded twice for the same run of the same image. A
+    sweep's digest (`sweep.finished`) is written with the final state of its last image.
     """
 
     class Event(models.TextChoices):
         DONE = "image.done", "image.done"
         FAILED = "image.failed", "image.failed"
         DUPLICATE = "image.duplicate", "image.duplicate"
+        SWEEP_FINISHED = "sweep.finished", "sweep.finished"
 
     class Status(models.TextChoices):
         PENDING = "pending", "pending"
@@ -574,6 +576,14 @@ class WebhookDelivery(models.Model):
     event = models.CharField(max_length=32, choices=Event.choices)
     image = models.ForeignKey(
         Image, null=True, blank=True, on_delete=models.SET_NULL, related_name="webhooks"
+    )
+    sweep = models.ForeignKey(
+        Sweep,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="webhooks",
+        help_text="The sweep a sweep.finished digest tells of.",
     )
     run = models.CharField(
         max_length=64, help_text="When the image finished: tells reprocessed runs apart."
@@ -598,10 +608,15 @@ class WebhookDelivery(models.Model):
             models.UniqueConstraint(
                 fields=["image", "event", "run", "url"], name="one_delivery_per_event_and_url"
             ),
+            models.UniqueConstraint(
+                fields=["sweep", "event", "url"], name="one_digest_per_sweep_and_url"
+            ),
         ]
         indexes = [models.Index(fields=["status", "next_try_at"])]
 
     def __str__(self) -> str:
+        if self.event == self.Event.SWEEP_FINISHED:
+            return f"{self.event} of sweep #{self.sweep_id} to {self.url}"
         return f"{self.event} #{self.image_id} to {self.url}"
 
 

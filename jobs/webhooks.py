@@ -1,4 +1,5 @@
-"""Webhooks: one signed POST per image that reaches a final state, sent exactly once.
+"""Webhooks: one signed POST per image that reaches a final state, and one digest per sweep
+once all its images are final, each sent exactly once.
 
 Order of effects, so that a crash anywhere neither loses nor repeats an event: the image's
 final state and one `WebhookDelivery` row per URL are committed together (`record`); only
@@ -31,11 +32,11 @@ import kombu.exceptions
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Count, F, Max, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from .models import Image, WebhookDelivery
+from .models import Image, Sweep, WebhookDelivery
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ CLAIM_SLACK = 5
 IMAGE_DONE = WebhookDelivery.Event.DONE
 IMAGE_FAILED = WebhookDelivery.Event.FAILED
 IMAGE_DUPLICATE = WebhookDelivery.Event.DUPLICATE
+SWEEP_FINISHED = WebhookDelivery.Event.SWEEP_FINISHED
+# Failed images a digest names one by one; past that, it counts them only.
+DIGEST_FAILURES_LISTED = 100
 # The event of each final status.
 EVENTS = {
     Image.Status.DONE: IMAGE_DONE,
@@ -68,7 +72,7 @@ def record(image: Image, event: str) -> None:
     as this transaction wrote it; the rows are queued only once the transaction commits.
     """
     urls = settings.WEBHOOK_URLS
-    if not urls:
+    if not urls or event not in settings.WEBHOOK_EVENTS:
         return
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("webhooks.record must run in the transaction of the final state")
@@ -89,6 +93,78 @@ def record(image: Image, event: str) -> None:
         ).values_list("id", flat=True)
     )
     transaction.on_commit(lambda: queue_deliveries(ids))
+
+
+def record_sweep_finished(sweep_id: int) -> None:
+    """Owe one `sweep.finished` POST per URL if the image just made final was the last open
+    one of its sweep; in the transaction of that final state, after it (jobs/outcomes.py).
+
+    A sweep claims all its images before any is queued, so "none open" means finished. Of
+    two images of one sweep finishing at once, each would see the other still open; the
+    sweep row's lock (PostgreSQL; SQLite has one writer anyway) makes the later one wait
+    for the earlier to commit, and then see it final. A sweep is told of once: a reprocess
+    of its images later is told of image by image.
+    """
+    urls = settings.WEBHOOK_URLS
+    if not urls or SWEEP_FINISHED not in settings.WEBHOOK_EVENTS:
+        return
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("webhooks.record_sweep_finished must run in a transaction")
+    if WebhookDelivery.objects.filter(sweep_id=sweep_id, event=SWEEP_FINISHED).exists():
+        return
+    sweep = Sweep.objects.select_for_update().filter(id=sweep_id).first()
+    if sweep is None:
+        return
+    images = Image.objects.filter(sweep_id=sweep_id)
+    if images.exclude(status__in=Image.FINAL_STATUSES).exists():
+        return
+    body = json.dumps(sweep_payload(sweep, images), separators=(",", ":"), sort_keys=True)
+    WebhookDelivery.objects.bulk_create(
+        [
+            WebhookDelivery(event=SWEEP_FINISHED, sweep_id=sweep_id, run="", url=url, body=body)
+            for url in urls
+        ],
+        ignore_conflicts=True,
+    )
+    ids = list(
+        WebhookDelivery.objects.filter(
+            sweep_id=sweep_id, event=SWEEP_FINISHED, status=WebhookDelivery.Status.PENDING
+        ).values_list("id", flat=True)
+    )
+    transaction.on_commit(lambda: queue_deliveries(ids))
+
+
+def sweep_payload(sweep: Sweep, images: QuerySet[Image]) -> dict[str, object]:
+    """What a receiver is told when every image of a sweep is final: counts by status, and
+    the failed ones by name with their errors (the first DIGEST_FAILURES_LISTED)."""
+    counts = dict(images.values_list("status").annotate(count=Count("id")).order_by())
+    failed = images.filter(status=Image.Status.FAILED).order_by("id")
+    return {
+        "event": SWEEP_FINISHED,
+        "sweep": {
+            "id": sweep.id,
+            "trigger": sweep.trigger,
+            "schedule": sweep.schedule_name or None,
+            "folder": sweep.folder,
+            "sizes": sweep.sizes,
+            "started_at": sweep.started_at.isoformat(),
+            "last_image_finished_at": _iso(images.aggregate(last=Max("finished_at"))["last"]),
+            "images": {
+                "total": sum(counts.values()),
+                **{str(status): counts.get(status, 0) for status in Image.FINAL_STATUSES},
+            },
+            "failed": [
+                {"id": image_id, "name": name, "error": error}
+                for image_id, name, error in failed.values_list("id", "name", "error")[
+                    :DIGEST_FAILURES_LISTED
+                ]
+            ],
+        },
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
 
 
 def payload(image: Image, event: str) -> dict[str, object]:

@@ -381,6 +381,15 @@ HEALTH_TIMEOUT = envfloat("HEALTH_TIMEOUT", "0.15", minimum=0.01)
 METRICS_TOKEN = envstr("METRICS_TOKEN", "")
 # URLs (comma-separated) sent one signed POST per image that reaches a final state.
 WEBHOOK_URLS = envurls("WEBHOOK_URL")
+# Which events they are told of (comma-separated): each image's final state, and one digest
+# per sweep (or upload) once every image it claimed is final.
+WEBHOOK_EVENT_NAMES = ("image.done", "image.failed", "image.duplicate", "sweep.finished")
+WEBHOOK_EVENTS = envlist("WEBHOOK_EVENTS", ",".join(WEBHOOK_EVENT_NAMES))
+if unknown_events := sorted(set(WEBHOOK_EVENTS) - set(WEBHOOK_EVENT_NAMES)):
+    raise ImproperlyConfigured(
+        f"WEBHOOK_EVENTS names unknown events {unknown_events}; "
+        f"known: {', '.join(WEBHOOK_EVENT_NAMES)}"
+    )
 # Key of the X-Parroter-Signature HMAC; empty: webhooks are sent unsigned.
 WEBHOOK_SECRET = envstr("WEBHOOK_SECRET", "")
 # Seconds a webhook request may take before it counts as failed (and is retried).

@@ -23,12 +23,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models.functions import Now
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import sweeper, webhooks
+from jobs import outcomes, sweeper, uploads, webhooks
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep, WebhookDelivery
 from jobs.tasks import make_thumbnails
@@ -77,10 +77,12 @@ class Receiver:
         self.thread.start()
 
     def events(self) -> Counter[tuple[int, str]]:
-        """How many POSTs each (image id, event) got."""
+        """How many POSTs each (image or sweep id, event) got."""
         with self.lock:
             bodies = [json.loads(body) for _, body in self.requests]
-        return Counter((body["image"]["id"], body["event"]) for body in bodies)
+        return Counter(
+            ((body.get("image") or body["sweep"])["id"], body["event"]) for body in bodies
+        )
 
     def close(self) -> None:
         self.server.shutdown()
@@ -175,10 +177,11 @@ def test_processing_records_done_duplicate_and_failed_events(folders, drop, sett
     )
     sweeper.run_sweep(record, path, labels)
     for name in ("first.jpg", "again.jpg", "broken.jpg"):
+        assert not WebhookDelivery.objects.filter(event="sweep.finished").exists()
         make_thumbnails(Image.objects.get(name=name).id)
     bodies = {
         delivery.image.name: json.loads(delivery.body)
-        for delivery in WebhookDelivery.objects.select_related("image")
+        for delivery in WebhookDelivery.objects.exclude(image=None).select_related("image")
     }
     first = Image.objects.get(name="first.jpg")
     assert bodies["first.jpg"]["event"] == "image.done"
@@ -190,6 +193,103 @@ def test_processing_records_done_duplicate_and_failed_events(folders, drop, sett
     assert bodies["broken.jpg"]["event"] == "image.failed"
     assert "not an image" in bodies["broken.jpg"]["image"]["error"]
     assert len(bodies) == 3
+    # With the last of its images final, the sweep's digest.
+    digest = WebhookDelivery.objects.get(event="sweep.finished")
+    assert digest.sweep_id == record.id
+    body = json.loads(digest.body)["sweep"]
+    assert body["images"] == {"total": 3, "done": 1, "failed": 1, "duplicate": 1}
+    broken = Image.objects.get(name="broken.jpg")
+    assert body["failed"] == [{"id": broken.id, "name": "broken.jpg", "error": broken.error}]
+    assert (body["id"], body["folder"], body["sizes"]) == (record.id, record.folder, ["64x64"])
+    assert (
+        body["last_image_finished_at"]
+        == max(image.finished_at for image in Image.objects.all()).isoformat()
+    )
+
+
+@pytest.mark.django_db
+def test_a_sweep_is_told_of_once_even_when_its_images_are_reprocessed(folders, drop, settings):
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
+    drop(folders["watch"], "photo.jpg")
+    record, path, labels = sweeper.start_sweep(
+        str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
+    )
+    sweeper.run_sweep(record, path, labels)
+    image = Image.objects.get()
+    make_thumbnails(image.id)
+    assert WebhookDelivery.objects.filter(sweep=record).count() == 2, "one per URL"
+    image.refresh_from_db()
+    assert uploads.claim_again([image], ["32x32"]).queued == [image.id]
+    make_thumbnails(image.id)
+    assert WebhookDelivery.objects.filter(sweep=record).count() == 2
+    assert WebhookDelivery.objects.filter(image=image, event="image.done").count() == 4
+
+
+@pytest.mark.django_db
+def test_webhook_events_choose_what_is_recorded(folders, drop, settings):
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
+    settings.WEBHOOK_EVENTS = ["image.failed", "sweep.finished"]
+    drop(folders["watch"], "good.jpg")
+    drop(folders["watch"], "broken.jpg", b"not an image")
+    record, path, labels = sweeper.start_sweep(
+        str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
+    )
+    sweeper.run_sweep(record, path, labels)
+    for image in Image.objects.all():
+        make_thumbnails(image.id)
+    assert sorted(WebhookDelivery.objects.values_list("event", flat=True)) == [
+        "image.failed",
+        "sweep.finished",
+    ]
+
+
+def test_an_unknown_webhook_event_stops_start_up():
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        env={**os.environ, "WEBHOOK_EVENTS": "image.done,image.finished"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "WEBHOOK_EVENTS names unknown events ['image.finished']" in result.stderr
+
+
+@pytest.mark.skipif(
+    settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql",
+    reason="concurrent writers: SQLite lets only one write at a time",
+)
+@pytest.mark.django_db(transaction=True)
+def test_the_last_two_images_of_a_sweep_finishing_at_once_send_one_digest(settings):
+    """Both final states are written before either transaction commits: without the lock
+    on the sweep row, each would see the other still open and no digest would be owed."""
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
+    sweep = Sweep.objects.create(trigger=Sweep.Trigger.MANUAL, folder="/in", sizes=["64x64"])
+    images = [
+        finished_image(index, status=Image.Status.PROCESSING, sweep=sweep) for index in (1, 2)
+    ]
+    both_written = threading.Barrier(2, timeout=30)
+    errors: list[BaseException] = []
+
+    def finish(image: Image) -> None:
+        try:
+            with transaction.atomic():
+                Image.objects.filter(id=image.id).update(status=Image.Status.DONE)
+                both_written.wait()
+                outcomes.image_finished(image)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=finish, args=(image,)) for image in images]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert WebhookDelivery.objects.filter(event="sweep.finished", sweep=sweep).count() == 1
+    assert WebhookDelivery.objects.filter(event="image.done").count() == 2
 
 
 @pytest.mark.django_db
@@ -205,7 +305,7 @@ def test_reconcile_records_the_failure_of_a_poison_file(folders, drop, settings)
     Image.objects.start(image.id, "task", worker="elsewhere:1")
     Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=1))
     sweeper.reconcile(folders["watch"])
-    delivery = WebhookDelivery.objects.get()
+    delivery = WebhookDelivery.objects.get(image=image)
     assert delivery.event == "image.failed"
     assert "1 times" in json.loads(delivery.body)["image"]["error"]
 
@@ -384,6 +484,7 @@ def all_sent(count: int) -> bool:
 @pytest.mark.django_db(transaction=True)
 def test_a_webhook_answered_with_500s_is_sent_again_until_received(system, folders, receiver):
     webhook_environment(system, receiver)
+    system.environment["WEBHOOK_EVENTS"] = "image.done"
     receiver.codes = [500, 502, 503]
     (folders["watch"] / "photo.jpg").write_bytes(image_bytes((400, 300)))
     system.worker()
@@ -420,23 +521,32 @@ def test_one_post_per_event_across_a_killed_worker(system, folders, receiver, tm
         (folders["watch"] / name).write_bytes(data)
     first = system.worker("worker-a", app=FAULT_APP)
     system.beat()
-    wait_for(
-        lambda: len(list(markers.iterdir())) >= len(photos),
-        timeout=120,
-        what="a pool process to die at every event",
-    )
+
+    def died_at_every_event() -> bool:
+        hit = {marker.name for marker in markers.iterdir()}
+        if stage == "webhook-recorded":
+            return len(hit) >= len(photos)
+        final = Image.objects.filter(status__in=Image.FINAL_STATUSES).count() == len(photos)
+        rows = WebhookDelivery.objects.values_list("id", flat=True)
+        return final and all(f"webhook-claimed-delivery-{row}" in hit for row in rows)
+
+    wait_for(died_at_every_event, timeout=120, what="a pool process to die at every event")
     # A warm shutdown: whatever it is sending it finishes; its unstarted messages go back.
     system.running.pop("worker-a")
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=60)
     system.worker("worker-b")
-    wait_for(lambda: all_sent(len(photos)), timeout=120, what="every webhook to be sent")
+    sweeps = set(Image.objects.values_list("sweep_id", flat=True))
+    wait_for(
+        lambda: all_sent(len(photos) + len(sweeps)), timeout=120, what="every webhook to be sent"
+    )
 
     images = {image.name: image for image in Image.objects.all()}
     assert sorted(images) == sorted(photos)
     statuses = sorted(image.status for image in images.values())
     assert statuses == ["done", "done", "duplicate", "failed"]
     expected = {(image.id, f"image.{image.status}") for image in images.values()}
+    expected |= {(sweep_id, "sweep.finished") for sweep_id in sweeps}
     assert receiver.events() == dict.fromkeys(expected, 1), "exactly one POST per event"
     # Claimed by the process that died, then again; or queued only by the repair.
     tries = 2 if stage == "webhook-claimed" else 1
