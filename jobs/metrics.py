@@ -20,6 +20,7 @@ from typing import Any
 
 from django.db.models import Count, Max, Min, Q, Sum
 from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
 from prometheus_client.core import (
     CollectorRegistry,
     GaugeMetricFamily,
@@ -30,6 +31,7 @@ from prometheus_client.utils import floatToGoString
 
 from . import tasks
 from .models import Image, ProcessingTime, ScheduleActivity, Sweep, WebhookDelivery
+from .sweeper import SWEEP_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -136,16 +138,21 @@ def last_good_sweeps() -> GaugeMetricFamily:
         "(Unix time).",
         labels=["schedule"],
     )
+    # Only schedules that exist: a deleted one's last sweep would read as ever older, and
+    # an alert on it would never clear.
+    schedules = PeriodicTask.objects.filter(task=SWEEP_TASK).values("name")
     rows = (
-        Sweep.objects.filter(status=Sweep.Status.DONE, finished_at__isnull=False)
-        .exclude(schedule_name="")
+        Sweep.objects.filter(
+            status=Sweep.Status.DONE, finished_at__isnull=False, schedule_name__in=schedules
+        )
         .values_list("schedule_name")
         .annotate(last=Max("finished_at"))
         .order_by()
     )
     last_good: dict[str, datetime] = {name: last for name, last in rows if last is not None}
     # Idle sweeps leave no Sweep row: their schedule's activity says when one last ran.
-    for schedule, idle in ScheduleActivity.objects.exclude(last_idle_at=None).values_list(
+    idle_sweeps = ScheduleActivity.objects.filter(schedule_name__in=schedules)
+    for schedule, idle in idle_sweeps.exclude(last_idle_at=None).values_list(
         "schedule_name", "last_idle_at"
     ):
         if idle is not None:

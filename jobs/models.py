@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import IntegrityError, models, transaction
@@ -650,6 +650,11 @@ class ScheduleActivity(models.Model):
 
     def __str__(self) -> str:
         return f"activity of {self.schedule_name}"
+
+    @classmethod
+    def forget(cls, sender: type, instance: Any, **kwargs: Any) -> None:
+        """A periodic task was deleted: its activity goes with it (a post_delete receiver)."""
+        cls.objects.filter(schedule_name=instance.name).delete()
 
     @classmethod
     def note_idle(cls, schedule_name: str) -> None:

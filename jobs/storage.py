@@ -136,11 +136,10 @@ class Folder:
     Closing it closes the descriptors of the whole walk.
     """
 
-    def __init__(self, path: Path, fds: list[int], names: list[str], created: list[bool]):
+    def __init__(self, path: Path, fds: list[int], names: list[str]):
         self.path = path
         self._fds = fds  # the root's first, this folder's last
         self._names = names  # the components walked below the root
-        self._created = created  # which of them this walk made
 
     @property
     def fd(self) -> int:
@@ -243,19 +242,14 @@ def _walk_down(root: Path, parts: Sequence[str], *, create: bool) -> Folder:
     except OSError as exc:
         raise _named(exc, root) from None
     names: list[str] = []
-    created: list[bool] = []
     shown = root
     try:
         for name in parts:
             _check_name(name, shown)
             shown = shown / name
-            made = False
             if create:
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(name, dir_fd=fds[-1])
-                    made = True
-                except FileExistsError:
-                    pass
             try:
                 fds.append(os.open(name, _DIRECTORY, dir_fd=fds[-1]))
             except OSError as exc:
@@ -266,12 +260,11 @@ def _walk_down(root: Path, parts: Sequence[str], *, create: bool) -> Folder:
                     ) from None
                 raise _named(exc, shown) from None
             names.append(name)
-            created.append(made)
     except BaseException:
         for fd in reversed(fds):
             os.close(fd)
         raise
-    return Folder(shown, fds, names, created)
+    return Folder(shown, fds, names)
 
 
 def _is_link(parent: int, name: str) -> bool:

@@ -9,10 +9,12 @@ from django.db import transaction
 from django.test import Client, RequestFactory
 from django.urls import reverse
 from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import outcomes, sweeper, views
 from jobs.models import Image, ProcessingTime, ScheduleActivity, Sweep, WebhookDelivery
+from jobs.sweeper import SWEEP_TASK
 from jobs.tasks import make_thumbnails
 
 from .conftest import image_bytes
@@ -57,6 +59,8 @@ def make_image(index: int, status: str, sweep: Sweep | None, **fields) -> Image:
 def history() -> dict[str, object]:
     """Images of every status from two schedules and an upload, with known durations."""
     now = timezone.now()
+    for name in ("inbox", "other"):
+        sweep_schedule(name)
     inbox = Sweep.objects.create(trigger="schedule", schedule_name="inbox", folder="/in")
     inbox.finish(Sweep.Status.DONE)
     failed_sweep = Sweep.objects.create(trigger="schedule", schedule_name="inbox", folder="/in")
@@ -192,7 +196,13 @@ def test_metrics_on_an_empty_database_say_zero(client, broker):
     assert value(families["parroter_image_processing_seconds"], name, status="done") == 0
 
 
+def sweep_schedule(name: str) -> PeriodicTask:
+    every = IntervalSchedule.objects.get_or_create(every=10, period=IntervalSchedule.SECONDS)[0]
+    return PeriodicTask.objects.create(name=name, task=SWEEP_TASK, interval=every)
+
+
 def test_metrics_last_good_sweep_counts_idle_sweeps_that_leave_no_row(client, broker):
+    sweep_schedule("quiet")
     ScheduleActivity.note_idle("quiet")
     idle_at = ScheduleActivity.objects.get(schedule_name="quiet").last_idle_at
     name = "parroter_last_good_sweep_timestamp_seconds"
@@ -240,3 +250,17 @@ def test_metrics_without_a_token_answer_loopback_only(settings, broker, address,
         assert b"parroter_images_total" in response.content
     else:
         assert b"loopback" in response.content
+
+
+def test_a_deleted_schedule_leaves_no_last_good_sweep_behind(client, broker, history):
+    ScheduleActivity.note_idle("inbox")
+    ScheduleActivity.note_idle("other")
+    PeriodicTask.objects.get(name="other").delete()
+    name = "parroter_last_good_sweep_timestamp_seconds"
+    sweeps = scrape(client)[name]
+    assert {s.labels["schedule"] for s in sweeps} == {"inbox"}, "no series that never moves"
+    assert list(ScheduleActivity.objects.values_list("schedule_name", flat=True)) == ["inbox"]
+    # Its sweeps and images stay on record, and counted.
+    assert Sweep.objects.filter(schedule_name="other").exists()
+    images = scrape(client)["parroter_images_total"]
+    assert value(images, "parroter_images_total", status="pending", schedule="other") == 2
