@@ -461,7 +461,8 @@ class Image(models.Model):
 
 
 class SweepLock(models.Model):
-    """At most one sweep runs per folder; a lock left by a dead sweep expires."""
+    """At most one sweep runs per folder. The lock is a lease, renewed while its sweep runs
+    (jobs/leases.py): one left by a dead sweep runs out LEASE_SECONDS later."""
 
     folder = models.CharField(max_length=1024, unique=True)
     # The run holding it: a token, not a sweep record, since an idle sweep leaves none.
@@ -470,6 +471,31 @@ class SweepLock(models.Model):
 
     def __str__(self) -> str:
         return f"lock on {self.folder}"
+
+    @classmethod
+    def acquire(cls, folder: str) -> uuid.UUID | None:
+        """Hold `folder` for one sweep: the token to renew and release it with, or None if
+        a live sweep holds it."""
+        owner = uuid.uuid4()
+        try:
+            with transaction.atomic():
+                cls.objects.create(folder=folder, owner=owner, expires_at=lease_end())
+            return owner
+        except IntegrityError:
+            # Held: take it over only if its sweep stopped renewing it.
+            taken = cls.objects.filter(folder=folder, expires_at__lt=Now()).update(
+                owner=owner, expires_at=lease_end()
+            )
+            return owner if taken == 1 else None
+
+    @classmethod
+    def renew(cls, folder: str, owner: uuid.UUID) -> bool:
+        """Extend the lease; False once another sweep took the lock over."""
+        return bool(cls.objects.filter(folder=folder, owner=owner).update(expires_at=lease_end()))
+
+    @classmethod
+    def release(cls, folder: str, owner: uuid.UUID) -> None:
+        cls.objects.filter(folder=folder, owner=owner).delete()
 
 
 class ProcessingTime(models.Model):

@@ -14,16 +14,14 @@ import contextlib
 import errno
 import hashlib
 import logging
-import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 
-from . import pipeline, storage
+from . import leases, pipeline, storage
 from .models import Image
 from .sweeper import put_original_away, this_worker
 
@@ -81,42 +79,9 @@ def process_image(
         )
 
 
-# Renewals per lease: two may fail (a busy database) before the lease runs out.
-RENEWALS_PER_LEASE = 3
-
-
-@contextlib.contextmanager
-def keep_lease(image_id: int, token: uuid.UUID) -> Iterator[None]:
-    """Renew a run's lease from a thread of its own for as long as the body runs.
-
-    The thread opens a database connection of its own (Django's are per thread) only once
-    it renews, and closes it when it stops.
-    """
-    stop = threading.Event()
-    renewer = threading.Thread(
-        target=_renew_lease, args=(image_id, token, stop), name=f"lease-{image_id}", daemon=True
-    )
-    renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        renewer.join()
-
-
-def _renew_lease(image_id: int, token: uuid.UUID, stop: threading.Event) -> None:
-    try:
-        while not stop.wait(settings.LEASE_SECONDS / RENEWALS_PER_LEASE):
-            try:
-                if not Image.objects.renew(image_id, token):
-                    # Presumed dead and retried: whatever this run still does records nothing.
-                    logger.warning("image %s was taken over by another run", image_id)
-                    return
-            except DatabaseError as exc:
-                logger.warning("cannot renew the lease of image %s: %s", image_id, exc)
-                connection.close_if_unusable_or_obsolete()
-    finally:
-        connection.close()
+def keep_lease(image_id: int, token: uuid.UUID) -> contextlib.AbstractContextManager[None]:
+    """Renew a run's lease from a thread of its own for as long as the body runs."""
+    return leases.renewed(lambda: Image.objects.renew(image_id, token), f"image {image_id}")
 
 
 def fail(image: Image, reason: str) -> str:

@@ -18,12 +18,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
-from . import beat, storage
+from . import beat, leases, storage
 from .models import LEASE_EXPIRED, Image, ScheduleActivity, Sweep, SweepLock
 from .pipeline import (
     COLOUR_CHOICES,
@@ -40,7 +39,6 @@ logger = logging.getLogger(__name__)
 # The Celery task that sweeps (jobs.tasks), by the name periodic tasks store.
 SWEEP_TASK = "jobs.sweep_folder"
 CLAIM_BATCH = 500
-LOCK_SLACK = timedelta(minutes=5)
 
 
 class FolderRejected(ValueError):
@@ -317,20 +315,25 @@ def run_sweep(
         _finish(outcome, Sweep.Status.SKIPPED)
         return outcome
     try:
-        repairs = reconcile(folder, requeue_after)
-        # Read before listing the folder: a file whose claim is released after this read
-        # was moved away before it, so the listing cannot show it again.
-        waiting = waiting_paths(folder)
-        found = scan(folder, settings.SETTLE_SECONDS, exclude)
-        claimed = claim(sweep, found.ready, sizes, waiting)
-        sweep.seen = len(found.ready) + found.unstable
-        sweep.unstable = found.unstable
-        sweep.ignored = found.ignored
-        sweep.claimed = len(claimed)
-        sweep.requeued = len(repairs.requeue)
-        outcome.to_queue = repairs.requeue + claimed
-        outcome.settled = repairs.settled
-        _finish(outcome, Sweep.Status.DONE, _unstorable_note(found.unstorable))
+        # Renewed while this sweep runs: a sweep killed mid-way holds the folder no longer
+        # than one lease.
+        with leases.renewed(
+            lambda: SweepLock.renew(str(folder), owner), f"the sweep lock on {folder}"
+        ):
+            repairs = reconcile(folder, requeue_after)
+            # Read before listing the folder: a file whose claim is released after this read
+            # was moved away before it, so the listing cannot show it again.
+            waiting = waiting_paths(folder)
+            found = scan(folder, settings.SETTLE_SECONDS, exclude)
+            claimed = claim(sweep, found.ready, sizes, waiting)
+            sweep.seen = len(found.ready) + found.unstable
+            sweep.unstable = found.unstable
+            sweep.ignored = found.ignored
+            sweep.claimed = len(claimed)
+            sweep.requeued = len(repairs.requeue)
+            outcome.to_queue = repairs.requeue + claimed
+            outcome.settled = repairs.settled
+            _finish(outcome, Sweep.Status.DONE, _unstorable_note(found.unstorable))
     except Exception as exc:
         # Recorded for the admin, then raised for Celery's result row and the logs.
         sweep.finish(Sweep.Status.FAILED, f"sweep stopped: {exc!r}")
@@ -385,23 +388,11 @@ def _unstorable_note(names: list[str]) -> str:
 
 def acquire_lock(folder: Path) -> uuid.UUID | None:
     """Hold the folder for one sweep: the token to release it with, or None if it is held."""
-    owner = uuid.uuid4()
-    now = timezone.now()
-    expires_at = now + timedelta(seconds=settings.IMAGE_TIME_LIMIT) + LOCK_SLACK
-    try:
-        with transaction.atomic():
-            SweepLock.objects.create(folder=str(folder), owner=owner, expires_at=expires_at)
-        return owner
-    except IntegrityError:
-        # Held: take it over only if its sweep died and left it to expire.
-        taken = SweepLock.objects.filter(folder=str(folder), expires_at__lt=now).update(
-            owner=owner, expires_at=expires_at
-        )
-        return owner if taken == 1 else None
+    return SweepLock.acquire(str(folder))
 
 
 def release_lock(folder: Path, owner: uuid.UUID) -> None:
-    SweepLock.objects.filter(folder=str(folder), owner=owner).delete()
+    SweepLock.release(str(folder), owner)
 
 
 def waiting_paths(folder: Path) -> set[str]:

@@ -282,7 +282,7 @@ def test_reprocessing_keeps_the_old_archive_until_the_new_one_is_recorded(
 
 
 def lease_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name.startswith("lease-")]
+    return [thread for thread in threading.enumerate() if thread.name.startswith("lease of ")]
 
 
 def database_sessions() -> int | None:
@@ -307,7 +307,7 @@ def test_keep_lease_renews_from_a_thread_and_stops_with_the_run(folders, drop, s
     with runner.keep_lease(image.id, token):
         Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=5))
         wait_for(lambda: not lease_expired(image.id), timeout=30, what="a renewal")
-        assert [thread.name for thread in lease_threads()] == [f"lease-{image.id}"]
+        assert [thread.name for thread in lease_threads()] == [f"lease of image {image.id}"]
     assert lease_threads() == [], "the renewer stops with the run"
     assert database_sessions() == sessions, "the renewer closed its own connection"
     Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=5))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.db import connection
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -116,6 +119,50 @@ def test_acquire_lock_takes_over_an_expired_lock(folders):
     owner = sweeper.acquire_lock(folders["watch"])
     assert owner is not None
     assert SweepLock.objects.get().owner == owner
+
+
+def test_a_lock_nobody_renews_is_taken_over_after_one_lease(folders, settings):
+    """The sweep holding it was killed: the folder is free LEASE_SECONDS later, not after
+    the time limit of a task."""
+    settings.LEASE_SECONDS = 1
+    dead = sweeper.acquire_lock(folders["watch"])
+    assert sweeper.acquire_lock(folders["watch"]) is None, "a live lease"
+    time.sleep(1.5)
+    taker = sweeper.acquire_lock(folders["watch"])
+    assert taker not in (None, dead)
+    assert SweepLock.objects.get().owner == taker
+    assert not SweepLock.renew(str(folders["watch"]), dead), "the dead sweep's token is spent"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_running_sweep_keeps_its_lock_past_many_leases(folders, drop, settings, monkeypatch):
+    settings.LEASE_SECONDS = 1
+    drop(folders["watch"], "photo.jpg")
+    scanning = threading.Event()
+    real_scan = sweeper.scan
+
+    def slow_scan(*args, **kwargs):
+        scanning.set()
+        time.sleep(4)  # four leases
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(sweeper, "scan", slow_scan)
+    outcomes: list[sweeper.SweepOutcome] = []
+
+    def sweep_in_a_thread() -> None:
+        try:
+            outcomes.append(run(folders["watch"]))
+        finally:
+            connection.close()
+
+    sweeping = threading.Thread(target=sweep_in_a_thread)
+    sweeping.start()
+    assert scanning.wait(timeout=30)
+    time.sleep(2.5)
+    assert sweeper.acquire_lock(folders["watch"]) is None, "renewed while the sweep runs"
+    sweeping.join(timeout=60)
+    assert [outcome.sweep.claimed for outcome in outcomes] == [1]
+    assert not SweepLock.objects.exists(), "released at its end"
 
 
 @pytest.mark.parametrize(
