@@ -32,8 +32,10 @@ from django_celery_beat.models import CrontabSchedule, PeriodicTask, PeriodicTas
 from django_celery_results.admin import TaskResultAdmin as BaseTaskResultAdmin
 from django_celery_results.models import TaskResult
 
-from . import beat, broker, stats, storage, uploads, views
+from . import beat, broker, stats, storage, uploads
+from .archives import archive_holder, sorted_thumbnails, zip_listing
 from .forms import ReprocessForm, SweepNowForm, SweepTaskForm, default_sizes
+from .links import preview_url, sweep_images_url, thumbnail_url
 from .models import Heartbeat, Image, ScheduleActivity, Sweep, WebhookDelivery
 from .sweeper import PRESET_CHOICES
 from .tasks import SWEEP_TASK, queue_images, sweep_folder
@@ -267,7 +269,7 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="claimed", ordering="claimed")
     def claimed_link(self, obj: Sweep) -> str:
-        url = reverse("admin:jobs_image_changelist") + f"?sweep__id__exact={obj.id}"
+        url = sweep_images_url(obj.id)
         return format_html('<a href="{}" title="its images">{}</a>', url, obj.claimed)
 
     @admin.display(description="also")
@@ -288,7 +290,7 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="images")
     def images_link(self, obj: Sweep) -> str:
-        url = reverse("admin:jobs_image_changelist") + f"?sweep__id__exact={obj.id}"
+        url = sweep_images_url(obj.id)
         return format_html('<a href="{}">{} claimed</a>', url, obj.claimed)
 
     @admin.display(description="error")
@@ -513,7 +515,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="")
     def preview(self, obj: Image) -> str:
-        url = views.preview_url(obj)
+        url = preview_url(obj)
         if url is None:
             return format_html('<span class="parroter-nopreview">{}</span>', "no preview")
         return format_html(
@@ -548,11 +550,11 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="sizes")
     def sizes_made(self, obj: Image) -> str:
-        holder = views.archive_holder(obj)
+        holder = archive_holder(obj)
         made = holder.thumbnails if holder else {}
         if not made:
             return format_html('<span class="parroter-muted">{}</span>', sizes_text(obj.sizes))
-        return ", ".join(f"{width}×{height}" for _, width, height in views.sorted_thumbnails(made))
+        return ", ".join(f"{width}×{height}" for _, width, height in sorted_thumbnails(made))
 
     @admin.display(description="sizes asked")
     def sizes_asked(self, obj: Image) -> str:
@@ -564,7 +566,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="archive", ordering="archive_size")
     def archive_size_display(self, obj: Image) -> str:
-        holder = views.archive_holder(obj)
+        holder = archive_holder(obj)
         if holder is None or not holder.archive_size:
             return "—"
         return format_html(
@@ -631,7 +633,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="thumbnails")
     def gallery(self, obj: Image) -> str:
-        holder = views.archive_holder(obj)
+        holder = archive_holder(obj)
         if holder is None or not holder.thumbnails:
             return "—"
         return format_html(
@@ -641,15 +643,15 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
                 '<figure><img src="{}" width="{}" height="{}" alt="{}">'
                 "<figcaption>{} → {}×{}</figcaption></figure>",
                 (
-                    (views.thumbnail_url(obj, label), width, height, label, label, width, height)
-                    for label, width, height in views.sorted_thumbnails(holder.thumbnails)
+                    (thumbnail_url(obj, label), width, height, label, label, width, height)
+                    for label, width, height in sorted_thumbnails(holder.thumbnails)
                 ),
             ),
         )
 
     @admin.display(description="zip contents")
     def zip_contents(self, obj: Image) -> str:
-        listing = views.zip_listing(obj)
+        listing = zip_listing(obj)
         if listing is None:
             return "—"
         return format_html(
@@ -663,7 +665,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="download")
     def download_button(self, obj: Image) -> str:
-        if views.archive_holder(obj) is None:
+        if archive_holder(obj) is None:
             return "—"
         note = "" if obj.status == Image.Status.DONE else " (from an earlier run)"
         return format_html(
