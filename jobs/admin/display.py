@@ -52,6 +52,15 @@ def when(moment: datetime | None) -> str:
     return date_format(timezone.localtime(moment), "DATETIME_FORMAT") if moment else "—"
 
 
+def when_and_took(moment: datetime | None, duration: timedelta | None) -> str:
+    """A list column: when something started or finished, and below it how long it took."""
+    if duration is None:
+        return when(moment)
+    return format_html(
+        '{}<br><small class="parroter-muted">took {}</small>', when(moment), seconds(duration)
+    )
+
+
 def wrap_path(path: str) -> SafeString:
     """A path, escaped, that may break after each "/" on a narrow screen."""
     *parents, last = str(path).split("/")

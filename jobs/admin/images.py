@@ -32,7 +32,7 @@ from .display import (
     seconds,
     sizes_text,
     task_result_link,
-    when,
+    when_and_took,
     wrap_path,
 )
 from .sweeps import schedule_names
@@ -247,13 +247,7 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="finished", ordering="finished_at")
     def finished(self, obj: Image) -> str:
-        if obj.duration is None:
-            return when(obj.finished_at)
-        return format_html(
-            '{}<br><small class="parroter-muted">took {}</small>',
-            when(obj.finished_at),
-            seconds(obj.duration),
-        )
+        return when_and_took(obj.finished_at, obj.duration)
 
     @admin.display(description="source path")
     def source_path_display(self, obj: Image) -> str:

@@ -32,7 +32,7 @@ from .display import (
     shortened,
     sizes_text,
     task_result_link,
-    when,
+    when_and_took,
     wrap_path,
 )
 
@@ -140,13 +140,7 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     @admin.display(description="started", ordering="started_at")
     def started(self, obj: Sweep) -> str:
-        if obj.duration is None:
-            return when(obj.started_at)
-        return format_html(
-            '{}<br><small class="parroter-muted">took {}</small>',
-            when(obj.started_at),
-            seconds(obj.duration),
-        )
+        return when_and_took(obj.started_at, obj.duration)
 
     @admin.display(description="sent by", ordering="schedule_name")
     def sent_by(self, obj: Sweep) -> str:

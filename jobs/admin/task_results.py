@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from django.contrib import admin
@@ -74,6 +75,18 @@ def arguments_of(task: TaskResult) -> list[tuple[str, Any]]:
     elif kwargs:
         rows.append(("keyword arguments", kwargs))
     return rows
+
+
+def values_table(rows: Iterable[tuple[Any, Any]]) -> str:
+    """(name, value) pairs as a table of two columns, each value readable."""
+    return format_html(
+        '<table class="parroter-args"><tbody>{}</tbody></table>',
+        format_html_join(
+            "",
+            "<tr><th>{}</th><td>{}</td></tr>",
+            ((name, value_text(value)) for name, value in rows),
+        ),
+    )
 
 
 class PeriodicTaskNameFilter(admin.SimpleListFilter):
@@ -170,14 +183,7 @@ class TaskResultAdmin(RecordAdminMixin, BaseTaskResultAdmin):
         rows = arguments_of(obj)
         if not rows:
             return "none"
-        return format_html(
-            '<table class="parroter-args"><tbody>{}</tbody></table>',
-            format_html_join(
-                "",
-                "<tr><th>{}</th><td>{}</td></tr>",
-                ((name, value_text(value)) for name, value in rows),
-            ),
-        )
+        return values_table(rows)
 
     @admin.display(description="result")
     def result_display(self, obj: TaskResult) -> str:
@@ -185,12 +191,5 @@ class TaskResultAdmin(RecordAdminMixin, BaseTaskResultAdmin):
         if result is None:
             return "—"
         if isinstance(result, dict):
-            return format_html(
-                '<table class="parroter-args"><tbody>{}</tbody></table>',
-                format_html_join(
-                    "",
-                    "<tr><th>{}</th><td>{}</td></tr>",
-                    ((name, value_text(value)) for name, value in result.items()),
-                ),
-            )
+            return values_table(result.items())
         return value_text(result)
