@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -257,3 +259,25 @@ def test_favicon_is_served_and_linked_from_the_admin_and_the_site(admin_client, 
         text = page.content.decode()
         assert '<link rel="icon" href="/static/jobs/favicon.svg" type="image/svg+xml">' in text
         assert '<link rel="icon" href="/static/jobs/favicon.ico"' in text
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Every module a file imports, relative imports resolved against its package."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_admin_modules_never_import_the_views():
+    folder = settings.BASE_DIR / "jobs/admin"
+    modules = {path.name: imported_modules(path, "jobs.admin") for path in folder.glob("*.py")}
+    assert {"images.py", "sweeps.py", "display.py"} <= modules.keys()
+    assert "jobs.archives.archive_holder" in modules["images.py"]  # relative imports resolved
+    assert {name: found for name, found in modules.items() if "jobs.views" in found} == {}
