@@ -10,10 +10,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from ..models import Heartbeat, WebhookDelivery
-from .display import (
-    RecordAdminMixin,
-    badge,
-)
+from .display import RecordAdminMixin, badge
 
 
 @admin.register(WebhookDelivery)

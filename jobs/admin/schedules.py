@@ -26,14 +26,7 @@ from ..forms import SweepTaskForm
 from ..models import ScheduleActivity, Sweep
 from ..sweeper import PRESET_CHOICES
 from ..tasks import SWEEP_TASK
-from .display import (
-    ParroterAdminMixin,
-    badge,
-    shortened,
-    sizes_text,
-    when,
-    wrap_path,
-)
+from .display import ParroterAdminMixin, badge, shortened, sizes_text, when, wrap_path
 
 
 class OwnerFilter(admin.SimpleListFilter):

@@ -18,12 +18,7 @@ from django.utils.html import format_html, format_html_join
 from django_celery_results.admin import TaskResultAdmin as BaseTaskResultAdmin
 from django_celery_results.models import TaskResult
 
-from .display import (
-    RecordAdminMixin,
-    badge,
-    value_text,
-    when,
-)
+from .display import RecordAdminMixin, badge, value_text, when
 
 ARGUMENTS_LIMIT = 4096
 TASK_STATE_COLOURS = {
