@@ -15,7 +15,7 @@ import mimetypes
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,9 +39,11 @@ from django.views.decorators.http import require_GET, require_POST, require_safe
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import health, metrics, storage, uploads
+from .archives import archive_holder, sorted_thumbnails, thumbnail_member
 from .forms import UploadForm, default_sizes
+from .links import preview_url, sweep_images_url, thumbnail_url
 from .models import Image, Sweep
-from .pipeline import EXTENSIONS, safe_stem
+from .pipeline import safe_stem
 from .tasks import queue_images
 from .upload_limits import accepts_uploads, upload_handler_of, upload_refused
 
@@ -88,59 +90,7 @@ def api_login_required(view: Callable[..., HttpResponseBase]) -> Callable[..., H
     return wrapper
 
 
-# --- Where an image's zip is ------------------------------------------------------------
-
-
-def archive_holder(image: Image) -> Image | None:
-    """The image whose archive holds this image's zip: itself, or the first of a duplicate.
-
-    An image being reprocessed, or whose reprocess failed, still has its earlier archive.
-    """
-    if image.status == Image.Status.DUPLICATE:
-        first = image.duplicate_of
-        if first and first.status == Image.Status.DONE and first.sizes_key == image.sizes_key:
-            return first
-        return None
-    return image if image.archive else None
-
-
-def thumbnail_member(names: list[str], size: Sequence[int]) -> str | None:
-    """The zip member holding the thumbnail made at `size`, [w, h] (never the original).
-
-    Members are named after the size they are, whatever box they were made for; an image's
-    `thumbnails` says which size each box came to."""
-    width, height = size
-    endings = tuple(f"_{width}x{height}{extension}" for extension in set(EXTENSIONS.values()))
-    return next((name for name in names[1:] if name.endswith(endings)), None)
-
-
-def sorted_thumbnails(thumbnails: dict[str, list[int]]) -> list[tuple[str, int, int]]:
-    """(label, width, height) from the smallest to the largest."""
-    rows = [(label, size[0], size[1]) for label, size in thumbnails.items()]
-    return sorted(rows, key=lambda row: (row[1] * row[2], row[0]))
-
-
-def version(image: Image) -> str:
-    stamp = image.finished_at.timestamp() if image.finished_at else 0
-    return f"{image.archive_size or 0}-{stamp:.0f}"
-
-
-def thumbnail_url(image: Image, label: str) -> str:
-    return reverse("jobs:thumbnail", args=[image.id, label]) + f"?v={version(image)}"
-
-
-PREVIEW_EDGE = 48
-
-
-def preview_url(image: Image) -> str | None:
-    """The smallest thumbnail that still makes a visible preview (or the largest there is)."""
-    holder = archive_holder(image)
-    if holder is None or not holder.thumbnails:
-        return None
-    made = sorted_thumbnails(holder.thumbnails)
-    big_enough = [row for row in made if max(row[1], row[2]) >= PREVIEW_EDGE]
-    label = (big_enough[0] if big_enough else made[-1])[0]
-    return reverse("jobs:thumbnail", args=[image.id, label]) + f"?v={version(holder)}"
+# --- Files from an image's zip -----------------------------------------------------------
 
 
 def visible_archive(request: HttpRequest, image_id: int) -> tuple[Image, Image, BinaryIO]:
@@ -203,22 +153,6 @@ def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
     response = HttpResponse(data, content_type=mimetypes.guess_type(member)[0] or "image/png")
     response["Cache-Control"] = FILE_CACHE
     return response
-
-
-def zip_listing(image: Image) -> list[tuple[str, int]] | None:
-    """(member name, bytes) of an image's zip, or None when there is none."""
-    holder = archive_holder(image)
-    if holder is None:
-        return None
-    handle = storage.open_archive(holder.archive)
-    if handle is None:
-        return None
-    try:
-        with handle, zipfile.ZipFile(handle) as archive:
-            return [(info.filename, info.file_size) for info in archive.infolist()]
-    except (zipfile.BadZipFile, OSError) as exc:
-        logger.warning("cannot read %s: %s", holder.archive, exc)
-        return None
 
 
 # --- JSON ---------------------------------------------------------------------------------
@@ -322,9 +256,7 @@ def sweep_data(sweep: Sweep, images: list[Image], staff: bool) -> dict[str, Any]
         data["folder"] = sweep.folder
         data["schedule_name"] = sweep.schedule_name
         data["admin_url"] = reverse("admin:jobs_sweep_change", args=[sweep.id])
-        data["images_admin_url"] = (
-            reverse("admin:jobs_image_changelist") + f"?sweep__id__exact={sweep.id}"
-        )
+        data["images_admin_url"] = sweep_images_url(sweep.id)
     return data
 
 

@@ -3,7 +3,7 @@ from django.templatetags.static import static
 from django.urls import include, path
 from django.views.generic import RedirectView
 
-from jobs.admin import dashboard
+from jobs.admin.dashboard import dashboard
 
 urlpatterns = [
     path("admin/dashboard/", admin.site.admin_view(dashboard), name="dashboard"),

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
 from celery import states
 from celery.app.task import Context
 from celery.utils.saferepr import saferepr
+from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
 from django_celery_beat.models import CrontabSchedule
 from django_celery_results.models import TaskResult
 
-from jobs import admin as jobs_admin
 from jobs import runner
+from jobs.admin.display import sizes_text, value_text, wrap_path
+from jobs.admin.task_results import stored_arguments, stored_value
 from jobs.models import Image, Sweep
 from jobs.sweeper import run_sweep, start_sweep
 from project.celery import app as celery_app
@@ -63,14 +67,14 @@ def stored_task(task: str, args: tuple, kwargs: dict, result: object, **request:
 
 
 def test_wrap_path_breaks_after_each_slash_and_escapes_the_rest():
-    assert jobs_admin.wrap_path("/a/<b>/c.jpg") == "/<wbr>a/<wbr>&lt;b&gt;/<wbr>c.jpg"
-    assert jobs_admin.wrap_path("plain.jpg") == "plain.jpg"
+    assert wrap_path("/a/<b>/c.jpg") == "/<wbr>a/<wbr>&lt;b&gt;/<wbr>c.jpg"
+    assert wrap_path("plain.jpg") == "plain.jpg"
 
 
 def test_sizes_text_reads_as_sizes_with_multiplication_signs():
-    assert jobs_admin.sizes_text(["128x128", "256x256"]) == "128×128, 256×256"
-    assert jobs_admin.sizes_text("64x64 800x600") == "64×64, 800×600"
-    assert jobs_admin.sizes_text([]) == "—"
+    assert sizes_text(["128x128", "256x256"]) == "128×128, 256×256"
+    assert sizes_text("64x64 800x600") == "64×64, 800×600"
+    assert sizes_text([]) == "—"
 
 
 def test_sweep_page_shows_sizes_as_text_not_json(admin_client, folders):
@@ -136,7 +140,7 @@ def test_image_pages_use_one_unit_family_for_sizes(admin_client, processed):
 
 
 def test_upload_script_formats_sizes_like_the_server():
-    script = (jobs_admin.settings.BASE_DIR / "jobs/static/jobs/upload.js").read_text()
+    script = (settings.BASE_DIR / "jobs/static/jobs/upload.js").read_text()
     assert "KiB" not in script
     assert '["KB", "MB", "GB", "TB", "PB"]' in script  # the units of filesizeformat
 
@@ -206,14 +210,14 @@ def test_task_result_pages_show_positional_arguments_and_no_periodic_name(admin_
 def test_stored_value_keeps_a_shortened_repr_as_text():
     kwargs = {"folder": "/a/" + "b" * 2000, "sizes": ["1x1"] * 300}
     text = saferepr(kwargs, 1024)  # cut short by Celery, no longer a Python literal
-    assert jobs_admin.stored_arguments(json.dumps(text)) == text
-    shown = jobs_admin.value_text(jobs_admin.stored_arguments(json.dumps(text)), limit=50)
+    assert stored_arguments(json.dumps(text)) == text
+    shown = value_text(stored_arguments(json.dumps(text)), limit=50)
     assert shown.startswith('<span title="{&#x27;folder&#x27;: &#x27;/a/bbb')
     assert shown.endswith("…</span>")
-    assert jobs_admin.value_text([1, 2, Ellipsis]) == "1, 2, …"
-    assert jobs_admin.stored_arguments("not json") == "not json"
-    assert jobs_admin.stored_arguments(json.dumps("__import__('os')")) == "__import__('os')"
-    assert jobs_admin.stored_value(json.dumps("(1, 2)")) == "(1, 2)"  # a result is JSON only
+    assert value_text([1, 2, Ellipsis]) == "1, 2, …"
+    assert stored_arguments("not json") == "not json"
+    assert stored_arguments(json.dumps("__import__('os')")) == "__import__('os')"
+    assert stored_value(json.dumps("(1, 2)")) == "(1, 2)"  # a result is JSON only
 
 
 def test_periodic_task_form_shows_a_crontab_in_words_without_undefined(admin_client):
@@ -255,3 +259,25 @@ def test_favicon_is_served_and_linked_from_the_admin_and_the_site(admin_client, 
         text = page.content.decode()
         assert '<link rel="icon" href="/static/jobs/favicon.svg" type="image/svg+xml">' in text
         assert '<link rel="icon" href="/static/jobs/favicon.ico"' in text
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Every module a file imports, relative imports resolved against its package."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_admin_modules_never_import_the_views():
+    folder = settings.BASE_DIR / "jobs/admin"
+    modules = {path.name: imported_modules(path, "jobs.admin") for path in folder.glob("*.py")}
+    assert {"images.py", "sweeps.py", "display.py"} <= modules.keys()
+    assert "jobs.archives.archive_holder" in modules["images.py"]  # relative imports resolved
+    assert {name: found for name, found in modules.items() if "jobs.views" in found} == {}

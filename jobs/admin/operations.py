@@ -1,0 +1,86 @@
+"""What runs behind the pages, in the admin: the webhook outbox and the heartbeats."""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib import admin
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+
+from ..models import Heartbeat, WebhookDelivery
+from .display import RecordAdminMixin, badge
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(RecordAdminMixin, admin.ModelAdmin):
+    """The webhook outbox: what was owed to whom, and what became of it."""
+
+    list_display = [
+        "id",
+        "created_at",
+        "event",
+        "image_link",
+        "url",
+        "status_badge",
+        "attempts",
+        "response_code",
+        "next_try_at",
+        "sent_at",
+    ]
+    list_filter = ["status", "event", "created_at"]
+    show_facets = admin.ShowFacets.ALWAYS
+    search_fields = ["url", "image__name", "last_error"]
+    date_hierarchy = "created_at"
+    list_select_related = ["image"]
+    fields = [
+        "event",
+        "image_link",
+        "url",
+        "status_badge",
+        "attempts",
+        "next_try_at",
+        "claimed_by",
+        "claimed_at",
+        "response_code",
+        "last_response",
+        "last_error",
+        "created_at",
+        "sent_at",
+        "run",
+        "payload",
+    ]
+    readonly_fields = fields  # type: ignore[assignment]
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj: WebhookDelivery) -> str:
+        return badge(obj.status, obj.get_status_display())
+
+    @admin.display(description="image", ordering="image")
+    def image_link(self, obj: WebhookDelivery) -> str:
+        if obj.image is None:
+            return "— (deleted)"
+        url = reverse("admin:jobs_image_change", args=[obj.image_id])
+        return format_html('<a href="{}">{}</a>', url, obj.image.name)
+
+    @admin.display(description="payload (as sent)")
+    def payload(self, obj: WebhookDelivery) -> str:
+        try:
+            text = json.dumps(json.loads(obj.body), indent=2, ensure_ascii=False)
+        except ValueError:
+            text = obj.body
+        return format_html("<pre>{}</pre>", text)
+
+
+@admin.register(Heartbeat)
+class HeartbeatAdmin(RecordAdminMixin, admin.ModelAdmin):
+    """Signs of life read by /healthz. Deleting a folder's row forgets its remembered mount."""
+
+    list_display = ["kind", "name", "seen_at", "detail"]
+    list_filter = ["kind"]
+    search_fields = ["name"]
+    readonly_fields = ["kind", "name", "seen_at", "detail"]
