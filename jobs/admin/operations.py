@@ -21,7 +21,7 @@ class WebhookDeliveryAdmin(RecordAdminMixin, admin.ModelAdmin):
         "id",
         "created_at",
         "event",
-        "image_link",
+        "subject_link",
         "url",
         "status_badge",
         "attempts",
@@ -33,10 +33,10 @@ class WebhookDeliveryAdmin(RecordAdminMixin, admin.ModelAdmin):
     show_facets = admin.ShowFacets.ALWAYS
     search_fields = ["url", "image__name", "last_error"]
     date_hierarchy = "created_at"
-    list_select_related = ["image"]
+    list_select_related = ["image", "sweep"]
     fields = [
         "event",
-        "image_link",
+        "subject_link",
         "url",
         "status_badge",
         "attempts",
@@ -60,8 +60,14 @@ class WebhookDeliveryAdmin(RecordAdminMixin, admin.ModelAdmin):
     def status_badge(self, obj: WebhookDelivery) -> str:
         return badge(obj.status, obj.get_status_display())
 
-    @admin.display(description="image", ordering="image")
-    def image_link(self, obj: WebhookDelivery) -> str:
+    @admin.display(description="about")
+    def subject_link(self, obj: WebhookDelivery) -> str:
+        """The image an image event tells of, or the sweep of a sweep.finished digest."""
+        if obj.event == WebhookDelivery.Event.SWEEP_FINISHED:
+            if obj.sweep is None:
+                return "— (sweep deleted)"
+            url = reverse("admin:jobs_sweep_change", args=[obj.sweep_id])
+            return format_html('<a href="{}">sweep #{}</a>', url, obj.sweep_id)
         if obj.image is None:
             return "— (deleted)"
         url = reverse("admin:jobs_image_change", args=[obj.image_id])

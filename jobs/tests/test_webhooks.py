@@ -580,3 +580,18 @@ def test_admin_lists_deliveries_read_only_with_a_status_filter(admin_client, set
     assert add.status_code == 403
     delete = admin_client.get(reverse("admin:jobs_webhookdelivery_delete", args=[failed.id]))
     assert delete.status_code == 403
+
+
+@pytest.mark.django_db
+def test_admin_links_a_digest_to_its_sweep(admin_client, settings):
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
+    sweep = Sweep.objects.create(trigger=Sweep.Trigger.MANUAL, folder="/in", sizes=["64x64"])
+    finished_image(1, sweep=sweep)
+    with transaction.atomic():
+        webhooks.record_sweep_finished(sweep.id)
+    digest = WebhookDelivery.objects.get(event="sweep.finished")
+    page = admin_client.get(reverse("admin:jobs_webhookdelivery_changelist")).content.decode()
+    sweep_page = reverse("admin:jobs_sweep_change", args=[sweep.id])
+    assert f'<a href="{sweep_page}">sweep #{sweep.id}</a>' in page
+    detail = admin_client.get(reverse("admin:jobs_webhookdelivery_change", args=[digest.id]))
+    assert "&quot;total&quot;: 1" in detail.content.decode()
