@@ -24,6 +24,7 @@ from django_celery_results.models import TaskResult
 
 from jobs.models import Image
 
+from .conftest import celery_broker
 from .processes import Processes, wait_for
 from .test_faults import FAULT_APP, all_final, assert_each_done_once, drop_batch
 
@@ -95,9 +96,26 @@ def in_flight() -> dict[int, tuple[uuid.UUID, str]]:
     return {image.id: (image.token, hosts[image.id]) for image in running}
 
 
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_of_hosts(request, system) -> str:
+    """Both brokers: on RabbitMQ a dead consumer's unacknowledged messages come back at
+    once, to the live host, while its runs still hold their leases."""
+    if request.param == "rabbitmq":
+        amqp_url = request.getfixturevalue("amqp_url")
+        system.environment["BROKER_URL"] = amqp_url
+        request.getfixturevalue("celery_on_amqp")
+    return request.param
+
+
+@pytest.fixture
+def celery_on_amqp(system):
+    with celery_broker(system.environment["BROKER_URL"]):
+        yield
+
+
 @pytest.mark.skipif(not shutil.which("unshare"), reason="needs unshare (util-linux)")
 def test_a_host_killed_mid_batch_is_retried_within_a_lease_and_no_live_run_is_taken_over(
-    system, folders
+    system, folders, broker_of_hosts
 ):
     if os.geteuid() != 0:
         pytest.skip("new PID and UTS namespaces need root here")
@@ -179,3 +197,5 @@ def test_a_host_killed_mid_batch_is_retried_within_a_lease_and_no_live_run_is_ta
     assert [images[image_id].attempts for image_id in others] == [1] * len(others)
     assert {image.worker.partition(":")[0] for image in images.values()} == {HOSTNAME}
     assert all(process.is_running() for process in members["host-b"]), "host-b lives on"
+    transport = "amqp://guest:**@" if broker_of_hosts == "rabbitmq" else "redis://"
+    assert f"transport:   {transport}" in system.logs(), "the hosts used the broker under test"
