@@ -9,8 +9,9 @@ at that point, once per image (markers in PARROTER_FAULT_MARKERS).
 PARROTER_FAULT_PAUSE_AT: "claim" (a sweep has listed its folder and is about to claim what
 it found), "read" (a run is about to open its file) or "put_away" (the image is final in
 the database, its original not moved yet): the first pool process to get there writes
-`paused-<stage>` into PARROTER_FAULT_MARKERS and waits until `resume-<stage>` appears, so
-that a test can change the folder at exactly that moment.
+`paused-<stage>` (holding its PID) into PARROTER_FAULT_MARKERS and waits until
+`resume-<stage>` appears, so that a test can change the folder, or kill that process, at
+exactly that moment.
 Two more stages for webhooks with PARROTER_FAULT_DIE_AFTER: "webhook-recorded" (an image's
 final state and its webhook rows are committed, no delivery task queued yet) once per image,
 and "webhook-claimed" (a delivery row is claimed, nothing sent yet) once per row.
@@ -41,7 +42,8 @@ def pause_once(stage: str) -> None:
         return
     markers = Path(os.environ["PARROTER_FAULT_MARKERS"])
     try:
-        (markers / f"paused-{stage}").touch(exist_ok=False)  # once, in one pool process
+        with (markers / f"paused-{stage}").open("x") as marker:  # once, in one pool process
+            marker.write(str(os.getpid()))
     except FileExistsError:
         return
     deadline = time.monotonic() + 120

@@ -155,18 +155,29 @@ def test_killing_the_worker_mid_batch_loses_nothing(system, folders):
     assert_each_done_once(batch, folders["media"])
 
 
-def test_killing_one_pool_process_loses_nothing(system, folders):
-    system.environment["PARROTER_FAULT_DELAY"] = "0.4"
+def test_killing_one_pool_process_loses_nothing(system, folders, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    # One run holds still just after its start (the others carry on, slowed): the kill is
+    # certain to come in the middle of that run, not after it ended on a busy machine.
+    system.environment.update(
+        PARROTER_FAULT_DELAY="0.4",
+        PARROTER_FAULT_PAUSE_AT="read",
+        PARROTER_FAULT_MARKERS=str(markers),
+    )
     batch = drop_batch(folders["watch"], 10)
     worker = psutil.Process(system.worker(app=FAULT_APP).pid)
     system.beat()
-    wait_for(
-        lambda: Image.objects.filter(status=Image.Status.PROCESSING).exists(),
-        what="an image in progress",
+    paused = markers / "paused-read"
+    victim = int(
+        wait_for(lambda: paused.exists() and paused.read_text(), what="a run held mid-way")
     )
-    busy = Image.objects.filter(status=Image.Status.PROCESSING).first()
-    # The label says which pool process it is (one host, so its PIDs are unique here).
-    victim = int(busy.worker.rpartition(":")[2])
+    # The label says which pool process runs it (one host, so its PIDs are unique here).
+    busy = next(
+        image
+        for image in Image.objects.filter(status=Image.Status.PROCESSING)
+        if image.worker.rpartition(":")[2] == str(victim)
+    )
     assert victim in {child.pid for child in pool_children(worker)}
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch after a child died")
@@ -250,7 +261,9 @@ def test_two_beats_by_mistake_still_process_each_file_once(system, folders):
 
 
 def test_a_file_written_slowly_is_taken_only_when_complete(system, folders):
-    system.environment["SETTLE_SECONDS"] = "1.5"
+    # Well above the pauses below: a busy machine may hold this process up between
+    # two writes, and a file unchanged for SETTLE_SECONDS counts as complete.
+    system.environment["SETTLE_SECONDS"] = "3"
     buffer = io.BytesIO()
     PILImage.effect_noise((800, 800), 64).convert("RGB").save(buffer, "JPEG")
     data = buffer.getvalue()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
 
 import pytest
 
@@ -93,6 +94,8 @@ def test_worker_log_escapes_a_file_name_made_to_forge_lines(system, folders, dro
     assert Image.objects.get(name=bad).status == Image.Status.FAILED
     assert Image.objects.get(name=good).status == Image.Status.DONE
 
+    # A failure is logged once it is recorded: stopped (warm), the worker has written all.
+    system.kill("worker", signal.SIGTERM)
     log = (system.log_dir / "worker.log").read_text()
     # The failure was logged with the name (so the check below means something), escaped.
     assert "(notes\\nERROR forged line\\x1b[31m.jpg) failed: not an image" in log
