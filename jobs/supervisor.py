@@ -83,6 +83,10 @@ class Child:
         if self.exit_code() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
+            # A stopped (frozen) process acts on SIGTERM only once continued: its group is,
+            # so that it shuts down now rather than being killed after its stop timeout.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGCONT)
 
     def wait(self, timeout: float, hurry: threading.Event) -> bool:
         """Wait up to timeout for the process to exit; a second Ctrl-C cuts the wait short."""
@@ -92,11 +96,14 @@ class Child:
             waited += POLL_INTERVAL
         return self.exit_code() is not None
 
-    def restart(self, hurry: threading.Event) -> None:
+    def restart(self, hurry: threading.Event) -> bool:
+        """Stop it (SIGTERM; SIGKILL after its stop timeout) and start it again. True if it
+        stopped by itself."""
         self.terminate()
-        self.wait(STOP_TIMEOUTS.get(self.name, 10.0), hurry)
+        stopped = self.wait(STOP_TIMEOUTS.get(self.name, 10.0), hurry)
         self.kill_group()
         self.start()
+        return stopped
 
     def kill_group(self) -> None:
         """SIGKILL whatever is left in the process's group: itself and any stragglers."""
@@ -185,7 +192,15 @@ class Supervisor:
                         f"the worker completed nothing for {self.stall_seconds:g} s while "
                         "work waited (connected but not consuming?); restarting it",
                     )
-                    worker.restart(self.hurry)
+                    if worker.restart(self.hurry):
+                        self.say("run", "the worker stopped; started a new one")
+                    else:
+                        timeout = STOP_TIMEOUTS.get("worker", 10.0)
+                        self.say(
+                            "run",
+                            f"the worker did not stop within {timeout:g} s; killed it and "
+                            "started a new one",
+                        )
                     watchdog.restarted()
         finally:
             if dead is not None:
