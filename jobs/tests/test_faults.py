@@ -24,6 +24,7 @@ import psutil
 import pytest
 from django.conf import settings
 from django.db import connection
+from django_celery_results.models import TaskResult
 from PIL import Image as PILImage
 
 from jobs.models import Image, ScheduleActivity, Sweep
@@ -246,7 +247,13 @@ def test_racing_deliveries_of_one_image_make_one_archive(system, folders, redis_
     system.worker("worker-a")
     system.worker("worker-b")
     wait_for(lambda: all_final(1), timeout=60, what="the image")
-    time.sleep(2)  # let the redundant deliveries run too
+
+    def deliveries_run() -> int:
+        return TaskResult.objects.filter(task_name="jobs.make_thumbnails", status="SUCCESS").count()
+
+    # The sweep's own message and the six: every one run to its end, the redundant ones too.
+    wait_for(lambda: deliveries_run() >= 7, timeout=60, what="every delivery to run")
+    assert deliveries_run() == 7
     assert_each_done_once(batch, folders["media"])
     assert Image.objects.get().attempts == 1
 
