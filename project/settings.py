@@ -6,6 +6,7 @@ turns that into a single line.
 
 import fcntl
 import hashlib
+import importlib.util
 import os
 import re
 import secrets
@@ -327,15 +328,16 @@ for _name, _choices in (
         raise ImproperlyConfigured(
             f"{_name} must be one of {', '.join(_choices)}, got {globals()[_name]!r}"
         )
-# WebP decoded by libvips at reduced scale (after Pillow's checks): less CPU and memory.
-LIBVIPS_DECODE = envbool("LIBVIPS_DECODE", "false")
-if LIBVIPS_DECODE:
-    try:
-        import pyvips  # noqa: F401
-    except (ImportError, OSError) as exc:
+# PNG and WebP decoded and shrunk to the first thumbnail by libvips, after Pillow's checks:
+# less CPU and memory (bench/README.md). On by default where pyvips is installed (it is in
+# requirements.txt); without it Pillow decodes everything, unless it was asked for by name.
+LIBVIPS_DECODE = envbool("LIBVIPS_DECODE", "true")
+if LIBVIPS_DECODE and importlib.util.find_spec("pyvips") is None:
+    if "LIBVIPS_DECODE" in os.environ:
         raise ImproperlyConfigured(
-            f"LIBVIPS_DECODE needs pyvips and pyvips-binary (requirements-dev.txt): {exc}"
-        ) from None
+            "LIBVIPS_DECODE needs pyvips and pyvips-binary (requirements.txt), not installed"
+        )
+    LIBVIPS_DECODE = False
 # Images above this many pixels are refused before decoding (decompression bombs).
 MAX_IMAGE_PIXELS = envint("MAX_IMAGE_PIXELS", "200000000", minimum=1)
 MAX_IMAGE_BYTES = envint("MAX_IMAGE_BYTES", str(200 * 1024 * 1024), minimum=1)
