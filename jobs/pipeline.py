@@ -441,13 +441,20 @@ def write_archive(
         input_format = image.format or ""
         output_format = output_format_for(input_format, image.mode, options.format)
         stored_size = image.size
-        if limits.memory_bytes is not None:
-            _check_memory(estimate_memory(image, sizes, data, options), limits, _describe(image))
         planned = _libvips_target(image, data, sizes, options) if libvips else None
+        if limits.memory_bytes is not None:
+            estimate = estimate_memory(image, sizes, data, options)
+            if planned is not None:
+                estimate = _libvips_estimate(image, planned[0], estimate)
+            _check_memory(estimate, limits, _describe(image))
         loaded = _load_libvips(image, data, planned[0]) if planned is not None else None
         if planned is not None and loaded is not None:
             image, orientation = loaded, planned[1]
         else:
+            if planned is not None and limits.memory_bytes is not None:
+                # libvips read it otherwise after all: Pillow decodes it, by Pillow's figure.
+                estimate = estimate_memory(image, sizes, data, options)
+                _check_memory(estimate, limits, _describe(image))
             orientation = _load(image, sizes, limits)
         exif = _kept_exif(image, options)
     except BaseException:
@@ -719,6 +726,27 @@ def _libvips_target(
     if target[0] >= image.width and target[1] >= image.height:
         return None
     return target, orientation
+
+
+def _libvips_estimate(
+    image: Image.Image, target: tuple[int, int], pillow: MemoryEstimate
+) -> MemoryEstimate:
+    """What write_archive holds, beyond what opening the image took, when libvips decodes it
+    and shrinks it to `target` (see _load_libvips); the thumbnails as Pillow's estimate says.
+
+    A PNG counts whole, in its own bands, and an interlaced one twice: it is decoded whole
+    before it streams (measured, 12 MP RGBA: 1.5 times its pixels). A WebP counts at the
+    scale libwebp decodes it to, twice (its output and libvips' copy). Then the shrunk image
+    three times: premultiplied, resized, and back.
+    """
+    width, height = image.size
+    if image.format == "WEBP":
+        scale = min(1.0, LIBVIPS_GAP * max(target[0] / width, target[1] / height))
+        decoded = math.ceil(width * scale) * math.ceil(height * scale) * 4 * 2
+    else:
+        decoded = width * height * len(image.getbands()) * (2 if image.info.get("interlace") else 1)
+    shrunk = target[0] * target[1] * 4 * 3
+    return MemoryEstimate(decode=decoded + shrunk, resize=0, thumbnails=pillow.thumbnails)
 
 
 def _load_libvips(image: Image.Image, data: bytes, target: tuple[int, int]) -> Image.Image | None:
