@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--libvips",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="LIBVIPS_DECODE (default: on, as in settings)",
+        default=False,
+        help="LIBVIPS_DECODE (default: off, as in settings)",
     )
     parser.add_argument(
         "--watch-events",

@@ -332,15 +332,14 @@ for _name, _choices in (
             f"{_name} must be one of {', '.join(_choices)}, got {globals()[_name]!r}"
         )
 # PNG and WebP decoded and shrunk to the first thumbnail by libvips, after Pillow's checks:
-# less CPU and memory (bench/README.md). On by default where pyvips is installed (it is in
-# requirements.txt); without it Pillow decodes everything, unless it was asked for by name.
-LIBVIPS_DECODE = envbool("LIBVIPS_DECODE", "true")
+# less CPU and memory (bench/README.md). Off by default: Pillow still opens every WebP
+# first, and its check for that (17 bytes a pixel) with the ~40 MB a worker holds for
+# libvips refuses 4096x4096 WebPs in a 512 MB worker.
+LIBVIPS_DECODE = envbool("LIBVIPS_DECODE", "false")
 if LIBVIPS_DECODE and importlib.util.find_spec("pyvips") is None:
-    if "LIBVIPS_DECODE" in os.environ:
-        raise ImproperlyConfigured(
-            "LIBVIPS_DECODE needs pyvips and pyvips-binary (requirements.txt), not installed"
-        )
-    LIBVIPS_DECODE = False
+    raise ImproperlyConfigured(
+        "LIBVIPS_DECODE needs pyvips and pyvips-binary (requirements.txt), not installed"
+    )
 # Images above this many pixels are refused before decoding (decompression bombs).
 MAX_IMAGE_PIXELS = envint("MAX_IMAGE_PIXELS", "200000000", minimum=1)
 MAX_IMAGE_BYTES = envint("MAX_IMAGE_BYTES", str(200 * 1024 * 1024), minimum=1)
