@@ -102,8 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", choices=("bench", "mixed"), default="bench")
     parser.add_argument("--sweep-interval", default="1", help="SWEEP_INTERVAL (1)")
     parser.add_argument("--settle", default="0.5", help="SETTLE_SECONDS (0.5)")
-    parser.add_argument("--libvips", action="store_true", help="LIBVIPS_DECODE=true")
-    parser.add_argument("--watch-events", action="store_true", help="WATCH_EVENTS=true")
+    parser.add_argument(
+        "--libvips",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="LIBVIPS_DECODE (default: off, as in settings)",
+    )
+    parser.add_argument(
+        "--watch-events",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="WATCH_EVENTS (default: on, as in settings on Linux)",
+    )
     args = parser.parse_args(argv)
     # A stopped benchmark must still stop the worker, beat and Redis it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

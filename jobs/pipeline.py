@@ -31,6 +31,7 @@ import time
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,14 +169,19 @@ KEPT_EXIF_IFD_TAGS = (
 )
 _EXIF_IFD = 0x8769
 _GPS_IFD = 0x8825
-# Formats libvips decodes when write_archive is asked to (`libvips=True`), once Pillow has
-# identified the file and checked its limits: WebP, which libwebp decodes straight to a
-# reduced scale and Pillow only at full size. Measured on 14 real 4096x4096 WebPs (bench/
-# README.md): 30% less CPU for the thumbnails, same quality. PNG (libspng) is not here:
-# decoding with libvips and handing the pixels to Pillow took 40% more CPU than Pillow.
-LIBVIPS_FORMATS = ("WEBP",)
-# libvips decodes to this many times the first thumbnail, and Lanczos finishes the job:
-# libwebp's own scaler alone is a box filter (mean difference to the reference 2.24
+# Formats libvips decodes and shrinks to the first thumbnail when write_archive is asked to
+# (`libvips=True`), once Pillow has identified the file and checked its limits. WebP:
+# libwebp decodes straight to a reduced scale, Pillow only at full size. PNG: libspng
+# decodes faster than Pillow's zlib path, and libvips' shrink and Lanczos reduce take the
+# rows as they come, so the full-size image is never held. Measured on the mixed corpus's
+# 41 real PNGs and 14 WebPs (bench/README.md): see there. JPEG stays with Pillow, whose
+# draft decode is the faster floor there.
+LIBVIPS_FORMATS = ("WEBP", "PNG")
+# Pillow's modes of the images libvips decodes: 8 bits a sample, no palette. 16-bit and
+# palette PNGs stay with Pillow's conversions.
+LIBVIPS_MODES = ("L", "LA", "RGB", "RGBA")
+# libwebp decodes to this many times the first thumbnail, and a Lanczos reduce finishes the
+# job: libwebp's own scaler alone is a box filter (mean difference to the reference 2.24
 # against Pillow's 2.10; at 2x, 2.16).
 LIBVIPS_GAP = 2.0
 
@@ -427,19 +433,28 @@ def write_archive(
     `limits`, an image that would not fit is refused before decoding. Raises ImageRejected
     for bad input, MemoryError when memory ran out all the same (an OS limit, or an image
     the estimate got wrong), and OSError for trouble writing. With `libvips` (and pyvips
-    installed), the formats of LIBVIPS_FORMATS are decoded by libvips (see _load_libvips).
+    installed), the formats of LIBVIPS_FORMATS are decoded and shrunk to the first thumbnail
+    by libvips (see _load_libvips).
     """
     image = open_image(data, limits)
     try:
         input_format = image.format or ""
         output_format = output_format_for(input_format, image.mode, options.format)
         stored_size = image.size
+        planned = _libvips_target(image, data, sizes, options) if libvips else None
         if limits.memory_bytes is not None:
-            _check_memory(estimate_memory(image, sizes, data, options), limits, _describe(image))
-        scale = _libvips_scale(image, sizes) if libvips else 1.0
-        if scale < 1:
-            image, orientation = _load_libvips(image, data, scale)
+            estimate = estimate_memory(image, sizes, data, options)
+            if planned is not None:
+                estimate = _libvips_estimate(image, planned[0], estimate)
+            _check_memory(estimate, limits, _describe(image))
+        loaded = _load_libvips(image, data, planned[0]) if planned is not None else None
+        if planned is not None and loaded is not None:
+            image, orientation = loaded, planned[1]
         else:
+            if planned is not None and limits.memory_bytes is not None:
+                # libvips read it otherwise after all: Pillow decodes it, by Pillow's figure.
+                estimate = estimate_memory(image, sizes, data, options)
+                _check_memory(estimate, limits, _describe(image))
             orientation = _load(image, sizes, limits)
         exif = _kept_exif(image, options)
     except BaseException:
@@ -671,46 +686,117 @@ def _libvips():
     return _PYVIPS[0]
 
 
-def _libvips_scale(image: Image.Image, sizes: Sequence[ThumbnailSize]) -> float:
-    """The scale libvips would decode this opened image at: LIBVIPS_GAP times the first
-    thumbnail. 1 when libvips is missing or not for this format, or could not reduce it
-    (a full-size decode handed over to Pillow only costs more)."""
-    if image.format not in LIBVIPS_FORMATS or _libvips() is None:
-        return 1.0
-    orientation = _orientation(image)
+def warm_up_libvips() -> bool:
+    """Load libvips and run its PNG and WebP paths once on tiny images, so that its code is
+    resident (about 15 MB of library pages, and 20 MB of data for its threads) before a
+    worker measures itself for its memory limit. False when libvips is not there."""
+    if _libvips() is None:
+        return False
+    for image_format in LIBVIPS_FORMATS:
+        buffer = io.BytesIO()
+        Image.new("RGBA", (64, 64)).save(buffer, image_format)
+        with open_image(buffer.getvalue()) as image:
+            _load_libvips(image, buffer.getvalue(), (32, 32))
+    return True
+
+
+def _libvips_target(
+    image: Image.Image, data: bytes, sizes: Sequence[ThumbnailSize], options: EncodeOptions
+) -> tuple[tuple[int, int], int] | None:
+    """The size, as stored, that libvips would shrink this opened image to (the whole image
+    scaled for the first thumbnail; with cover, at the larger scale, so that the crop is
+    covered), and the EXIF orientation. None when libvips is missing or not for this image,
+    or there is nothing to shrink."""
+    if image.format not in LIBVIPS_FORMATS or image.mode not in LIBVIPS_MODES or not sizes:
+        return None
+    if "transparency" in image.info:
+        return None  # a tRNS colour: Pillow makes it alpha its own way
+    orientation = _orientation_before_decoding(image)
+    if orientation is None:
+        # A PNG whose EXIF, if any, follows the pixels: its orientation is known only once
+        # decoded, which is Pillow's way.
+        if b"eXIf" in data:
+            return None
+        orientation = 1
+    if _libvips() is None:
+        return None
     width, height = _rotated(image.size, orientation)
-    first = max((size.fit(width, height) for size in sizes), default=(1, 1))
-    first = _rotated(first, orientation)
-    return min(1.0, LIBVIPS_GAP * max(first[0] / image.width, first[1] / image.height))
+    first = max(plan_size(size, width, height, options.fit)[0] for size in sizes)
+    target = _rotated(first, orientation)
+    if target[0] >= image.width and target[1] >= image.height:
+        return None
+    return target, orientation
 
 
-def _load_libvips(image: Image.Image, data: bytes, scale: float) -> tuple[Image.Image, int]:
-    """Decode an identified, checked image with libvips at `scale` (below 1) into a Pillow
-    image: the formats of LIBVIPS_FORMATS decode at reduced scale there.
+def _libvips_estimate(
+    image: Image.Image, target: tuple[int, int], pillow: MemoryEstimate
+) -> MemoryEstimate:
+    """What write_archive holds, beyond what opening the image took, when libvips decodes it
+    and shrinks it to `target` (see _load_libvips); the thumbnails as Pillow's estimate says.
 
-    Returns that image (the Pillow one given is closed) and the EXIF orientation. Its
-    memory stays under estimate_memory's figure for Pillow's decode, which is kept: peak
-    resident memory added in fresh processes, 21-44 MB for real 4096x4096 WebPs (Pillow:
-    260 MB), 15 MB for a 6000x4000 one (367), 13 MB for a 900x700 RGBA one decoded at full
-    size (10; the estimate says 21; write_archive leaves those to Pillow now).
+    A PNG counts whole, in its own bands, and an interlaced one twice: it is decoded whole
+    before it streams (measured, 12 MP RGBA: 1.5 times its pixels). A WebP counts at the
+    scale libwebp decodes it to, twice (its output and libvips' copy). Then the shrunk image
+    three times: premultiplied, resized, and back.
     """
-    orientation = _orientation(image)
+    width, height = image.size
+    if image.format == "WEBP":
+        scale = min(1.0, LIBVIPS_GAP * max(target[0] / width, target[1] / height))
+        decoded = math.ceil(width * scale) * math.ceil(height * scale) * 4 * 2
+    else:
+        decoded = width * height * len(image.getbands()) * (2 if image.info.get("interlace") else 1)
+    shrunk = target[0] * target[1] * 4 * 3
+    return MemoryEstimate(decode=decoded + shrunk, resize=0, thumbnails=pillow.thumbnails)
+
+
+def _load_libvips(image: Image.Image, data: bytes, target: tuple[int, int]) -> Image.Image | None:
+    """Decode an identified, checked image with libvips and shrink it to `target` there,
+    into a Pillow image; None when libvips reads it otherwise than Pillow would (16 bits,
+    another number of bands): then Pillow decodes it, and the image given stays open.
+
+    libvips streams the rows from its decoder through a box shrink and a Lanczos (3 lobes)
+    reduce, alpha premultiplied in 8 bits as Pillow does, so that the full-size image never
+    exists: WebP is decoded by libwebp straight at LIBVIPS_GAP times the target, PNG by
+    libspng. Only the loader of the format Pillow identified ever sees the bytes.
+
+    Returns that image; the Pillow one given is then closed. Memory: the decoder's rows and
+    the result, about; estimate_memory's figure for Pillow's full-size decode stays the
+    bound (bench/README.md has both, measured).
+    """
+    pyvips = _libvips()
+    loader = pyvips.Image.webpload_buffer if image.format == "WEBP" else pyvips.Image.pngload_buffer
+    options: dict[str, object] = {"access": "sequential", "fail_on": "truncated"}
+    if image.format == "WEBP":
+        ratio = max(target[0] / image.width, target[1] / image.height)
+        options["scale"] = min(1.0, LIBVIPS_GAP * ratio)
+    try:
+        decoded = loader(data, **options)
+    except pyvips.Error as exc:
+        raise _decode_failure(exc) from None
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}.get(decoded.bands)
+    if decoded.format != "uchar" or mode != image.mode:
+        return None
     info = {"icc_profile": image.info["icc_profile"]} if "icc_profile" in image.info else {}
     input_format = image.format
     image.close()
-    pyvips = _libvips()
     try:
-        decoded = pyvips.Image.new_from_buffer(data, "", access="sequential", scale=scale)
-        if decoded.format != "uchar" or decoded.bands not in (3, 4):
-            raise ImageRejected(f"unexpected {decoded.bands}-band {decoded.format} pixels")
-        mode = "RGBA" if decoded.bands == 4 else "RGB"
-        pixels = decoded.write_to_memory()
+        if decoded.hasalpha():
+            decoded = decoded.premultiply().cast("uchar")
+        shrunk = decoded.resize(
+            target[0] / decoded.width,
+            vscale=target[1] / decoded.height,
+            kernel="lanczos3",
+            gap=REDUCING_GAP,
+        )
+        if decoded.hasalpha():
+            shrunk = shrunk.unpremultiply().cast("uchar")
+        pixels = shrunk.write_to_memory()
     except pyvips.Error as exc:
         raise _decode_failure(exc) from None
-    loaded = Image.frombuffer(mode, (decoded.width, decoded.height), pixels, "raw", mode, 0, 1)
+    loaded = Image.frombuffer(mode, (shrunk.width, shrunk.height), pixels, "raw", mode, 0, 1)
     loaded.format = input_format
     loaded.info.update(info)
-    return loaded, orientation
+    return loaded
 
 
 def _thumbnails(
@@ -959,7 +1045,15 @@ def _save(
         elif output_format == "AVIF":
             image.save(out, "AVIF", quality=options.avif_quality, speed=8, **extra)
         else:
-            image.save(out, "PNG", compress_level=options.png_compress_level, **extra)
+            # zlib's run-length strategy after PNG's row filters: measured on the mixed
+            # corpus's 123 PNG thumbnails, 14% smaller and 5-8% faster than the default.
+            image.save(
+                out,
+                "PNG",
+                compress_level=options.png_compress_level,
+                compress_type=zlib.Z_RLE,
+                **extra,
+            )
     finally:
         image.info = info
 

@@ -101,12 +101,15 @@ def _return_freed_blocks() -> None:
 
 
 def _warm_up_codecs() -> None:
-    """Encode and decode a tiny image in every supported format once."""
+    """Encode and decode a tiny image in every supported format once, and through libvips
+    when it decodes (LIBVIPS_DECODE)."""
     for image_format in _WARM_UP_FORMATS:
         buffer = io.BytesIO()
         Image.new("RGB", (16, 16)).save(buffer, image_format)
         with Image.open(buffer, formats=pipeline.SUPPORTED_FORMATS) as image:
             image.load()
+    if settings.LIBVIPS_DECODE:
+        pipeline.warm_up_libvips()
 
 
 def _status_bytes(key: str) -> int:

@@ -42,27 +42,38 @@ def status(key):
 
 data = Path(sys.argv[1]).read_bytes()
 sizes = pipeline.parse_sizes(sys.argv[2])
+libvips = sys.argv[3] == "libvips"
 limits = pipeline.Limits(max_pixels=10**9)
 for image_format in ("JPEG", "PNG", "WEBP"):  # code paged in before measuring
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buffer, image_format)
     Image.open(buffer).load()
+if libvips:  # as a pool process does (jobs/worker.py)
+    assert pipeline.warm_up_libvips()
 held = pipeline.memory_in_use()
 with pipeline.open_image(data, limits) as image:
     opening = pipeline.memory_in_use() - held
     estimate = pipeline.estimate_memory(image, sizes, data)
+    planned = pipeline._libvips_target(image, data, sizes, pipeline.EncodeOptions())
+    if libvips:
+        assert planned is not None
+        estimate = pipeline._libvips_estimate(image, planned[0], estimate)
 before = status("VmRSS")
 with tempfile.TemporaryFile() as out:
-    pipeline.write_archive(data, Path(sys.argv[1]).name, out, sizes, limits=limits)
+    pipeline.write_archive(
+        data, Path(sys.argv[1]).name, out, sizes, limits=limits, libvips=libvips
+    )
 print(json.dumps({"estimate": opening + estimate.peak, "measured": status("VmHWM") - before}))
 """
 
 
-def measure(tmp_path: Path, name: str, data: bytes, sizes: str) -> dict[str, int]:
+def measure(
+    tmp_path: Path, name: str, data: bytes, sizes: str, decoder: str = "pillow"
+) -> dict[str, int]:
     path = tmp_path / name
     path.write_bytes(data)
     result = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(path), sizes],
+        [sys.executable, "-c", MEASURE, str(path), sizes, decoder],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -103,6 +114,36 @@ def test_estimate_memory_covers_the_peak_measured_in_a_fresh_process(case, tmp_p
     # Never under what write_archive really held, and not far over it either.
     assert figures["measured"] <= figures["estimate"]
     assert figures["estimate"] <= figures["measured"] * 1.3 + pipeline.MEMORY_SLACK
+
+
+def interlaced_png(width: int, height: int) -> bytes:
+    """An Adam7 RGBA PNG, which libvips decodes whole before it can stream it."""
+    pyvips = pytest.importorskip("pyvips")
+    flat = pyvips.Image.new_from_buffer(big_images.png(width, height, "RGBA"), "")
+    return flat.pngsave_buffer(interlace=True, compression=1)
+
+
+def rgb_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    big_images.gradient(width, height, "RGB").save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+LIBVIPS_MEASURED = {
+    "RGBA PNG 12 MP": (lambda: big_images.png(4000, 3000, "RGBA"), LARGE),
+    "RGB PNG 20 MP": (lambda: rgb_png(5000, 4000), "512x512,128x128"),
+    "interlaced RGBA PNG 12 MP": (lambda: interlaced_png(4000, 3000), "512x512,128x128"),
+    "WebP 6 MP": (lambda: big_images.webp(3000, 2000), "512x512,128x128"),
+    "RGBA WebP 12 MP": (lambda: big_images.webp(4000, 3000, "RGBA"), LARGE),
+}
+
+
+@pytest.mark.parametrize("case", LIBVIPS_MEASURED)
+def test_libvips_estimate_covers_the_peak_measured_in_a_fresh_process(case, tmp_path):
+    pytest.importorskip("pyvips")
+    make, sizes = LIBVIPS_MEASURED[case]
+    figures = measure(tmp_path, "input", make(), sizes, "libvips")
+    assert figures["measured"] <= figures["estimate"]
 
 
 def test_estimate_memory_counts_two_bytes_a_sample_for_progressive_coefficients():
