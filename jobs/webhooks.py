@@ -79,20 +79,16 @@ def record(image: Image, event: str) -> None:
     row = Image.objects.select_related("duplicate_of").get(id=image.id)
     run = row.finished_at.isoformat() if row.finished_at else f"attempt {row.attempts}"
     body = json.dumps(payload(row, event), separators=(",", ":"), sort_keys=True)
-    WebhookDelivery.objects.bulk_create(
+    # The same run of the same transition recorded again is the same event.
+    _owe(
         [
             WebhookDelivery(event=event, image_id=row.id, run=run, url=url, body=body)
             for url in urls
         ],
-        # The same run of the same transition recorded again is the same event.
-        ignore_conflicts=True,
+        image_id=row.id,
+        event=event,
+        run=run,
     )
-    ids = list(
-        WebhookDelivery.objects.filter(
-            image_id=row.id, event=event, run=run, status=WebhookDelivery.Status.PENDING
-        ).values_list("id", flat=True)
-    )
-    transaction.on_commit(lambda: queue_deliveries(ids))
 
 
 def record_sweep_finished(sweep_id: int) -> None:
@@ -119,17 +115,25 @@ def record_sweep_finished(sweep_id: int) -> None:
     if images.exclude(status__in=Image.FINAL_STATUSES).exists():
         return
     body = json.dumps(sweep_payload(sweep, images), separators=(",", ":"), sort_keys=True)
-    WebhookDelivery.objects.bulk_create(
+    _owe(
         [
             WebhookDelivery(event=SWEEP_FINISHED, sweep_id=sweep_id, run="", url=url, body=body)
             for url in urls
         ],
-        ignore_conflicts=True,
+        sweep_id=sweep_id,
+        event=SWEEP_FINISHED,
     )
+
+
+def _owe(deliveries: list[WebhookDelivery], **event: object) -> None:
+    """Insert the rows of one event, then queue those still pending once the transaction
+    commits. A row recorded before is left as it is (the unique constraints say which rows
+    are the same event); `event` is the lookup that finds them all."""
+    WebhookDelivery.objects.bulk_create(deliveries, ignore_conflicts=True)
     ids = list(
-        WebhookDelivery.objects.filter(
-            sweep_id=sweep_id, event=SWEEP_FINISHED, status=WebhookDelivery.Status.PENDING
-        ).values_list("id", flat=True)
+        WebhookDelivery.objects.filter(status=WebhookDelivery.Status.PENDING, **event).values_list(
+            "id", flat=True
+        )
     )
     transaction.on_commit(lambda: queue_deliveries(ids))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs import watcher
-from jobs.models import Image, Sweep
+from jobs.models import Image, ScheduleActivity, Sweep
 
 from .conftest import image_bytes
 from .processes import wait_for
@@ -96,6 +96,14 @@ def test_beat_with_watch_events_sweeps_a_dropped_file_before_the_interval(system
         what="the dropped file to be done",
     )
     image = Image.objects.get(name="photo.jpg")
-    assert image.sweep.trigger == Sweep.Trigger.MANUAL  # sent by the watch, not the schedule
-    assert not Sweep.objects.filter(trigger=Sweep.Trigger.SCHEDULE).exists()
+    # Sent by the watch (the interval never came round), under the schedule's name, as beat
+    # sends it: so a watch sweep that finds nothing counts as idle instead of leaving a row.
+    assert "Sending due task sweep-watch-folder" not in system.logs()
+    assert (image.sweep.trigger, image.sweep.schedule_name) == (
+        Sweep.Trigger.SCHEDULE,
+        "sweep-watch-folder",
+    )
+    assert list(Sweep.objects.all()) == [image.sweep]
+    activity = ScheduleActivity.objects.get(schedule_name="sweep-watch-folder")
+    assert activity.last_found == image.sweep
     assert not (folders["watch"] / "photo.jpg").exists()
