@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,20 +144,7 @@ def build_mixed(smoke: bool = False) -> Corpus:
             return Corpus(files, files[0], tuple(lines[0].split(";")))
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise SystemExit("the mixed corpus needs apt-get and dpkg-deb (Debian packages)")
-    downloads = CORPUS / "debs-mixed"
-    downloads.mkdir(parents=True, exist_ok=True)
-    for package in MIXED_PACKAGES:
-        if not list(downloads.glob(f"{package}_*.deb")):
-            result = subprocess.run(
-                ["apt-get", "download", package],
-                cwd=downloads,
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
-            )
-            if result.returncode:
-                logger.warning("apt-get download %s failed: %s", package, result.stderr.strip())
+    downloads = _download_debs(MIXED_PACKAGES, CORPUS / "debs-mixed")
     shutil.rmtree(target, ignore_errors=True)
     for deb in sorted(downloads.glob("*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True, timeout=600)
@@ -278,16 +266,13 @@ def _generated_photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
     return image.rotate(seed * 13, resample=Image.Resampling.BILINEAR, expand=False)
 
 
-def _debian_photos() -> list[Path]:
-    target = CORPUS / "debian"
-    photos = sorted(target.rglob("*.jpg")) + sorted(target.rglob("*.png"))
-    if photos:
-        return _unique(photos)
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        return []
-    downloads = CORPUS / "debs"
+def _download_debs(packages: Iterable[str], downloads: Path) -> Path:
+    """`apt-get download` each package not downloaded yet into `downloads`; a package that
+    cannot be had is logged and left out."""
     downloads.mkdir(parents=True, exist_ok=True)
-    for package in WALLPAPER_PACKAGES:
+    for package in packages:
+        if list(downloads.glob(f"{package}_*.deb")):
+            continue
         result = subprocess.run(
             ["apt-get", "download", package],
             cwd=downloads,
@@ -298,6 +283,17 @@ def _debian_photos() -> list[Path]:
         )
         if result.returncode:
             logger.warning("apt-get download %s failed: %s", package, result.stderr.strip())
+    return downloads
+
+
+def _debian_photos() -> list[Path]:
+    target = CORPUS / "debian"
+    photos = sorted(target.rglob("*.jpg")) + sorted(target.rglob("*.png"))
+    if photos:
+        return _unique(photos)
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        return []
+    downloads = _download_debs(WALLPAPER_PACKAGES, CORPUS / "debs")
     for deb in downloads.glob("*.deb"):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True, timeout=600)
     return _unique(sorted(target.rglob("*.jpg")) + sorted(target.rglob("*.png")))

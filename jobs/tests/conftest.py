@@ -48,6 +48,23 @@ def image_bytes(
     return buffer.getvalue()
 
 
+def image_row(index: int, status: str, **fields) -> Image:
+    """An image record of no real file, `<index>.jpg` in /in, with `status` and `fields`."""
+    return Image.objects.create(
+        folder="/in",
+        name=f"{index}.jpg",
+        source_path=f"/in/{index}.jpg",
+        in_folder=False,
+        file_size=1,
+        mtime_ns=0,
+        sizes=["64x64"],
+        sizes_key="64x64",
+        sha256=f"{index:064x}",
+        status=status,
+        **fields,
+    )
+
+
 def jpeg_tables(quality: int) -> dict[int, list[int]]:
     """The quantization tables Pillow writes at this JPEG quality: how to tell it afterwards."""
     buffer = io.BytesIO()

@@ -17,7 +17,7 @@ from jobs.models import Image, ProcessingTime, ScheduleActivity, Sweep, WebhookD
 from jobs.sweeper import SWEEP_TASK
 from jobs.tasks import make_thumbnails
 
-from .conftest import image_bytes
+from .conftest import image_bytes, image_row
 
 pytestmark = pytest.mark.django_db
 
@@ -39,20 +39,7 @@ def value(samples: list, name: str, **labels: str) -> float:
 
 
 def make_image(index: int, status: str, sweep: Sweep | None, **fields) -> Image:
-    return Image.objects.create(
-        sweep=sweep,
-        folder="/in",
-        name=f"{index}.jpg",
-        source_path=f"/in/{index}.jpg",
-        in_folder=False,
-        file_size=1,
-        mtime_ns=0,
-        sizes=["64x64"],
-        sizes_key="64x64",
-        sha256=f"{index:064x}",
-        status=status,
-        **fields,
-    )
+    return image_row(index, status, sweep=sweep, **fields)
 
 
 @pytest.fixture

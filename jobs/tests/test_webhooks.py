@@ -33,7 +33,7 @@ from jobs.broker import queue_length
 from jobs.models import Image, Sweep, WebhookDelivery
 from jobs.tasks import make_thumbnails
 
-from .conftest import image_bytes
+from .conftest import image_bytes, image_row
 from .processes import wait_for
 
 SECRET = "webhook-test-secret"  # noqa: S105
@@ -103,21 +103,7 @@ def assert_signed(headers: dict[str, str], body: bytes) -> None:
 
 def finished_image(index: int = 1, status: str = Image.Status.DONE, **fields) -> Image:
     """An image row moved to a final state the way processing does it."""
-    image = Image.objects.create(
-        folder="/in",
-        name=f"{index}.jpg",
-        source_path=f"/in/{index}.jpg",
-        in_folder=False,
-        file_size=1,
-        mtime_ns=0,
-        sizes=["64x64"],
-        sizes_key="64x64",
-        sha256=f"{index:064x}",
-        status=status,
-        finished_at=timezone.now(),
-        **fields,
-    )
-    return image
+    return image_row(index, status, finished_at=timezone.now(), **fields)
 
 
 def owe(image: Image, event: str = webhooks.IMAGE_DONE) -> list[WebhookDelivery]:
