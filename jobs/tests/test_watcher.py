@@ -91,9 +91,11 @@ def test_beat_with_watch_events_sweeps_a_dropped_file_before_the_interval(system
     drop(folders["watch"], "photo.jpg", image_bytes((800, 600)))
 
     wait_for(
-        lambda: Image.objects.filter(name="photo.jpg", status=Image.Status.DONE).exists(),
+        lambda: Image.objects.filter(
+            name="photo.jpg", status=Image.Status.DONE, in_folder=False
+        ).exists(),
         timeout=90,
-        what="the dropped file to be done",
+        what="the dropped file to be done and put away",
     )
     image = Image.objects.get(name="photo.jpg")
     # Sent by the watch (the interval never came round), under the schedule's name, as beat
