@@ -47,7 +47,7 @@ bench: $(DEV_STAMP)
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/system.py
 	$(BIN)/python bench/system.py --corpus mixed --rounds 2
-	$(BIN)/python bench/system.py --corpus mixed --rounds 2 --libvips
+	$(BIN)/python bench/system.py --corpus mixed --rounds 2 --no-libvips
 	$(BIN)/python bench/system.py --corpus mixed --rounds 2 --no-watch-events
 
 # Pins every dependency of requirements.in (and -dev.in) into the .txt files that are installed.

@@ -546,6 +546,15 @@ def _report(built, files, megapixels, sizes, reps, tallies, quality, memory) -> 
         f"wall, {pipe.images / pipe.cpu / (floor.images / floor.cpu):5.2f} per core "
         "(target >= 0.75)\n"
     )
+    with_vips = tallies.get("pipe+libvips")
+    if with_vips is not None and with_vips.images:
+        # LIBVIPS_DECODE's default: what a worker runs unless told otherwise.
+        write(
+            f"pipe+libvips / tutorial  "
+            f"{with_vips.images / with_vips.cpu / (tut.images / tut.cpu):5.2f}x per core, "
+            f"/ decode floor {with_vips.images / with_vips.cpu / (floor.images / floor.cpu):5.2f} "
+            "per core (pipe+libvips is the default, LIBVIPS_DECODE on; pipeline is Pillow alone)\n"
+        )
     if "vipsthumbnail" in tallies and tallies["vipsthumbnail"].images:
         vips = tallies["vipsthumbnail"]
         write(

@@ -331,11 +331,10 @@ for _name, _choices in (
         raise ImproperlyConfigured(
             f"{_name} must be one of {', '.join(_choices)}, got {globals()[_name]!r}"
         )
-# PNG and WebP decoded and shrunk to the first thumbnail by libvips, after Pillow's checks:
-# less CPU and memory (bench/README.md). Off by default: Pillow still opens every WebP
-# first, and its check for that (17 bytes a pixel) with the ~40 MB a worker holds for
-# libvips refuses 4096x4096 WebPs in a 512 MB worker.
-LIBVIPS_DECODE = envbool("LIBVIPS_DECODE", "false")
+# PNG and WebP decoded and shrunk to the first thumbnail by libvips, after Pillow has
+# identified the file and checked its limits: a third less CPU for them, and a fraction of
+# the memory for large WebPs (bench/README.md). Off: Pillow decodes everything.
+LIBVIPS_DECODE = envbool("LIBVIPS_DECODE", "true")
 if LIBVIPS_DECODE and importlib.util.find_spec("pyvips") is None:
     raise ImproperlyConfigured(
         "LIBVIPS_DECODE needs pyvips and pyvips-binary (requirements.txt), not installed"
@@ -537,5 +536,10 @@ LOGGING = {
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        # libvips reports every resize and thread pool it runs at INFO: a dozen lines an
+        # image. Its warnings and errors still come through.
+        "pyvips": {"level": "WARNING"},
+    },
 }

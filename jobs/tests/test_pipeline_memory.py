@@ -53,9 +53,9 @@ if libvips:  # as a pool process does (jobs/worker.py)
 held = pipeline.memory_in_use()
 with pipeline.open_image(data, limits) as image:
     opening = pipeline.memory_in_use() - held
-    estimate = pipeline.estimate_memory(image, sizes, data)
+    estimate = pipeline.estimate_memory(image, sizes, data, libvips=libvips)
     planned = pipeline._libvips_target(image, data, sizes, pipeline.EncodeOptions())
-    if libvips:
+    if libvips and image.format in pipeline.LIBVIPS_FORMATS:
         assert planned is not None
         estimate = pipeline._libvips_estimate(image, planned[0], estimate)
 before = status("VmRSS")
@@ -135,6 +135,8 @@ LIBVIPS_MEASURED = {
     "interlaced RGBA PNG 12 MP": (lambda: interlaced_png(4000, 3000), "512x512,128x128"),
     "WebP 6 MP": (lambda: big_images.webp(3000, 2000), "512x512,128x128"),
     "RGBA WebP 12 MP": (lambda: big_images.webp(4000, 3000, "RGBA"), LARGE),
+    # Decoded by Pillow (a 1600x1200 draft), resized by libvips from a copy of it.
+    "baseline JPEG 8 MP, drafted": (lambda: big_images.jpeg(3200, 2400), "1500x1500,512x512"),
 }
 
 
@@ -268,6 +270,48 @@ try:
 except BaseException as exc:
     print(type(exc).__name__)
 """
+
+
+# Runs in a fresh process: a 4096x4096 WebP under a budget (and an OS limit on the data)
+# of 200 MB beyond what the process holds: room for Pillow's canvases (134 MB, allocated
+# when the file is opened) and libvips' reduced-scale decode, not for Pillow's own decode
+# (17 bytes a pixel, 285 MB). Prints what each decoder made of it.
+WEBP_UNDER_BUDGET = r"""
+import io, resource
+from jobs import pipeline
+from jobs.tests import big_images
+data = big_images.webp(4096, 4096)
+assert pipeline.warm_up_libvips()
+budget = pipeline.memory_in_use() + 200 * pipeline.MiB
+resource.setrlimit(resource.RLIMIT_DATA, (budget, resource.RLIM_INFINITY))
+for libvips in (True, False):
+    out = io.BytesIO()
+    try:
+        info = pipeline.write_archive(
+            data, "w.webp", out, pipeline.parse_sizes("512x512,128x128"), libvips=libvips,
+            limits=pipeline.Limits(memory_bytes=budget),
+        )
+    except pipeline.ImageRejected as exc:
+        print("refused:", exc)
+    else:
+        print("made:", ",".join(info.members))
+"""
+
+
+def test_a_large_webp_fits_a_budget_with_libvips_that_pillows_decode_does_not():
+    result = subprocess.run(
+        [sys.executable, "-c", WEBP_UNDER_BUDGET],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    with_libvips, with_pillow = result.stdout.splitlines()
+    assert with_libvips == "made: w.webp,w_512x512.webp,w_128x128.webp"
+    assert with_pillow.startswith("refused: decoding needs about")
+    assert "4096x4096 RGB WEBP" in with_pillow
+    assert "memory budget (WORKER_MEMORY_MB)" in with_pillow
 
 
 def test_write_archive_lets_a_memory_error_through_under_an_os_limit():
