@@ -67,19 +67,24 @@ print(json.dumps({"estimate": opening + estimate.peak, "measured": status("VmHWM
 """
 
 
-def measure(
-    tmp_path: Path, name: str, data: bytes, sizes: str, decoder: str = "pillow"
-) -> dict[str, int]:
-    path = tmp_path / name
-    path.write_bytes(data)
-    result = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(path), sizes, decoder],
+def in_a_fresh_process(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `script` in a new interpreter: its memory figures are its own, from its start."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def measure(
+    tmp_path: Path, name: str, data: bytes, sizes: str, decoder: str = "pillow"
+) -> dict[str, int]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    result = in_a_fresh_process(MEASURE, str(path), sizes, decoder)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -299,13 +304,7 @@ for libvips in (True, False):
 
 
 def test_a_large_webp_fits_a_budget_with_libvips_that_pillows_decode_does_not():
-    result = subprocess.run(
-        [sys.executable, "-c", WEBP_UNDER_BUDGET],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = in_a_fresh_process(WEBP_UNDER_BUDGET)
     assert result.returncode == 0, result.stderr
     with_libvips, with_pillow = result.stdout.splitlines()
     assert with_libvips == "made: w.webp,w_512x512.webp,w_128x128.webp"
@@ -317,9 +316,7 @@ def test_a_large_webp_fits_a_budget_with_libvips_that_pillows_decode_does_not():
 def test_write_archive_lets_a_memory_error_through_under_an_os_limit():
     # Without a budget in its limits the pipeline decodes, and the OS limit stops it: the
     # caller sees MemoryError (and records the budget), not a corrupt image.
-    result = subprocess.run(
-        [sys.executable, "-c", UNDER_LIMIT], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+    result = in_a_fresh_process(UNDER_LIMIT)
     assert result.stdout.strip() == "MemoryError", result.stderr
 
 
