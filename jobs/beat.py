@@ -89,10 +89,6 @@ class Scheduler(DatabaseScheduler):
         self.heartbeat = BeatHeartbeat()
         self.watching: threading.Event | None = None
         super().__init__(*args, **kwargs)
-        if settings.WATCH_EVENTS and WATCH_ENTRY in settings.CELERY_BEAT_SCHEDULE:
-            _, self.watching = watcher.start(
-                Path(settings.WATCH_FOLDER), settings.SETTLE_SECONDS, self.sweep_watch_folder
-            )
 
     def sweep_watch_folder(self) -> None:
         """Send the watch folder's settings-defined sweep now, as beat would: under its
@@ -114,6 +110,13 @@ class Scheduler(DatabaseScheduler):
     def setup_schedule(self) -> None:
         super().setup_schedule()
         retire_removed_entries(settings_owned_names())
+        # Here, not in __init__: `celery beat` makes a lazy instance first, for its banner,
+        # which never sets up its schedule; a watch started there sent every sweep twice.
+        watched = settings.WATCH_EVENTS and WATCH_ENTRY in settings.CELERY_BEAT_SCHEDULE
+        if watched and self.watching is None:
+            _, self.watching = watcher.start(
+                Path(settings.WATCH_FOLDER), settings.SETTLE_SECONDS, self.sweep_watch_folder
+            )
 
     def tick(self, *args, **kwargs) -> float:
         interval = super().tick(*args, **kwargs)

@@ -108,4 +108,8 @@ def test_beat_with_watch_events_sweeps_a_dropped_file_before_the_interval(system
     assert list(Sweep.objects.all()) == [image.sweep]
     activity = ScheduleActivity.objects.get(schedule_name="sweep-watch-folder")
     assert activity.last_found == image.sweep
+    # One watch in beat, not one per scheduler instance `celery beat` makes: so one drop
+    # sends one sweep.
+    beat_log = (system.log_dir / "beat.log").read_text(errors="replace")
+    assert beat_log.count("for finished files") == 1, beat_log
     assert not (folders["watch"] / "photo.jpg").exists()
