@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import astuple
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from django_celery_beat.schedulers import DatabaseScheduler
 
 from . import watcher
 from .health import BeatHeartbeat
+from .storage import Arrival
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +92,21 @@ class Scheduler(DatabaseScheduler):
         self.watching: threading.Event | None = None
         super().__init__(*args, **kwargs)
 
-    def sweep_watch_folder(self) -> None:
+    def sweep_watch_folder(self, arrived: list[Arrival]) -> None:
         """Send the watch folder's settings-defined sweep now, as beat would: under its
         schedule's name, so that one finding nothing (the periodic sweep took the files
-        first, or holds the folder) is counted as idle, not recorded."""
+        first, or holds the folder) is counted as idle, not recorded. `arrived`: files
+        renamed in, which the sweep may take without the settle wait."""
         entry: dict[str, Any] = settings.CELERY_BEAT_SCHEDULE[WATCH_ENTRY]
+        kwargs = dict(entry["kwargs"])
+        shown = dict(kwargs)  # the task result's arguments: a count, not a thousand numbers
+        if arrived:
+            kwargs["arrived"] = [astuple(arrival) for arrival in arrived]
+            shown["arrived"] = f"{len(arrived)} file(s) renamed in"
         self.app.send_task(
             entry["task"],
-            kwargs=entry["kwargs"],
+            kwargs=kwargs,
+            kwargsrepr=repr(shown),
             headers={"periodic_task_name": WATCH_ENTRY},
             **entry.get("options", {}),
         )

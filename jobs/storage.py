@@ -421,12 +421,63 @@ class Scan:
     unstorable: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """A file renamed into a watched folder, as it was just after the rename (jobs/watcher.py).
+
+    A rename moves a whole file at once: a writer that renames its finished file in (a
+    browser, a sync client, rsync, a file manager on the same file system) is done when the
+    name appears, so such a file need not wait SETTLE_SECONDS. It is taken early only while
+    all of this is unchanged: a write after the rename moves mtime or ctime, and the file
+    waits for the settle rule like any other.
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> Arrival:
+        return cls(
+            status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+        )
+
+    @classmethod
+    def parse(cls, items: object) -> list[Arrival]:
+        """Arrivals from a sweep task's `arrived` argument: a list of five-number lists.
+
+        Anything else is dropped with a warning, never an error: an arrival only lets a file
+        skip the settle wait, so without it the file is still taken, a little later.
+        """
+        if not items:
+            return []
+        arrivals = []
+        for item in items if isinstance(items, list) else [items]:
+            if (
+                isinstance(item, list | tuple)
+                and len(item) == 5
+                and all(isinstance(number, int) and not isinstance(number, bool) for number in item)
+            ):
+                arrivals.append(cls(*item))
+            else:
+                logger.warning("ignoring an arrival that is not five whole numbers: %.80r", item)
+        return arrivals
+
+
 def is_junk(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in JUNK_PATTERNS)
 
 
-def scan(folder: Path, settle_seconds: float, exclude: Iterable[Path] = ()) -> Scan:
-    """List files under folder; only those unchanged for settle_seconds are ready.
+def scan(
+    folder: Path,
+    settle_seconds: float,
+    exclude: Iterable[Path] = (),
+    arrived: Iterable[Arrival] = (),
+) -> Scan:
+    """List files under folder; only those unchanged for settle_seconds are ready, and
+    those renamed in and unchanged since (`arrived`, see Arrival).
 
     The folder is reached from its watch root, and every subfolder from its parent, without
     following links: a link is listed as a file (so that it fails with a reason rather
@@ -434,6 +485,7 @@ def scan(folder: Path, settle_seconds: float, exclude: Iterable[Path] = ()) -> S
     """
     result = Scan()
     excluded = {Path(path) for path in exclude}
+    complete = set(arrived)
     # ctime moves on every write and on every rename into the folder, and cannot be set
     # back by the writer (unlike mtime, which `cp -p` preserves): "unchanged since" uses it.
     settled_before = time.time_ns() - int(settle_seconds * 1e9)
@@ -444,7 +496,8 @@ def scan(folder: Path, settle_seconds: float, exclude: Iterable[Path] = ()) -> S
         return result
     with top:
         for name, status in _walk(top, folder, excluded, result):
-            if max(status.st_ctime_ns, status.st_mtime_ns) > settled_before:
+            changed = max(status.st_ctime_ns, status.st_mtime_ns)
+            if changed > settled_before and Arrival.of(status) not in complete:
                 result.unstable += 1
                 continue
             path = folder / name

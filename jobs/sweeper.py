@@ -32,7 +32,7 @@ from .pipeline import (
     METADATA_CHOICES,
     parse_sizes,
 )
-from .storage import Candidate, discard_partial_archives, kept_path, scan
+from .storage import Arrival, Candidate, discard_partial_archives, kept_path, scan
 
 logger = logging.getLogger(__name__)
 
@@ -182,15 +182,16 @@ def sweep_folder(
     task_id: str = "",
     options: Mapping[str, object] | None = None,
     requeue_after: float | None = None,
+    arrived: Iterable[Arrival] = (),
 ) -> SweepOutcome:
     """Sweep one folder: record the sweep, repair what a crash left, scan, claim.
 
     Returns the outcome, with the image ids to queue: the caller queues them once the
     claims are committed. A sweep sent by a schedule (`schedule_name`) that found nothing
     to do is never recorded: the schedule's activity counts it instead (see is_idle). Any
-    other sweep is recorded; a person who asked reads the answer there. `requeue_after` is
-    as for run_sweep. Raises SweepArgumentsError, after recording the failed sweep, when
-    the folder, sizes or output options cannot be used.
+    other sweep is recorded; a person who asked reads the answer there. `requeue_after` and
+    `arrived` are as for run_sweep. Raises SweepArgumentsError, after recording the failed
+    sweep, when the folder, sizes or output options cannot be used.
     """
     record, path, labels = start_sweep(
         folder,
@@ -205,7 +206,12 @@ def sweep_folder(
         raise SweepArgumentsError(record.error)
     try:
         outcome = run_sweep(
-            record, path, labels, exclude=other_sweep_folders(path), requeue_after=requeue_after
+            record,
+            path,
+            labels,
+            exclude=other_sweep_folders(path),
+            requeue_after=requeue_after,
+            arrived=arrived,
         )
     except Exception:
         _note_activity(SweepOutcome(record))
@@ -296,8 +302,12 @@ def run_sweep(
     sizes: list[str],
     exclude: Iterable[Path] = (),
     requeue_after: float | None = None,
+    arrived: Iterable[Arrival] = (),
 ) -> SweepOutcome:
     """Repair what a crash left, then claim every ready file. Returns image ids to queue.
+
+    Ready: settled (unchanged for SETTLE_SECONDS), or renamed in and unchanged since
+    (`arrived`, from the watch: see storage.Arrival).
 
     Pending images queued more than `requeue_after` seconds ago (default REQUEUE_AFTER) are
     assumed to have lost their message and are queued again. With less than MIN_FREE_MB
@@ -324,7 +334,7 @@ def run_sweep(
             # Read before listing the folder: a file whose claim is released after this read
             # was moved away before it, so the listing cannot show it again.
             waiting = waiting_paths(folder)
-            found = scan(folder, settings.SETTLE_SECONDS, exclude)
+            found = scan(folder, settings.SETTLE_SECONDS, exclude, arrived)
             claimed = claim(sweep, found.ready, sizes, waiting)
             sweep.seen = len(found.ready) + found.unstable
             sweep.unstable = found.unstable

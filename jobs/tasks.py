@@ -13,6 +13,7 @@ from django.db import transaction
 
 from . import retention, runner, sweeper, webhooks
 from .broker import queue_length
+from .storage import Arrival
 from .sweeper import SWEEP_TASK
 
 logger = logging.getLogger(__name__)
@@ -35,13 +36,16 @@ def sweep_folder(
     folder: str | None = None,
     sizes: list[str] | str | None = None,
     quality: int | None = None,
+    arrived: list[list[int]] | None = None,
     **unknown: object,
 ) -> dict[str, object]:
     """Sweep one folder (jobs.sweeper.sweep_folder), then queue one task per image.
 
     `quality` is the JPEG/WebP thumbnail quality (None: JPEG_QUALITY); the output preset
     comes as `format`, `fit`, `gravity`, `metadata`, `gps` and `colour` (see
-    sweeper.resolve_options; left out: the settings' THUMBNAIL_* defaults). Unknown keyword
+    sweeper.resolve_options; left out: the settings' THUMBNAIL_* defaults). `arrived` is
+    sent by the watch: the files just renamed in, which need not settle (storage.Arrival).
+    Unknown keyword
     arguments (a periodic task's kwargs edited by hand) fail the sweep with a recorded
     reason, rather than a TypeError that leaves no sweep behind. An idle sweep leaves no
     task result, as it leaves no sweep record.
@@ -53,6 +57,7 @@ def sweep_folder(
         task_id=self.request.id or "",
         options={"quality": quality, **unknown},
         requeue_after=requeue_after(),
+        arrived=Arrival.parse(arrived),
     )
     transaction.on_commit(lambda: queue_images(outcome.to_queue))
     return keep_result(self, outcome.summary()) if outcome.recorded else outcome.summary()

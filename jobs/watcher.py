@@ -1,9 +1,14 @@
 """Sweep as soon as a local writer is done, instead of at the next SWEEP_INTERVAL.
 
-A Linux inotify watch on WATCH_FOLDER and every folder below it: a file closed after
-writing (IN_CLOSE_WRITE) or renamed in (IN_MOVED_TO) starts a timer of SETTLE_SECONDS; when
-it runs out with no further event, one sweep is sent. The sweep still judges every file by
-its ctime and mtime, so a file still being written is left for later exactly as before.
+A Linux inotify watch on WATCH_FOLDER and every folder below it.
+- A file renamed in (IN_MOVED_TO) is whole when its name appears: a sweep is sent at once
+  (after a burst of renames has paused for ARRIVAL_QUIET), carrying each file's identity as
+  it was just after the rename (storage.Arrival). The sweep takes such a file without the
+  settle wait if it is still exactly that file, unchanged.
+- A file closed after writing (IN_CLOSE_WRITE) may be written again: it starts a timer of
+  SETTLE_SECONDS, and when that runs out one sweep is sent, which judges every file by its
+  ctime and mtime as the periodic sweep does. So does a renamed file, as a second chance
+  (the first sweep may have found the folder held by another).
 
 Polling stays the guarantee: a network share sends no events for other hosts' writes, a
 queue overflow loses events, and a watch can fail (too many folders for
@@ -19,11 +24,15 @@ import errno
 import logging
 import os
 import select
+import stat
 import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .storage import Arrival
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +51,22 @@ WATCHED_EVENTS = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_ONLYDIR
 _EVENT = struct.Struct("iIII")
 # A sweep's settle check compares whole nanoseconds of two clocks read apart: leave a margin.
 SETTLE_MARGIN = 0.05
+# Renamed files are sent once no rename came for this long (a burst, `mv *`, is one sweep),
+# or this long after the first of them at the latest (a steady stream still moves).
+ARRIVAL_QUIET = 0.05
+ARRIVAL_LONGEST = 0.5
+# Arrivals carried by one sweep message; a larger burst's others settle as usual.
+ARRIVALS_PER_SWEEP = 1000
+
+
+@dataclass
+class Events:
+    """What one read of the watch saw."""
+
+    # A file was finished or events were lost: a sweep is wanted once things settle.
+    finished: bool = False
+    # Files renamed in, as they were just after it: these need not settle.
+    arrived: list[Arrival] = field(default_factory=list)
 
 
 class Inotify:
@@ -73,71 +98,102 @@ class Inotify:
             return
         self.folders[wd] = folder
 
-    def read(self, timeout: float) -> bool:
-        """Wait up to `timeout` s; True when a file was finished (or events were lost)."""
+    def read(self, timeout: float) -> Events:
+        """Wait up to `timeout` s for events, and tell what they mean."""
+        events = Events()
         ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
         if not ready:
-            return False
+            return events
         try:
             data = os.read(self.fd, 64 * 1024)
         except BlockingIOError:
-            return False
-        finished = False
+            return events
         offset = 0
         while offset + _EVENT.size <= len(data):
             wd, mask, _, length = _EVENT.unpack_from(data, offset)
             name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
             offset += _EVENT.size + length
             if mask & IN_Q_OVERFLOW:
-                finished = True
+                events.finished = True
             elif mask & IN_IGNORED:
                 self.folders.pop(wd, None)
             elif mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO) and wd in self.folders:
                 # A folder made or moved in: watch it, and sweep for what it already holds.
                 self.add_tree(self.folders[wd] / os.fsdecode(name))
-                finished = True
+                events.finished = True
             elif mask & (IN_CLOSE_WRITE | IN_MOVED_TO):
-                finished = True
-        return finished
+                events.finished = True
+                if mask & IN_MOVED_TO and wd in self.folders:
+                    arrival = _arrival(self.folders[wd] / os.fsdecode(name))
+                    if arrival is not None:
+                        events.arrived.append(arrival)
+        return events
 
     def close(self) -> None:
         os.close(self.fd)
 
 
+def _arrival(path: Path) -> Arrival | None:
+    """The identity of a file just renamed in; None if it is gone or not a plain file."""
+    try:
+        status = path.lstat()
+    except OSError:
+        return None
+    return Arrival.of(status) if stat.S_ISREG(status.st_mode) else None
+
+
 def watch(
     inotify: Inotify,
     settle_seconds: float,
-    on_ready: Callable[[], None],
+    on_ready: Callable[[list[Arrival]], None],
     stop: threading.Event,
 ) -> None:
-    """Call on_ready once files were finished in the watched tree and SETTLE_SECONDS passed
-    since; until stop is set. Closes the inotify instance when done."""
+    """Until stop is set: call on_ready(arrivals) soon after files were renamed in, and
+    on_ready([]) once files were finished and SETTLE_SECONDS passed since. Closes the
+    inotify instance when done."""
     wait = settle_seconds + SETTLE_MARGIN
-    # When the next sweep is due, and when the last file was finished. The first file of a
-    # long copy is not kept waiting for the last: a sweep is sent once the first settled,
-    # and another for those finished too late for it.
+    # When the next settled sweep is due, and when the last file was finished. The first
+    # file of a long copy is not kept waiting for the last: a sweep is sent once the first
+    # settled, and another for those finished too late for it.
     due: float | None = None
     last = 0.0
+    # Renamed files not sent yet, and when their sweep is due.
+    arrived: list[Arrival] = []
+    first_arrival = soon = 0.0
     try:
         while not stop.is_set():
-            timeout = 1.0 if due is None else due - time.monotonic()
-            if inotify.read(min(1.0, timeout)):
-                last = time.monotonic()
+            deadlines = [when for when in (due, soon if arrived else None) if when is not None]
+            timeout = min(deadlines) - time.monotonic() if deadlines else 1.0
+            events = inotify.read(min(1.0, timeout))
+            now = time.monotonic()
+            if events.arrived:
+                first_arrival = first_arrival if arrived else now
+                arrived.extend(events.arrived)
+                soon = min(now + ARRIVAL_QUIET, first_arrival + ARRIVAL_LONGEST)
+            if events.finished:
+                last = now
                 due = due or last + wait
-            elif due is not None and time.monotonic() >= due:
+            if arrived and now >= soon:
+                _send(on_ready, arrived[:ARRIVALS_PER_SWEEP])
+                arrived = []
+            if due is not None and now >= due:
                 sent = time.monotonic()
-                try:
-                    on_ready()
-                except Exception:
-                    # A broker blip: the periodic sweep takes these files instead.
-                    logger.warning("could not send a sweep for finished files", exc_info=True)
+                _send(on_ready, [])
                 due = last + wait if last + wait > sent else None
     finally:
         inotify.close()
 
 
+def _send(on_ready: Callable[[list[Arrival]], None], arrivals: list[Arrival]) -> None:
+    try:
+        on_ready(arrivals)
+    except Exception:
+        # A broker blip: the periodic sweep takes these files instead.
+        logger.warning("could not send a sweep for finished files", exc_info=True)
+
+
 def start(
-    folder: Path, settle_seconds: float, on_ready: Callable[[], None]
+    folder: Path, settle_seconds: float, on_ready: Callable[[list[Arrival]], None]
 ) -> tuple[threading.Thread | None, threading.Event]:
     """Watch folder's tree from now on, in a daemon thread; set the event to stop it.
 

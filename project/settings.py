@@ -302,9 +302,10 @@ PORT = envint("PORT", "8000", minimum=1)
 DJANGO_BIND = envstr("DJANGO_BIND", "127.0.0.1").strip() or "127.0.0.1"
 SWEEP_INTERVAL = envfloat("SWEEP_INTERVAL", "10", minimum=1)
 SETTLE_SECONDS = envfloat("SETTLE_SECONDS", "2")
-# Beat also sweeps WATCH_FOLDER as soon as a local writer finishes a file (Linux inotify),
-# SETTLE_SECONDS after it did instead of up to SWEEP_INTERVAL later; the periodic sweep
-# stays the guarantee. On by default where there is inotify.
+# Beat also sweeps WATCH_FOLDER as soon as a local writer finishes a file (Linux inotify):
+# at once for a file renamed in (whole when it appears), SETTLE_SECONDS after one written in
+# place, instead of up to SWEEP_INTERVAL later; the periodic sweep stays the guarantee. On by
+# default where there is inotify.
 WATCH_EVENTS = envbool("WATCH_EVENTS", "true" if sys.platform.startswith("linux") else "false")
 try:
     THUMBNAIL_SIZES = [size.label for size in parse_sizes(envlist("THUMBNAIL_SIZES", ""))] or [

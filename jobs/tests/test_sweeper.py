@@ -68,6 +68,34 @@ def test_scan_waits_for_a_copied_file_even_with_an_old_mtime(folders, drop):
     assert storage.scan(folders["watch"], settle_seconds=60).unstable == 1
 
 
+def test_scan_takes_a_file_renamed_in_at_once_while_it_is_unchanged(folders, tmp_path, drop):
+    staged = drop(tmp_path / "staging", "whole.jpg")
+    renamed = folders["watch"] / "whole.jpg"
+    os.rename(staged, renamed)
+    drop(folders["watch"], "written.jpg")
+    arrival = storage.Arrival.of(renamed.lstat())
+
+    found = storage.scan(folders["watch"], settle_seconds=60, arrived=[arrival])
+    assert [c.name for c in found.ready] == ["whole.jpg"]
+    assert found.unstable == 1  # written in place: it waits to settle
+
+    # Written again after the rename: it is no longer the file that arrived whole.
+    with renamed.open("ab") as handle:
+        handle.write(b"more")
+    found = storage.scan(folders["watch"], settle_seconds=60, arrived=[arrival])
+    assert (found.ready, found.unstable) == ([], 2)
+
+
+def test_arrivals_from_a_task_argument_keep_only_five_whole_numbers():
+    assert storage.Arrival.parse([[1, 2, 3, 4, 5]]) == [storage.Arrival(1, 2, 3, 4, 5)]
+    assert storage.Arrival.parse(None) == []
+    malformed = [[1, 2, 3, 4], [1, 2, 3, 4, "5"], [1, 2, 3, 4, True], "12345", {"a": 1}]
+    assert storage.Arrival.parse([*malformed, [6, 7, 8, 9, 10]]) == [
+        storage.Arrival(6, 7, 8, 9, 10)
+    ]
+    assert storage.Arrival.parse("not a list") == []
+
+
 def test_scan_skips_excluded_subfolders(folders, drop):
     drop(folders["watch"], "a.jpg")
     drop(folders["watch"], "nested/b.jpg")

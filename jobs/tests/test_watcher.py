@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import os
+import queue
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from jobs import watcher
+from jobs import storage, watcher
 from jobs.models import Image, ScheduleActivity, Sweep
 
 from .conftest import image_bytes
 from .processes import wait_for
 
 
-def watching(folder: Path) -> tuple[threading.Event, threading.Event, threading.Thread]:
+def watching(
+    folder: Path, settle_seconds: float = 0.1
+) -> tuple[threading.Event, threading.Event, threading.Thread]:
     """watcher.watch on folder in a thread; returns (sweep wanted, stop, thread)."""
     wanted = threading.Event()
-    thread, stop = watcher.start(folder, 0.1, wanted.set)
+    thread, stop = watcher.start(folder, settle_seconds, lambda arrived: wanted.set())
     return wanted, stop, thread
 
 
@@ -43,6 +47,46 @@ def test_watch_wants_a_sweep_for_a_file_renamed_in(tmp_path):
     try:
         os.rename(staging / "photo.jpg", watched / "photo.jpg")
         assert wanted.wait(30)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def test_watch_sends_files_renamed_in_at_once_and_written_ones_once_settled(tmp_path):
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    watched = tmp_path / "watched"
+    (watched / "sub").mkdir(parents=True)
+    for name in ("one.jpg", "two.jpg"):
+        (staging / name).write_bytes(b"pixels")
+    sweeps: queue.Queue[tuple[float, list[storage.Arrival]]] = queue.Queue()
+    settle = 3.0
+    thread, stop = watcher.start(
+        watched, settle, lambda arrived: sweeps.put((time.monotonic(), arrived))
+    )
+    assert thread is not None
+    try:
+        start = time.monotonic()
+        (watched / "written.jpg").write_bytes(b"pixels")
+        os.rename(staging / "one.jpg", watched / "one.jpg")
+        os.rename(staging / "two.jpg", watched / "sub" / "two.jpg")
+        arrivals = [
+            storage.Arrival.of((watched / name).lstat()) for name in ("one.jpg", "sub/two.jpg")
+        ]
+
+        # A sweep for the burst of renames (two, if this thread was held up between them),
+        # well before the settle time, naming them and not the file written in place.
+        carried: list[storage.Arrival] = []
+        sent, arrived = sweeps.get(timeout=30)
+        while arrived:
+            assert sent - start < settle / 2
+            carried += arrived
+            sent, arrived = sweeps.get(timeout=30)
+        assert sorted(carried, key=lambda a: a.inode) == sorted(arrivals, key=lambda a: a.inode)
+        # Then one without arrivals, once the settle time passed, for whatever settled.
+        assert sent - start >= settle
+        with pytest.raises(queue.Empty):
+            sweeps.get(timeout=1)
     finally:
         stop.set()
         thread.join(10)
@@ -113,3 +157,33 @@ def test_beat_with_watch_events_sweeps_a_dropped_file_before_the_interval(system
     beat_log = (system.log_dir / "beat.log").read_text(errors="replace")
     assert beat_log.count("for finished files") == 1, beat_log
     assert not (folders["watch"] / "photo.jpg").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_beat_with_watch_events_takes_a_file_renamed_in_without_the_settle_wait(
+    system, folders, drop, tmp_path
+):
+    # Neither the interval nor the settle time comes round within the test: only a file
+    # renamed in can be taken, and one written in place must wait.
+    system.environment.update(
+        {"SWEEP_INTERVAL": "3600", "SETTLE_SECONDS": "3600", "WATCH_EVENTS": "true"}
+    )
+    system.worker()
+    system.beat()
+    wait_for(lambda: "watching" in system.logs(), timeout=30, what="the watch to start")
+    written = drop(folders["watch"], "written.jpg", image_bytes((640, 480)))
+    staged = drop(tmp_path / "staging", "renamed.jpg", image_bytes((800, 600)))
+    os.rename(staged, folders["watch"] / "renamed.jpg")
+
+    wait_for(
+        lambda: Image.objects.filter(
+            name="renamed.jpg", status=Image.Status.DONE, in_folder=False
+        ).exists(),
+        timeout=90,
+        what="the renamed file to be done and put away",
+    )
+    assert list(Image.objects.values_list("name", flat=True)) == ["renamed.jpg"]
+    assert written.exists()
+    sweep = Image.objects.get().sweep
+    assert (sweep.claimed, sweep.unstable) == (1, 1)
