@@ -92,6 +92,43 @@ def test_watch_sends_files_renamed_in_at_once_and_written_ones_once_settled(tmp_
         thread.join(10)
 
 
+class ScriptedInotify:
+    """Stands in for the kernel's queue: each read returns the next scripted events at once,
+    then nothing until the watch is stopped."""
+
+    def __init__(self, script: list[watcher.Events], stop: threading.Event) -> None:
+        self.script, self.stop = script, stop
+
+    def read(self, timeout: float) -> watcher.Events:
+        if self.script:
+            return self.script.pop(0)
+        time.sleep(max(0.0, min(timeout, 0.01)))
+        return watcher.Events()
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def test_watch_carries_at_most_a_message_of_arrivals_and_still_sends_a_settled_sweep():
+    burst = [storage.Arrival(1, inode, 10, 20, 30) for inode in range(1500)]
+    stop = threading.Event()
+    sweeps: list[list[storage.Arrival]] = []
+
+    def on_ready(arrived: list[storage.Arrival]) -> None:
+        sweeps.append(arrived)
+        if not arrived:
+            stop.set()  # the settled sweep is the last one expected
+
+    inotify = ScriptedInotify([watcher.Events(finished=True, arrived=burst)], threading.Event())
+    thread = threading.Thread(target=watcher.watch, args=(inotify, 0.2, on_ready, stop))
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    # The first ARRIVALS_PER_SWEEP in one message; the others wait for the settled sweep.
+    assert sweeps == [burst[: watcher.ARRIVALS_PER_SWEEP], []]
+    assert inotify.stop.is_set()  # closed when stopped
+
+
 def test_watch_follows_folders_made_after_it_started(tmp_path):
     wanted, stop, thread = watching(tmp_path)
     try:
