@@ -45,10 +45,9 @@ def sweep_folder(
     comes as `format`, `fit`, `gravity`, `metadata`, `gps` and `colour` (see
     sweeper.resolve_options; left out: the settings' THUMBNAIL_* defaults). `arrived` is
     sent by the watch: the files just renamed in, which need not settle (storage.Arrival).
-    Unknown keyword
-    arguments (a periodic task's kwargs edited by hand) fail the sweep with a recorded
-    reason, rather than a TypeError that leaves no sweep behind. An idle sweep leaves no
-    task result, as it leaves no sweep record.
+    Unknown keyword arguments (a periodic task's kwargs edited by hand) fail the sweep with
+    a recorded reason, rather than a TypeError that leaves no sweep behind. An idle sweep
+    leaves no task result, as it leaves no sweep record.
     """
     outcome = sweeper.sweep_folder(
         folder,
