@@ -161,6 +161,16 @@ def _read(path: Path) -> str:
         return ""
 
 
+def wait_until_done_and_put_away(name: str) -> None:
+    """Until the image is done and its original has left the watch folder (the runner
+    records done first, then moves the original)."""
+    wait_for(
+        lambda: Image.objects.filter(name=name, status=Image.Status.DONE, in_folder=False).exists(),
+        timeout=90,
+        what=f"{name} to be done and put away",
+    )
+
+
 @pytest.mark.integration
 @pytest.mark.django_db(transaction=True)
 def test_beat_with_watch_events_sweeps_a_dropped_file_before_the_interval(system, folders, drop):
@@ -171,13 +181,7 @@ def test_beat_with_watch_events_sweeps_a_dropped_file_before_the_interval(system
     wait_for(lambda: "watching" in system.logs(), timeout=30, what="the watch to start")
     drop(folders["watch"], "photo.jpg", image_bytes((800, 600)))
 
-    wait_for(
-        lambda: Image.objects.filter(
-            name="photo.jpg", status=Image.Status.DONE, in_folder=False
-        ).exists(),
-        timeout=90,
-        what="the dropped file to be done and put away",
-    )
+    wait_until_done_and_put_away("photo.jpg")
     image = Image.objects.get(name="photo.jpg")
     # Sent by the watch (the interval never came round), under the schedule's name, as beat
     # sends it: so a watch sweep that finds nothing counts as idle instead of leaving a row.
@@ -213,13 +217,7 @@ def test_beat_with_watch_events_takes_a_file_renamed_in_without_the_settle_wait(
     staged = drop(tmp_path / "staging", "renamed.jpg", image_bytes((800, 600)))
     os.rename(staged, folders["watch"] / "renamed.jpg")
 
-    wait_for(
-        lambda: Image.objects.filter(
-            name="renamed.jpg", status=Image.Status.DONE, in_folder=False
-        ).exists(),
-        timeout=90,
-        what="the renamed file to be done and put away",
-    )
+    wait_until_done_and_put_away("renamed.jpg")
     assert list(Image.objects.values_list("name", flat=True)) == ["renamed.jpg"]
     assert written.exists()
     sweep = Image.objects.get().sweep
