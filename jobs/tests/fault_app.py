@@ -17,6 +17,8 @@ final state and its webhook rows are committed, no delivery task queued yet) onc
 and "webhook-claimed" (a delivery row is claimed, nothing sent yet) once per row.
 PARROTER_FAULT_NO_ESTIMATE: the pipeline's memory estimate says every image needs nothing,
 so that only the OS limit on the pool process stands between an image and the machine.
+Not a fault, an observation: PARROTER_FAULT_CONNECTIONS names a file to which every pool
+process appends its PID each time it opens a database connection.
 """
 
 import os
@@ -72,6 +74,15 @@ def inject_faults(**kwargs):
     webhooks.post = faulty_post
     if os.environ.get("PARROTER_FAULT_NO_ESTIMATE"):
         pipeline.estimate_memory = lambda *args, **kwargs: pipeline.MemoryEstimate(0, 0, 0)
+    if os.environ.get("PARROTER_FAULT_CONNECTIONS"):
+        from django.db.backends.signals import connection_created
+
+        connection_created.connect(note_connection, weak=False)
+
+
+def note_connection(**kwargs):
+    with open(os.environ["PARROTER_FAULT_CONNECTIONS"], "a") as log:
+        log.write(f"{os.getpid()}\n")
 
 
 def paused_claim(sweep, ready, *args, **kwargs):

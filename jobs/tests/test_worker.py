@@ -1,14 +1,21 @@
-"""The set-up of a pool process, run in a fresh process of its own: the OS limit behind
-WORKER_MEMORY_MB."""
+"""The set-up of a pool process: the OS limit behind WORKER_MEMORY_MB, run in a fresh
+process of its own, and the database connections it keeps between tasks."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+from django.db import connection, transaction
+
 from jobs import pipeline
+from jobs.models import Image
+from jobs.tasks import make_thumbnails
+from jobs.worker import keep_database_connections
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,3 +53,29 @@ def test_limit_memory_makes_an_allocation_over_the_budget_fail():
     # The budget less the library pages resident, and room for more of them.
     assert figures["limit"] <= 300 * pipeline.MiB - pipeline.MEMORY_SLACK
     assert figures["held"] < figures["limit"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_connections_are_kept_between_tasks_until_they_are_too_old():
+    Image.objects.exists()
+    kept = connection.connection
+    keep_database_connections(sender=make_thumbnails)
+    assert connection.connection is kept
+
+    connection.close_at = time.monotonic() - 1  # past CONN_MAX_AGE
+    keep_database_connections(sender=make_thumbnails)
+    assert connection.connection is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_run_eagerly_leaves_the_callers_transaction_alone():
+    with transaction.atomic():
+        Image.objects.exists()
+        kept = connection.connection
+        connection.close_at = time.monotonic() - 1
+        make_thumbnails.push_request(is_eager=True)
+        try:
+            keep_database_connections(sender=make_thumbnails)
+        finally:
+            make_thumbnails.pop_request()
+        assert connection.connection is kept
