@@ -18,18 +18,24 @@ jobs.pipeline.build_archive in a multiprocessing Pool(2), and through the tutori
 make_thumbnails (bench/pipeline.py) back to back in one process. Every copy of a corpus
 file gets a unique trailer after its image data, so no copy is recorded as a duplicate.
 
-`--corpus mixed` runs on the real wallpapers of bench/corpus.py's build_mixed instead, and
-`--sweep-interval`/`--settle` try other values of those two settings. Where the time per
-image goes beyond the pipeline is printed last: the wait before work starts (drop -> claim,
-claim -> started), and, measured in this process over claimed copies with the system
-paused, what jobs.runner spends in SQL statements, fsyncs, moving the original, sha256
-and the rest, each exclusive of the others.
+`--corpus mixed` runs on the real wallpapers of bench/corpus.py's build_mixed instead,
+`--sweep-interval`/`--settle` try other values of those two settings, and `--postgres URL`
+runs the system on a PostgreSQL database of its own made on that server. Where the time
+per image goes beyond the pipeline is printed last: the wait before work starts (drop ->
+claim, claim -> started); how long the pool processes sat between images and at the end
+of a batch; measured in this process over claimed copies with the system paused, what
+jobs.runner spends in SQL statements, fsyncs, moving the original, sha256 and the rest,
+each exclusive of the others; and, written down by the worker's own pool processes
+(bench/timed_worker.py), each part of an image's task: jobs.runner, Celery's result rows,
+the time from one task to the next, the sweeps run meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import json
 import logging
 import multiprocessing
 import multiprocessing.pool
@@ -41,8 +47,10 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -99,8 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tutorial-rounds", type=int, default=2, help="corpus copies for the tutorial (2)"
     )
-    parser.add_argument("--worker-app", default="project", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-app", default="bench.timed_worker", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", choices=("bench", "mixed"), default="bench")
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="a PostgreSQL server (postgres://user@host:port/db) to run on instead of SQLite: "
+        "a database of the bench's own is made there and dropped afterwards",
+    )
     parser.add_argument("--sweep-interval", default="1", help="SWEEP_INTERVAL (1)")
     parser.add_argument("--settle", default="0.5", help="SETTLE_SECONDS (0.5)")
     parser.add_argument(
@@ -128,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from jobs.redis_server import start_bundled_redis
 
-        with start_bundled_redis() as redis_server:
-            environment = _configure(work, redis_server.url, args)
+        with _database(work, args.postgres) as database_url, start_bundled_redis() as redis:
+            environment = _configure(work, database_url, redis.url, args)
             return _run(work, environment, list(built.files), args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -137,12 +151,35 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(built.files[0].parent, ignore_errors=True)
 
 
-def _configure(work: Path, redis_url: str, args) -> dict[str, str]:
+@contextlib.contextmanager
+def _database(work: Path, postgres: str | None) -> Iterator[str]:
+    """A DATABASE_URL of the bench's own: a SQLite file in `work`, or a database made on
+    the PostgreSQL server `postgres` and dropped afterwards."""
+    if not postgres:
+        yield f"sqlite:///{work / 'bench.sqlite3'}"
+        return
+    import psycopg
+
+    server = urlsplit(postgres)
+    name = f"parroter_bench_{os.getpid()}"
+    with psycopg.connect(postgres, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield urlunsplit(server._replace(path=f"/{name}"))
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        with psycopg.connect(postgres, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _configure(work: Path, database_url: str, redis_url: str, args) -> dict[str, str]:
     """The environment of every process of this system, also set up in this one."""
     for name in ("inbox/watch", "media", "staging", "out", "logs"):
         (work / name).mkdir(parents=True)
     environment = {
-        "DATABASE_URL": f"sqlite:///{work / 'bench.sqlite3'}",
+        "DATABASE_URL": database_url,
         "WATCH_FOLDER": str(work / "inbox" / "watch"),
         "WATCH_ROOTS": str(work / "inbox"),
         "MEDIA_ROOT": str(work / "media"),
@@ -155,6 +192,8 @@ def _configure(work: Path, redis_url: str, args) -> dict[str, str]:
         "WORKER_CONCURRENCY": str(CONCURRENCY),
         "DJANGO_SECRET_KEY": "bench",
         "DJANGO_SETTINGS_MODULE": "project.settings",
+        # Where bench/timed_worker.py writes the times of each task's parts.
+        "BENCH_PHASES": str(work / "logs" / "phases.jsonl"),
     }
     os.environ.update(environment)
     import django
@@ -175,6 +214,8 @@ def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> in
     in_task: list[float] = []
     per_image: list[float] = []
     latencies: list[tuple[float, float]] = []
+    idles: list[tuple[float, float]] = []
+    phases: list[Phases] = []
     breakdowns: list[Breakdown] = []
     try:
         processes.worker(concurrency=CONCURRENCY, app=args.worker_app)
@@ -199,6 +240,8 @@ def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> in
                 runs.add(batch.images, batch.failed, wall, cpu)
             in_task.append(batch.mean_in_task)
             latencies.append((batch.claim_latency, batch.queue_wait))
+            idles.append((batch.between_tasks, batch.tail))
+            phases.append(batch.phases)
             logger.info("run %d of %d: where processing's time goes", rep + 1, args.reps)
             breakdowns.append(_breakdown(work, batch.paths[: max(8, len(files))], f"run{rep}"))
             logger.info("run %d of %d: processing without Celery", rep + 1, args.reps)
@@ -235,7 +278,8 @@ def _run(work: Path, environment: dict[str, str], files: list[Path], args) -> in
         statistics.median(in_task),
         statistics.median(per_image),
     )
-    _report_breakdown(latencies, breakdowns, args)
+    _report_breakdown(latencies, idles, breakdowns, args)
+    _report_phases(phases)
     return 0
 
 
@@ -297,6 +341,9 @@ class Batch:
     mean_in_task: float
     claim_latency: float = 0.0  # the drop to the first claim: settle wait and sweep interval
     queue_wait: float = 0.0  # claimed to started, mean: the message and a free worker
+    between_tasks: float = 0.0  # a pool process's finished_at to its next started_at, mean
+    tail: float = 0.0  # the end of the batch with one pool process idle for good
+    phases: Phases = field(default_factory=lambda: Phases())
 
 
 def _stage(work: Path, files: list[Path], rounds: int, tag: str) -> list[Path]:
@@ -322,6 +369,8 @@ def _drop_and_wait(work: Path, files: list[Path], rounds: int, tag: str, process
     from jobs.models import Image
 
     staged = _stage(work, files, rounds, tag)
+    phases_file = Path(os.environ["BENCH_PHASES"])
+    phases_file.unlink(missing_ok=True)
     before = Image.objects.aggregate(last=Max("id"))["last"] or 0
     watch = Path(settings.WATCH_FOLDER)
     dropped = time.time()
@@ -352,6 +401,7 @@ def _drop_and_wait(work: Path, files: list[Path], rounds: int, tag: str, process
         for path in rows.filter(status=Image.Status.DONE).values_list("original_path", flat=True)
     )
     in_task = figures["in_task"]
+    between_tasks, tail = _idle(rows.values_list("worker", "started_at", "finished_at"))
     return Batch(
         paths=paths,
         images=len(staged) - failed.count(),
@@ -361,7 +411,73 @@ def _drop_and_wait(work: Path, files: list[Path], rounds: int, tag: str, process
         mean_in_task=in_task.total_seconds() if in_task is not None else 0.0,
         claim_latency=figures["first_claim"].timestamp() - dropped,
         queue_wait=figures["queue_wait"].total_seconds() if figures["queue_wait"] else 0.0,
+        between_tasks=between_tasks,
+        tail=tail,
+        phases=Phases.read(phases_file),
     )
+
+
+@dataclass
+class Phases:
+    """Mean milliseconds per image task in a pool process, by part (bench/timed_worker.py),
+    over one batch; and the sweeps the same processes ran meanwhile."""
+
+    tasks: int = 0
+    parts: dict[str, float] = field(default_factory=dict)
+    sweeps: int = 0
+    sweep_ms: float = 0.0
+
+    @classmethod
+    def read(cls, path: Path) -> Phases:
+        if not path.exists():
+            return cls()
+        by_process = defaultdict(list)
+        for line in path.read_text().splitlines():
+            task = json.loads(line)
+            by_process[task["pid"]].append((task["task"], dict(task["marks"])))
+        sums: dict[str, float] = defaultdict(float)
+        tasks, sweeps, sweep_seconds, gaps = 0, 0, 0.0, []
+        for runs in by_process.values():
+            runs.sort(key=lambda run: run[1]["prerun"])
+            for number, (name, marks) in enumerate(runs):
+                whole = marks["postrun"] - marks["prerun"]
+                if name != "jobs.make_thumbnails":
+                    sweeps += 1
+                    sweep_seconds += whole
+                    continue
+                tasks += 1
+                parts = {
+                    part: marks.get(f"{part} end", 0.0) - marks.get(f"{part} start", 0.0)
+                    for part in ("STARTED row", "run", "put away", "SUCCESS row")
+                }
+                for part, seconds in parts.items():
+                    sums[part] += seconds
+                sums["Celery's other work in the task"] += whole - (
+                    parts["STARTED row"] + parts["run"] + parts["SUCCESS row"]
+                )
+                if number + 1 < len(runs):
+                    gaps.append(runs[number + 1][1]["prerun"] - marks["postrun"])
+        parts = {part: seconds * 1000 / max(tasks, 1) for part, seconds in sums.items()}
+        parts["between tasks"] = statistics.mean(gaps) * 1000 if gaps else 0.0
+        return cls(tasks, parts, sweeps, sweep_seconds * 1000 / max(sweeps, 1))
+
+
+def _idle(runs) -> tuple[float, float]:
+    """From (worker, started_at, finished_at) of a batch's images: the mean time a pool
+    process spent between recording one image and starting its next (putting the original
+    away, Celery's result row, the acknowledgement, the next message, the STARTED row), and
+    the time at the end when one process had no image left to take."""
+    by_process = defaultdict(list)
+    for worker, started, finished in runs:
+        by_process[worker].append((started.timestamp(), finished.timestamp()))
+    gaps = [
+        following[0] - previous[1]
+        for spans in by_process.values()
+        for previous, following in zip(sorted(spans), sorted(spans)[1:], strict=False)
+    ]
+    ends = sorted(max(finished for _, finished in spans) for spans in by_process.values())
+    tail = ends[-1] - ends[-2] if len(ends) > 1 else 0.0
+    return (statistics.mean(gaps) if gaps else 0.0), tail
 
 
 def _wait(condition, timeout: float, what: str, processes) -> None:
@@ -591,7 +707,7 @@ def _report(args, corpus_size: int, rows: dict[str, Runs], in_task, per_image) -
         f"Parroter system benchmark: {corpus_size} corpus files x {args.rounds} per run "
         f"({system.images + system.failed} images), {args.reps} run(s) of each after a "
         f"warm-up, interleaved, median (range) shown; worker --concurrency {CONCURRENCY}, "
-        "SWEEP_INTERVAL=1, SETTLE_SECONDS=0.5, SQLite\n\n"
+        f"SWEEP_INTERVAL=1, SETTLE_SECONDS=0.5, {'PostgreSQL' if args.postgres else 'SQLite'}\n\n"
     )
     write(HEADER + "\n")
     for name, runs in rows.items():
@@ -622,7 +738,7 @@ def _report(args, corpus_size: int, rows: dict[str, Runs], in_task, per_image) -
     )
 
 
-def _report_breakdown(latencies, breakdowns: list[Breakdown], args) -> None:
+def _report_breakdown(latencies, idles, breakdowns: list[Breakdown], args) -> None:
     write = sys.stdout.write
     claim = statistics.median(latency for latency, _ in latencies)
     queue = statistics.median(wait for _, wait in latencies)
@@ -634,6 +750,13 @@ def _report_breakdown(latencies, breakdowns: list[Breakdown], args) -> None:
         f"WATCH_EVENTS={args.watch_events}): drop -> first claim "
         f"{claim * 1000:.0f} ms a batch ({wait}), claim -> started {queue * 1000:.0f} ms an "
         "image on average (its message, and the images queued before it)\n"
+    )
+    between = statistics.median(gap for gap, _ in idles)
+    tail = statistics.median(tail for _, tail in idles)
+    write(
+        f"pool processes idle: {between * 1000:.1f} ms between one image's finished_at and "
+        f"the next one's started_at (mean), {tail * 1000:.0f} ms a batch at its end with one "
+        "process out of images\n"
     )
     images = sum(b.images for b in breakdowns)
     labels = sorted(
@@ -651,6 +774,35 @@ def _report_breakdown(latencies, breakdowns: list[Breakdown], args) -> None:
         write(f"  {name:<36}{seconds * 1000 / images:>8.1f} ms{calls / images:>7.1f}\n")
     total = sum(sum(b.seconds.values()) for b in breakdowns)
     write(f"  {'all of process_image':<36}{total * 1000 / images:>8.1f} ms\n")
+
+
+def _report_phases(batches: list[Phases]) -> None:
+    """The median over the runs of each part's mean per image task."""
+    batches = [batch for batch in batches if batch.tasks]
+    if not batches:
+        return
+    write = sys.stdout.write
+    write(
+        "in the pool processes, per image task, ms (median of the runs' means; "
+        "bench/timed_worker.py):\n"
+    )
+    labels = {
+        "run": "jobs.runner (the pipeline included)",
+        "put away": "  of it: putting the original away",
+        "STARTED row": "Celery's STARTED result row",
+        "SUCCESS row": "Celery's SUCCESS result row",
+        "Celery's other work in the task": "Celery's other work in the task",
+        "between tasks": "from one task's end to the next's start",
+    }
+    for part, label in labels.items():
+        value = statistics.median(batch.parts.get(part, 0.0) for batch in batches)
+        write(f"  {label:<44}{value:>8.1f} ms\n")
+    sweeps = statistics.median(batch.sweeps for batch in batches)
+    sweep_ms = statistics.median(batch.sweep_ms for batch in batches)
+    write(
+        f"  sweeps run by the same processes meanwhile: {sweeps:g} a batch, "
+        f"{sweep_ms:.1f} ms each\n"
+    )
 
 
 if __name__ == "__main__":

@@ -289,6 +289,7 @@ class Image(models.Model):
     ) -> bool:
         """processing -> done with its archive. False if this run no longer owns the image.
 
+        Every final state records the sha256 this run computed (self.sha256) with it.
         Raises IntegrityError when the same content with the same sizes is done already.
         """
         result = {
@@ -303,7 +304,11 @@ class Image(models.Model):
         # A savepoint, so that the IntegrityError of a duplicate leaves the connection usable.
         with transaction.atomic():
             done = self._this_run().update(
-                status=self.Status.DONE, finished_at=Now(), lease_until=None, **result
+                status=self.Status.DONE,
+                finished_at=Now(),
+                lease_until=None,
+                sha256=self.sha256,
+                **result,
             )
             if done:
                 _finished(self)
@@ -328,6 +333,7 @@ class Image(models.Model):
                 error=reason,
                 finished_at=Now(),
                 lease_until=None,
+                sha256=self.sha256,
                 **extra,
             )
             if failed:
@@ -362,6 +368,7 @@ class Image(models.Model):
                     thumbnails={},
                     finished_at=Now(),
                     lease_until=None,
+                    sha256=self.sha256,
                 )
             )
             if recorded:

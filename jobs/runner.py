@@ -104,9 +104,8 @@ def _process(image: Image) -> str:
         return _release_changed(image)
     except storage.NotBeneath as exc:
         return _release_changed(image, f"{exc}; the file was left untouched, unread")
-    sha256 = hashlib.sha256(data).hexdigest()
-    Image.objects.filter(id=image.id, token=image.token).update(sha256=sha256)
-    image.sha256 = sha256
+    # Recorded with the final state, whichever it is (models.Image.mark_done and the rest).
+    image.sha256 = hashlib.sha256(data).hexdigest()
     first = _first_done(image)
     if first is not None:
         recorded = _record_duplicate(image, first)

@@ -50,3 +50,12 @@ def test_bench_system_smoke_runs_and_prints_the_table():
     assert header in output
     for line in ("system, drop -> recorded", "system / pipeline alone", "system / tutorial"):
         assert line in output
+    # The pool processes' own account of each image task came through, with figures.
+    parts = {
+        line.rsplit(None, 2)[0].strip(): float(line.rsplit(None, 2)[1])
+        for line in output.splitlines()
+        if line.startswith("  ") and line.endswith(" ms") and "of it" not in line
+    }
+    for part in ("jobs.runner (the pipeline included)", "Celery's SUCCESS result row"):
+        assert parts[part] > 0, output
+    assert "pool processes idle:" in output
