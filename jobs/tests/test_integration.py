@@ -11,7 +11,9 @@ import json
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
+from django.db import connection
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from django_celery_results.models import TaskResult
 from PIL import Image as PILImage
@@ -165,3 +167,36 @@ def test_a_pool_process_keeps_its_database_connection_from_task_to_task(
     assert TaskResult.objects.filter(task_name="jobs.make_thumbnails").count() == 6
     pids = opened.read_text().split()
     assert len(pids) == 1, f"{len(pids)} connections opened by pool processes {set(pids)}"
+
+
+def test_a_pool_process_whose_database_connection_was_cut_connects_again(system, folders, drop):
+    # The connection a pool process keeps between tasks can die (a PostgreSQL restart, a
+    # proxy's idle timeout): the next task notices before its first query
+    # (CONN_HEALTH_CHECKS) and opens a new one, instead of failing its image.
+    if connection.vendor != "postgresql":
+        pytest.skip("cuts a PostgreSQL backend; SQLite has no connection to lose")
+    system.worker(concurrency=1)
+    system.beat()
+    drop(folders["watch"], "first.jpg", image_bytes((320, 240)))
+    wait_for(lambda: final_images(1), timeout=90, what="the first image to finish")
+
+    pool_process = psutil.Process(int(Image.objects.get().worker.rpartition(":")[2]))
+    ports = {kept.laddr.port for kept in pool_process.net_connections(kind="tcp")}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND client_port = ANY(%s)",
+            [list(ports)],
+        )
+        assert cursor.fetchall() == [(True,)]
+
+    drop(folders["watch"], "second.jpg", image_bytes((321, 240)))
+    wait_for(lambda: final_images(2), timeout=90, what="the second image to finish")
+    second = Image.objects.get(name="second.jpg")
+    assert second.status == Image.Status.DONE, second.error
+    assert second.attempts == 1
+    assert second.worker == Image.objects.get(name="first.jpg").worker
+    # Nor did a sweep run by that process meanwhile meet the dead connection.
+    logs = system.logs()
+    for error in ("OperationalError", "InterfaceError"):
+        assert error not in logs, logs[-4000:]
