@@ -446,14 +446,14 @@ class Phases:
                     sweep_seconds += whole
                     continue
                 tasks += 1
-                parts = {
+                spans = {
                     part: marks.get(f"{part} end", 0.0) - marks.get(f"{part} start", 0.0)
                     for part in ("STARTED row", "run", "put away", "SUCCESS row")
                 }
-                for part, seconds in parts.items():
+                for part, seconds in spans.items():
                     sums[part] += seconds
                 sums["Celery's other work in the task"] += whole - (
-                    parts["STARTED row"] + parts["run"] + parts["SUCCESS row"]
+                    spans["STARTED row"] + spans["run"] + spans["SUCCESS row"]
                 )
                 if number + 1 < len(runs):
                     gaps.append(runs[number + 1][1]["prerun"] - marks["postrun"])
