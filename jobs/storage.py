@@ -326,9 +326,26 @@ def _truncate_name(name: str) -> str:
 # --- Writing files whole -------------------------------------------------------------------
 
 
+# The longest file name the file systems we write to take (NAME_MAX on Linux), in bytes.
+NAME_MAX_BYTES = 255
+# What _temporary_name adds after its prefix: 8 random hex digits and ".part".
+_TEMPORARY_TAIL_BYTES = len("0123abcd.part")
+
+
 def _temporary_name(name: str, tag: str = "") -> str:
     # Named after the destination, so that one left by a killed process can be found.
-    return f".{name}." + (f"{tag}." if tag else "") + f"{secrets.token_hex(4)}.part"
+    return _temporary_prefix(name, tag) + f"{secrets.token_hex(4)}.part"
+
+
+def _temporary_prefix(name: str, tag: str = "") -> str:
+    """`.<name>.<tag>.`, the name cut short (in UTF-8 bytes) so that the temporary name
+    stays within NAME_MAX_BYTES: a long destination name (a 200-byte stem, an id, a
+    reprocessing date) plus a run's 32-digit tag would not."""
+    room = NAME_MAX_BYTES - _TEMPORARY_TAIL_BYTES - len(f"..{tag}." if tag else "..")
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > room:
+        name = encoded[:room].decode("utf-8", "ignore")
+    return f".{name}." + (f"{tag}." if tag else "")
 
 
 @contextlib.contextmanager
@@ -595,8 +612,9 @@ def read_original(path: Path, claimed: FileIdentity | None, max_bytes: int) -> b
 
     Raises NotBeneath when the path leaves the configured folders (outside them, or a
     folder on the way is a link now) and FileChanged when the file there is not the one
-    claimed: in both cases nothing was read. ImageRejected when it is itself a link, not
-    a regular file, or over max_bytes.
+    claimed, or it changed size while being read: in both cases nothing is returned.
+    ImageRejected when it is itself a link (symbolic or hard), not a regular file, or over
+    max_bytes.
     """
     with open_folder(path.parent, source_roots()) as folder:
         try:
@@ -615,9 +633,20 @@ def read_original(path: Path, claimed: FileIdentity | None, max_bytes: int) -> b
             raise FileChanged(f"{path} is not the file that was claimed")
         if not stat.S_ISREG(status.st_mode):
             raise ImageRejected("not a regular file")
+        if status.st_nlink > 1:
+            # Another name of the same file may be anywhere on this file system, outside the
+            # folders: O_NOFOLLOW cannot tell, so no file with more than one name is read.
+            raise ImageRejected(
+                f"hard link: this file has {status.st_nlink} names, and another may be "
+                "outside the folder, so it is not read; copy the file in instead of linking it"
+            )
         if status.st_size > max_bytes:
             raise ImageRejected(f"file is {status.st_size:,} bytes, over the {max_bytes:,} limit")
-        return handle.read()
+        # Never more than was checked: a writer still appending cannot make this read grow.
+        data = handle.read(status.st_size + 1)
+        if len(data) != status.st_size:
+            raise FileChanged(f"{path} changed size while it was being read")
+        return data
 
 
 def move_original(
@@ -927,7 +956,7 @@ def discard_partial_archives(image: Image) -> None:
     if image.token is None:
         return
     destination = archive_path(image)
-    prefix = f".{destination.name}.{image.token.hex}."
+    prefix = _temporary_prefix(destination.name, image.token.hex)
     try:
         folder = open_folder(destination.parent, [media_area(ARCHIVES)])
     except FileNotFoundError:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .storage import Arrival
+from .storage import Arrival, NotBeneath, open_folder
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +78,32 @@ class Inotify:
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         self.fd = fd
+        self.root = root
         self.folders: dict[int, Path] = {}
         self.add_tree(root)
 
-    def add_tree(self, root: Path) -> None:
-        """Watch root and every folder below it (not following links)."""
-        for folder, subfolders, _ in os.walk(root):
-            self._add(Path(folder))
-            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+    def add_tree(self, top: Path) -> None:
+        """Watch `top` and every folder below it, each reached from the root without
+        following any link (storage.open_folder): a folder swapped for a link between its
+        event and this walk is neither walked nor watched, so nothing outside is."""
+        pending = [top]
+        while pending:
+            folder = pending.pop()
+            try:
+                opened = open_folder(folder, [self.root])
+            except (OSError, NotBeneath):
+                continue  # gone already, or reached through a link now
+            with opened:
+                # Watched through the descriptor just opened, not by its path again.
+                self._add(folder, f"/proc/self/fd/{opened.fd}")
+                pending.extend(
+                    folder / entry.name
+                    for entry in opened.entries()
+                    if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")
+                )
 
-    def _add(self, folder: Path) -> None:
-        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(folder), WATCHED_EVENTS)
+    def _add(self, folder: Path, target: str) -> None:
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(target), WATCHED_EVENTS)
         if wd < 0:
             code = ctypes.get_errno()
             if code in (errno.ENOENT, errno.ENOTDIR):

@@ -627,3 +627,24 @@ def test_write_archive_replaces_an_existing_archive(tmp_path):
 
 
 # --- writing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "WEBP", "JPEG"])
+@pytest.mark.parametrize("libvips", [False, True])
+def test_write_archive_takes_an_image_whose_exif_is_not_tiff(image_format, libvips):
+    # An EXIF block Pillow cannot parse says nothing about orientation: the pixels are made
+    # as stored, where the memory check (which reads the orientation) used to raise.
+    buffer = io.BytesIO()
+    bad_exif = b"Exif\x00\x00XX\x00\x00not-tiff"
+    Image.new("RGB", (640, 480), "red").save(buffer, image_format, exif=bad_exif)
+    out = io.BytesIO()
+    info = pipeline.write_archive(
+        buffer.getvalue(),
+        "bad-exif.img",
+        out,
+        pipeline.parse_sizes("64x64"),
+        limits=pipeline.Limits(memory_bytes=pipeline.memory_in_use() + 256 * pipeline.MiB),
+        libvips=libvips,
+    )
+    assert (info.width, info.height, info.format) == (640, 480, image_format)
+    assert info.thumbnails == {"64x64": (64, 48)}

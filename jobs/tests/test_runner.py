@@ -21,7 +21,7 @@ from jobs.models import Image, Sweep
 from jobs.sweeper import SweepArgumentsError
 from jobs.tasks import make_thumbnails, sweep_folder
 
-from .conftest import image_bytes, jpeg_tables, noise_jpeg
+from .conftest import image_bytes, image_row, jpeg_tables, noise_jpeg
 from .processes import wait_for
 
 pytestmark = pytest.mark.django_db
@@ -83,6 +83,42 @@ def test_make_thumbnails_fails_bad_input_and_keeps_the_original(folders, drop, n
     assert kept.read_bytes() == data
     assert reason in kept.with_name(kept.name + ".error.txt").read_text()
     assert not [path for path in (folders["media"] / "archives").rglob("*") if path.is_file()]
+
+
+def test_make_thumbnails_refuses_a_hard_link_and_reads_nothing_through_it(folders, tmp_path):
+    # A hard link is a plain file entry: O_NOFOLLOW does not see it, its other name may be
+    # anywhere on the file system.
+    secret = tmp_path / "private" / "secret.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(image_bytes((300, 200)))
+    os.link(secret, folders["watch"] / "innocent.jpg")
+    sweeper.sweep_folder(str(folders["watch"]), ["64x64"])
+    image = Image.objects.get(name="innocent.jpg")
+    assert make_thumbnails(image.id) == Image.Status.FAILED
+    image.refresh_from_db()
+    assert image.error.startswith("hard link: this file has 2 names"), image.error
+    assert not image.archive
+    assert not image.sha256
+    assert not list((folders["media"] / "archives").rglob("*.zip"))
+    # Put away with the other failures, as a name only: the file outside keeps its bytes.
+    assert Path(image.original_path).is_relative_to(folders["media"] / "failed")
+    assert secret.read_bytes() == image_bytes((300, 200))
+
+
+def test_make_thumbnails_of_a_long_name_in_any_script(folders, drop):
+    # 100 letters of two bytes each (the 200-byte stem limit), an id of four digits, and a
+    # reprocessing date: the temporary zip's name must still fit in 255 bytes.
+    image_row(999, Image.Status.DONE, id=999)
+    name = "é" * 100 + ".jpg"
+    image = claim(folders, drop, name=name, data=image_bytes((80, 60)))
+    assert image.id >= 1000
+    assert make_thumbnails(image.id) == Image.Status.DONE, Image.objects.get(id=image.id).error
+    assert uploads.claim_again([Image.objects.get(id=image.id)]).queued == [image.id]
+    assert make_thumbnails(image.id) == Image.Status.DONE, Image.objects.get(id=image.id).error
+    image.refresh_from_db()
+    assert len(Path(image.archive).name.encode()) > 200
+    with zipfile.ZipFile(folders["media"] / image.archive) as bundle:
+        assert bundle.namelist()[0] == name.replace(".jpg", "") + ".jpg"
 
 
 def test_make_thumbnails_marks_same_content_as_duplicate(folders, drop):

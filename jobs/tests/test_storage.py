@@ -213,6 +213,47 @@ def test_read_original_refuses_another_file_with_the_same_size_and_mtime(folders
     assert storage.read_original(path, old_record, max_bytes=1000) == b"another file!"
 
 
+def test_read_original_reads_no_more_than_the_size_it_checked(folders, drop, monkeypatch):
+    path = drop(folders["watch"], "x.jpg", b"claimed bytes")
+    claimed = storage.FileIdentity.of(os.lstat(path))
+    checked = os.fstat
+    grown = []
+
+    def check_then_grow(fd):
+        # A writer appends right after the size was checked against the limit.
+        status = checked(fd)
+        if not grown:
+            grown.append(os.truncate(path, 64 << 20))
+        return status
+
+    opened = os.fdopen
+    read: list[int] = []
+
+    def counting(fd, *args, **kwargs):
+        handle = opened(fd, *args, **kwargs)
+        reading = handle.read
+        handle.read = lambda *size: read.append(len(data := reading(*size))) or data
+        return handle
+
+    monkeypatch.setattr(storage.os, "fstat", check_then_grow)
+    monkeypatch.setattr(storage.os, "fdopen", counting)
+    with pytest.raises(storage.FileChanged, match="changed size while it was being read"):
+        storage.read_original(path, claimed, max_bytes=1000)
+    assert grown
+    assert sum(read) <= claimed.size + 1, "read past the size checked against max_bytes"
+
+
+def test_temporary_names_fit_in_a_file_name_whatever_the_destination():
+    tag = "f" * 32
+    for name in ("a.zip", "1000-" + "é" * 100 + "-20261128-120000-123456.zip", "x" * 255):
+        temporary = storage._temporary_name(name, tag)
+        assert len(temporary.encode()) <= 255
+        # A killed run's temporary file is found by its prefix (discard_partial_archives).
+        assert temporary.startswith(storage._temporary_prefix(name, tag))
+        assert temporary.startswith("." + name[:40])
+    assert storage._temporary_name("a.zip", tag).startswith(f".a.zip.{tag}.")
+
+
 def test_read_original_refuses_a_folder_swapped_for_a_link_after_the_claim(folders, drop, outside):
     path = drop(folders["watch"], "inbox/x.jpg", b"claimed bytes")
     same_size_and_mtime(path, outside / "x.jpg", b"outside bytes")

@@ -222,3 +222,25 @@ def test_beat_with_watch_events_takes_a_file_renamed_in_without_the_settle_wait(
     assert written.exists()
     sweep = Image.objects.get().sweep
     assert (sweep.claimed, sweep.unstable) == (1, 1)
+
+
+def test_watch_never_enters_a_folder_swapped_for_a_link_before_its_event_is_read(tmp_path):
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    outside = tmp_path / "outside"
+    (outside / "a" / "b").mkdir(parents=True)
+    inotify = watcher.Inotify(watched)
+    try:
+        (watched / "made").mkdir()
+        (watched / "d").mkdir()  # its event waits to be read...
+        (watched / "d").rmdir()
+        (watched / "d").symlink_to(outside, target_is_directory=True)  # ...a link in its place
+        inotify.read(5)
+        assert sorted(inotify.folders.values()) == [watched, watched / "made"]
+        # Nothing outside is watched: a file finished there brings no sweep.
+        (outside / "a" / "x.jpg").write_bytes(b"pixels")
+        assert not inotify.read(0.5).finished
+        (watched / "made" / "y.jpg").write_bytes(b"pixels")
+        assert inotify.read(5).finished
+    finally:
+        inotify.close()
