@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, NoReturn, Protocol
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -704,7 +704,29 @@ def _move(origin: Folder, name: str, claimed: FileIdentity, target: Folder, new:
         if exc.errno != errno.EXDEV:
             raise _named(exc, origin.path / name) from None
         _copy_across(origin, name, claimed, target, new)
+    else:
+        moved = target.find(new)
+        if moved is not None and not claimed.matches(moved):
+            _move_back(origin, name, target, new)
     target.fsync()
+
+
+def _move_back(origin: Folder, name: str, target: Folder, new: str) -> NoReturn:
+    """Undo a rename that took another file than the one claimed (it replaced the claimed
+    one between the look and the rename): back to where it was found, never over a file
+    put there since (a link cannot replace a name, a rename could). Raises FileChanged."""
+    try:
+        os.link(new, name, src_dir_fd=target.fd, dst_dir_fd=origin.fd, follow_symlinks=False)
+    except OSError as exc:
+        target.fsync()
+        raise FileChanged(
+            f"{origin.path / name} was replaced just before it was moved, and the new file "
+            f"could not be put back ({exc.strerror}): it is at {target.path / new}"
+        ) from None
+    target.unlink(new, missing_ok=False)
+    origin.fsync()
+    target.fsync()
+    raise FileChanged(f"{origin.path / name} is not the file that was claimed")
 
 
 def _copy_across(

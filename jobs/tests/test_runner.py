@@ -105,6 +105,40 @@ def test_make_thumbnails_refuses_a_hard_link_and_reads_nothing_through_it(folder
     assert secret.read_bytes() == image_bytes((300, 200))
 
 
+def test_a_file_saved_over_the_original_just_before_it_moves_stays_in_the_folder(
+    folders, drop, monkeypatch
+):
+    image = claim(folders, drop, data=image_bytes((300, 200)))
+    newer = image_bytes((320, 200), colour=(0, 0, 255))
+    path = Path(image.source_path)
+    looked = storage.Folder.find
+
+    def look_then_replace(folder, name):
+        # The person saves a new version right after the original was found unchanged.
+        status = looked(folder, name)
+        if folder.path == folders["watch"] and name == path.name and path.read_bytes() != newer:
+            (folders["watch"] / "new.tmp").write_bytes(newer)
+            os.replace(folders["watch"] / "new.tmp", path)
+        return status
+
+    monkeypatch.setattr(storage.Folder, "find", look_then_replace)
+    assert make_thumbnails(image.id) == Image.Status.DONE
+    monkeypatch.undo()
+    image.refresh_from_db()
+    # The new version is back where it was saved, for the next sweep; nothing in its place.
+    assert path.read_bytes() == newer
+    assert image.original_path == ""
+    assert "is not the file that was claimed" in image.error
+    assert not list((folders["media"] / "originals").rglob("*.jpg"))
+    with zipfile.ZipFile(folders["media"] / image.archive) as bundle:
+        assert bundle.read("photo.jpg") == image_bytes((300, 200))
+    sweeper.sweep_folder(str(folders["watch"]), ["64x64"])
+    again = Image.objects.exclude(id=image.id).get()
+    assert make_thumbnails(again.id) == Image.Status.DONE
+    again.refresh_from_db()
+    assert Path(again.original_path).read_bytes() == newer
+
+
 def test_make_thumbnails_of_a_long_name_in_any_script(folders, drop):
     # 100 letters of two bytes each (the 200-byte stem limit), an id of four digits, and a
     # reprocessing date: the temporary zip's name must still fit in 255 bytes.
