@@ -6,6 +6,7 @@ each with a short timeout, and answers "unknown" rather than raise when it canno
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,10 +85,26 @@ def queue_state(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> 
                 return QueueState(int(waiting), None)
             # Celery sends no message priorities, so every message is in the plain list.
             client = channel.client
-            return QueueState(int(client.llen(name)), int(client.hlen(channel.unacked_key)))
+            # kombu prefixes the key of the commands it uses itself (HLEN), not HVALS.
+            unacked = getattr(client, "global_keyprefix", "") + channel.unacked_key
+            return QueueState(int(client.llen(name)), _taken(client.hvals(unacked), name))
     except UNREACHABLE as exc:
         logger.warning("cannot read the length of queue %r at %s: %s", name, redact(url), exc)
         return QueueState(None, None, f"the broker at {redact(url)} did not answer: {exc}")
+
+
+def _taken(unacked: list[bytes], queue: str) -> int:
+    """How many of kombu's unacknowledged messages (the values of its Redis hash, each
+    `[message, exchange, routing key]`) are of `queue`: every queue's share that hash, and
+    a sweep running counts its own message there."""
+    taken = 0
+    for value in unacked:
+        try:
+            routing_key = json.loads(value)[2]
+        except (ValueError, IndexError, TypeError):
+            continue
+        taken += routing_key == queue
+    return taken
 
 
 def queue_length(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> int | None:

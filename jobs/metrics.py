@@ -29,7 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from . import tasks
+from .broker import queue_length
 from .models import Image, ProcessingTime, ScheduleActivity, Sweep, WebhookDelivery
 from .sweeper import SWEEP_TASK
 
@@ -110,7 +110,7 @@ def processing_seconds() -> HistogramMetricFamily:
 
 
 def queue() -> Iterator[GaugeMetricFamily]:
-    length = tasks.queue_length()
+    length = queue_length()
     if length is None:
         return  # the broker did not answer; a missing sample says so, a 0 would lie
     metric = GaugeMetricFamily(

@@ -49,6 +49,22 @@ class SweepArgumentsError(ValueError):
     """A sweep was sent arguments it cannot use (a periodic task's kwargs edited by hand)."""
 
 
+@dataclass(frozen=True)
+class Requeue:
+    """When a pending image's message counts as lost, to be sent again.
+
+    Queued more than `after` seconds ago (None: REQUEUE_AFTER); and when the broker said how
+    many image messages it holds (`held`: waiting, or taken by a worker and not yet
+    acknowledged), only as many of those as the queue lacks, oldest first. In a backlog
+    every pending image's message is still in the queue: sending them all again each
+    REQUEUE_AFTER would grow the queue by the backlog every minute and reset each image's
+    wait, hiding the backlog's age from /metrics and the dashboard.
+    """
+
+    after: float | None = None
+    held: int | None = None
+
+
 @dataclass
 class Repairs:
     """What a repair did: image ids to queue again, and images it settled otherwise
@@ -181,7 +197,7 @@ def sweep_folder(
     schedule_name: str = "",
     task_id: str = "",
     options: Mapping[str, object] | None = None,
-    requeue_after: float | None = None,
+    requeue: Requeue = Requeue(),
     arrived: Iterable[Arrival] = (),
 ) -> SweepOutcome:
     """Sweep one folder: record the sweep, repair what a crash left, scan, claim.
@@ -189,7 +205,7 @@ def sweep_folder(
     Returns the outcome, with the image ids to queue: the caller queues them once the
     claims are committed. A sweep sent by a schedule (`schedule_name`) that found nothing
     to do is never recorded: the schedule's activity counts it instead (see is_idle). Any
-    other sweep is recorded; a person who asked reads the answer there. `requeue_after` and
+    other sweep is recorded; a person who asked reads the answer there. `requeue` and
     `arrived` are as for run_sweep. Raises SweepArgumentsError, after recording the failed
     sweep, when the folder, sizes or output options cannot be used.
     """
@@ -210,7 +226,7 @@ def sweep_folder(
             path,
             labels,
             exclude=other_sweep_folders(path),
-            requeue_after=requeue_after,
+            requeue=requeue,
             arrived=arrived,
         )
     except Exception:
@@ -301,7 +317,7 @@ def run_sweep(
     folder: Path,
     sizes: list[str],
     exclude: Iterable[Path] = (),
-    requeue_after: float | None = None,
+    requeue: Requeue = Requeue(),
     arrived: Iterable[Arrival] = (),
 ) -> SweepOutcome:
     """Repair what a crash left, then claim every ready file. Returns image ids to queue.
@@ -309,10 +325,10 @@ def run_sweep(
     Ready: settled (unchanged for SETTLE_SECONDS), or renamed in and unchanged since
     (`arrived`, from the watch: see storage.Arrival).
 
-    Pending images queued more than `requeue_after` seconds ago (default REQUEUE_AFTER) are
-    assumed to have lost their message and are queued again. With less than MIN_FREE_MB
-    free where MEDIA_ROOT lives, nothing is touched and the sweep is held back, saying why:
-    every image would fail on the full disk, while files left in the folder lose nothing.
+    Pending images whose message is taken as lost (see Requeue) are queued again. With less
+    than MIN_FREE_MB free where MEDIA_ROOT lives, nothing is touched and the sweep is held
+    back, saying why: every image would fail on the full disk, while files left in the
+    folder lose nothing.
     The sweep is recorded at its end, unless it is idle (see is_idle).
     """
     outcome = SweepOutcome(sweep)
@@ -330,7 +346,7 @@ def run_sweep(
         with leases.renewed(
             lambda: SweepLock.renew(str(folder), owner), f"the sweep lock on {folder}"
         ):
-            repairs = reconcile(folder, requeue_after)
+            repairs = reconcile(folder, requeue)
             # Read before listing the folder: a file whose claim is released after this read
             # was moved away before it, so the listing cannot show it again.
             waiting = waiting_paths(folder)
@@ -459,19 +475,17 @@ def claim(
     )
 
 
-def reconcile(folder: Path, requeue_after: float | None = None) -> Repairs:
+def reconcile(folder: Path, requeue: Requeue = Requeue()) -> Repairs:
     """Repair images waiting under folder that a crash or a lost message left behind.
 
     Returns the ids to queue again. Images already final but whose original was never
     moved are put away now; a run whose lease ran out is retried until MAX_ATTEMPTS.
     """
     prefix = str(folder).rstrip("/") + "/"
-    return _repair(
-        Image.objects.filter(in_folder=True, source_path__startswith=prefix), requeue_after
-    )
+    return _repair(Image.objects.filter(in_folder=True, source_path__startswith=prefix), requeue)
 
 
-def recover_unswept(requeue_after: float | None = None) -> Repairs:
+def recover_unswept(requeue: Requeue = Requeue()) -> Repairs:
     """The same repair for images no sweep looks after: uploads and reprocessing.
 
     Their originals are read from MEDIA_ROOT (uploads/, or originals/ and failed/ when an
@@ -479,20 +493,19 @@ def recover_unswept(requeue_after: float | None = None) -> Repairs:
     """
     prefix = str(settings.MEDIA_ROOT).rstrip("/") + "/"
     from_media = Image.objects.filter(source_path__startswith=prefix)
-    waiting = _repair(from_media.filter(in_folder=True), requeue_after)
+    waiting = _repair(from_media.filter(in_folder=True), requeue)
     again = _repair(
         from_media.filter(
             in_folder=False, status__in=(Image.Status.PENDING, Image.Status.PROCESSING)
         ),
-        requeue_after,
+        requeue,
     )
     return Repairs(waiting.requeue + again.requeue, waiting.settled + again.settled)
 
 
-def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> Repairs:
+def _repair(waiting: QuerySet[Image], requeue: Requeue) -> Repairs:
     now = timezone.now()
     repairs = Repairs()
-    requeue = repairs.requeue
     # No ordering: the model's default (-queued_at) would make the database walk that index.
     waiting = waiting.order_by()
     # Runs with a live lease are never read here, wherever they run.
@@ -502,25 +515,25 @@ def _repair(waiting: QuerySet[Image], requeue_after: float | None) -> Repairs:
                 put_original_away(image)
                 repairs.settled += 1
             else:
-                requeue.extend(_retry_or_fail(image))
+                repairs.requeue.extend(_retry_or_fail(image))
                 if image.status == Image.Status.FAILED:
                     repairs.settled += 1  # failed at last, after MAX_ATTEMPTS
         except OSError as exc:
             # One stuck original must not stop the sweep; it is tried again next time.
             logger.warning("cannot put away the original of image %s: %s", image.id, exc)
-    if requeue_after is None:
-        requeue_after = settings.REQUEUE_AFTER
-    stale = now - timedelta(seconds=requeue_after)
-    lost = list(
-        waiting.filter(status=Image.Status.PENDING, queued_at__lt=stale).values_list(
-            "id", flat=True
-        )
-    )
+    after = settings.REQUEUE_AFTER if requeue.after is None else requeue.after
+    stale = waiting.filter(
+        status=Image.Status.PENDING, queued_at__lt=now - timedelta(seconds=after)
+    ).order_by("queued_at", "id")
+    if requeue.held is not None:
+        lacking = Image.objects.filter(status=Image.Status.PENDING).count() - requeue.held
+        stale = stale[: max(lacking, 0)]
+    lost = list(stale.values_list("id", flat=True))
     if lost:
         # The message may be sitting in the queue still: a second copy is harmless, since
         # only one run can move the image from pending to processing.
         Image.objects.requeue_lost(lost)
-        requeue.extend(lost)
+        repairs.requeue.extend(lost)
     return repairs
 
 

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import transaction
 
 from . import retention, runner, sweeper, webhooks
-from .broker import queue_length
+from .broker import queue_state
 from .storage import Arrival
 from .sweeper import SWEEP_TASK
 
@@ -55,7 +55,7 @@ def sweep_folder(
         schedule_name=getattr(self.request, "periodic_task_name", None) or "",
         task_id=self.request.id or "",
         options={"quality": quality, **unknown},
-        requeue_after=requeue_after(),
+        requeue=requeue_policy(),
         arrived=Arrival.parse(arrived),
     )
     transaction.on_commit(lambda: queue_images(outcome.to_queue))
@@ -65,7 +65,7 @@ def sweep_folder(
 @shared_task(bind=True, name="jobs.recover", **QUIET)
 def recover(self: Task) -> dict[str, int]:
     """Repair uploads and reprocessed images that a dead worker or a lost message left."""
-    repairs = sweeper.recover_unswept(requeue_after())
+    repairs = sweeper.recover_unswept(requeue_policy())
     transaction.on_commit(lambda: queue_images(repairs.requeue))
     result = {"requeued": len(repairs.requeue), "settled": repairs.settled}
     return keep_result(self, result) if any(result.values()) else result
@@ -89,10 +89,18 @@ def keep_result(task: Task, result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def requeue_after() -> float | None:
-    """An empty queue while images wait means their messages are gone (Redis restarted
-    without persistence): requeue them after a short grace rather than REQUEUE_AFTER."""
-    return LOST_QUEUE_GRACE if queue_length() == 0 else None
+def requeue_policy() -> sweeper.Requeue:
+    """When pending images' messages count as lost, from what the broker holds now.
+
+    An empty queue while images wait means their messages are gone (Redis restarted
+    without persistence): requeue them after a short grace rather than REQUEUE_AFTER. A
+    broker that does not answer says nothing: REQUEUE_AFTER alone decides.
+    """
+    state = queue_state()
+    if state.waiting is None:
+        return sweeper.Requeue()
+    held = state.waiting + (state.in_flight or 0)
+    return sweeper.Requeue(after=LOST_QUEUE_GRACE if state.waiting == 0 else None, held=held)
 
 
 @shared_task(

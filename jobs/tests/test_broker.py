@@ -39,6 +39,26 @@ def test_queue_length_counts_this_instances_prefixed_list_only(broker):
     assert queue_state().in_flight == 0
 
 
+def test_queue_state_counts_the_messages_taken_from_its_own_queue_only(broker):
+    from project.celery import app
+
+    queue_images([1, 2, 3])
+    app.send_task("jobs.recover", queue=settings.SWEEP_QUEUE)  # what a running sweep holds
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        # Taken as a worker takes them, not yet acknowledged (acks_late).
+        taken = [channel.basic_get(settings.IMAGE_QUEUE, no_ack=False) for _ in range(2)]
+        taken.append(channel.basic_get(settings.SWEEP_QUEUE, no_ack=False))
+        assert all(taken)
+        assert queue_state() == queue_state(settings.IMAGE_QUEUE)
+        assert (queue_state().waiting, queue_state().in_flight) == (1, 2)
+        sweeps = queue_state(settings.SWEEP_QUEUE)
+        assert (sweeps.waiting, sweeps.in_flight) == (0, 1)
+        for message in taken:
+            message.ack()
+    assert queue_state().in_flight == 0
+
+
 def test_queue_length_is_none_when_redis_does_not_answer_and_keeps_its_password_out(broker):
     broker.stop()
     state = queue_state(timeout=0.5)

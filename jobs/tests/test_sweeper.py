@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.db import connection
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from jobs import storage, sweeper
+from jobs import storage, sweeper, tasks
+from jobs.broker import queue_length
 from jobs.models import Image, Sweep, SweepLock
+from project.celery import app as celery_app
 
 pytestmark = pytest.mark.django_db
 
@@ -289,6 +294,42 @@ def test_reconcile_requeues_pending_images_whose_message_was_lost(folders, drop,
     assert run(folders["watch"]).to_queue == [image.id]
 
 
+def test_a_backlog_is_not_queued_again_but_a_lost_message_is(folders, drop, settings, broker):
+    # Three images waiting long past REQUEUE_AFTER, each with its message in a real Redis.
+    images = [claim_one(folders, drop, f"{number}.jpg") for number in range(3)]
+    long_ago = timezone.now() - timedelta(seconds=settings.REQUEUE_AFTER + 60)
+    for age, image in enumerate(images):
+        Image.objects.filter(id=image.id).update(queued_at=long_ago - timedelta(seconds=age))
+    tasks.queue_images([image.id for image in images])
+    assert queue_length() == 3
+
+    def sweep() -> list[int]:
+        return sweeper.sweep_folder(
+            str(folders["watch"]), ["64x64"], requeue=tasks.requeue_policy()
+        ).to_queue
+
+    # Nothing is lost: no second message, and each image's wait stays its own (what
+    # /metrics and the dashboard report as the oldest wait).
+    assert sweep() == []
+    assert sweep() == []
+    assert queue_length() == 3
+    oldest = Image.objects.order_by("queued_at").first()
+    assert oldest.queued_at == long_ago - timedelta(seconds=2)
+    # One message is lost: as many images as the queue lacks are queued again, oldest first.
+    with broker_client() as client:
+        assert client.rpop(settings.IMAGE_QUEUE)
+    assert sweep() == [images[2].id]
+    tasks.queue_images([images[2].id])
+    assert sweep() == []
+
+
+@contextlib.contextmanager
+def broker_client() -> Iterator[Any]:
+    """A Redis client of the app's broker, with this instance's key prefix."""
+    with celery_app.connection_for_write() as connection:
+        yield connection.default_channel.client
+
+
 def test_reconcile_puts_away_originals_of_finished_images(folders, drop):
     image = claim_one(folders, drop)
     original = Path(image.source_path).read_bytes()
@@ -438,6 +479,6 @@ def test_run_sweep_does_not_claim_a_file_moved_away_while_it_listed(folders, dro
         return found
 
     monkeypatch.setattr(sweeper, "scan", scan_then_finish_the_image)
-    monkeypatch.setattr(sweeper, "reconcile", lambda folder, requeue_after=None: sweeper.Repairs())
+    monkeypatch.setattr(sweeper, "reconcile", lambda folder, requeue=None: sweeper.Repairs())
     assert run(folders["watch"]).to_queue == []
     assert Image.objects.count() == 1

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from jobs import runner, sweeper
 from jobs.models import Image, Sweep
-from jobs.tasks import queue_images, requeue_after
+from jobs.tasks import queue_images, requeue_policy
 
 BAR_WIDTH = 30
 
@@ -44,7 +44,7 @@ class Command(BaseCommand):
                 if options.get(name) not in (None, False)
             }
             outcome = sweeper.sweep_folder(
-                options["folder"], options["sizes"], options=preset, requeue_after=requeue_after()
+                options["folder"], options["sizes"], options=preset, requeue=requeue_policy()
             )
         except sweeper.SweepArgumentsError as exc:
             raise CommandError(str(exc)) from None
