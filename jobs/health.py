@@ -221,7 +221,9 @@ def ping_broker(url: str, timeout: float) -> None:
             client.close()
         return
     with kombu.Connection(url, connect_timeout=timeout) as broker:
-        broker.ensure_connection(max_retries=1)
+        # No retry wait (kombu's default is 2 s): a refused connection is said at once, not
+        # as a timeout of the whole check.
+        broker.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
 
 
 @dataclass

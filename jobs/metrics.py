@@ -70,7 +70,7 @@ def image_figures() -> list[dict[str, Any]]:
 
 def images_by_status(figures: list[dict[str, Any]]) -> GaugeMetricFamily:
     metric = GaugeMetricFamily(
-        "parroter_images_total",
+        "parroter_images",
         "Images on record by status and by the schedule that swept them (empty: uploads "
         "and manual sweeps). A gauge: deleting or reprocessing images lowers it.",
         labels=["status", "schedule"],

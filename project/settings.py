@@ -7,11 +7,13 @@ turns that into a single line.
 import fcntl
 import hashlib
 import importlib.util
+import math
 import os
 import re
 import secrets
 import sys
 import tempfile
+import zoneinfo
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -55,6 +57,8 @@ def envfloat(name: str, default: str, *, minimum: float = 0.0) -> float:
         number = float(value)
     except ValueError:
         raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ImproperlyConfigured(f"{name} must be a finite number, got {value!r}")
     if number < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
     return number
@@ -281,6 +285,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = envstr("TIME_ZONE", "UTC")
+try:
+    zoneinfo.ZoneInfo(TIME_ZONE)
+except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    raise ImproperlyConfigured(
+        f"TIME_ZONE must be an IANA time zone name (Europe/Paris), got {TIME_ZONE!r}"
+    ) from None
 USE_I18N = True
 USE_TZ = True
 # Times everywhere as 2026-11-28 08:05:13: seconds matter when sweeps run every few seconds.
@@ -543,6 +553,11 @@ if WEBHOOK_URLS:
 # File names and other outside text reach log lines as arguments: their control characters
 # are escaped, so no name can forge a line. Set per process, so Celery's handlers get it too.
 escape_log_arguments()
+LOG_LEVEL = envstr("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    raise ImproperlyConfigured(
+        f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {LOG_LEVEL!r}"
+    )
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -550,7 +565,7 @@ LOGGING = {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
         # libvips reports every resize and thread pool it runs at INFO: a dozen lines an

@@ -18,6 +18,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from jobs import health
 from jobs.models import Heartbeat
 
+from .conftest import celery_broker
 from .processes import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -220,3 +221,17 @@ def test_healthz_and_metrics_are_not_redirected_to_https(quick, client, broker, 
     assert client.get(reverse("jobs:login")).status_code == 301
     assert client.get(reverse("jobs:healthz")).status_code in (200, 503)
     assert client.get(reverse("jobs:metrics")).status_code == 200
+
+
+@pytest.mark.django_db
+def test_healthz_says_an_amqp_broker_refuses_rather_than_timing_out(client, settings):
+    # A port nobody listens on: the refusal is the answer, said before the check's deadline
+    # (kombu's default retry would wait 2 s first, and the check would say "no answer").
+    settings.HEALTH_TIMEOUT = 1
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with celery_broker(f"amqp://guest:guest@127.0.0.1:{port}//"):
+        status, body = healthz(client)
+    assert status == 503
+    assert "refused" in body["checks"]["broker"]["error"].lower(), body["checks"]["broker"]

@@ -49,6 +49,10 @@ def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[s
         ("THUMBNAIL_FORMAT", "gif"),
         ("THUMBNAIL_FIT", "stretch"),
         ("THUMBNAIL_METADATA", "some"),
+        ("SWEEP_INTERVAL", "nan"),
+        ("HEALTH_TIMEOUT", "inf"),
+        ("TIME_ZONE", "Mars/Olympus"),
+        ("LOG_LEVEL", "verbose"),
     ],
 )
 def test_settings_bad_value_stops_start_up_with_one_line_naming_it(variable, value):
