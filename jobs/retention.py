@@ -2,7 +2,8 @@
 
 KEEP_ORIGINALS_DAYS and KEEP_ARCHIVES_DAYS (0: forever, the default) say how long the files
 of a finished image are kept; its record stays, saying what went. Sweep records that
-claimed nothing go after IDLE_SWEEP_DAYS. Task results past RESULT_EXPIRES_DAYS are
+claimed nothing go after IDLE_SWEEP_DAYS, sent and failed webhook deliveries after
+WEBHOOK_KEEP_DAYS (0: forever). Task results past RESULT_EXPIRES_DAYS are
 Celery's own business (`celery.backend_cleanup`, a settings-owned beat entry).
 
 The images are walked in batches of at most BATCH by primary key (keyset), so each batch
@@ -29,7 +30,7 @@ from django.db.models.functions import Concat
 from django.utils import timezone
 
 from . import storage
-from .models import Image, Sweep
+from .models import Image, Sweep, WebhookDelivery
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Report:
     kept_for_duplicates: int = 0
     not_deleted: int = 0
     idle_sweeps: int = 0
+    webhook_deliveries: int = 0
     batches: int = 0
 
     def counts(self) -> dict[str, int]:
@@ -104,6 +106,10 @@ def apply_retention(
     report.idle_sweeps = prune_idle_sweeps(
         now - timedelta(days=settings.IDLE_SWEEP_DAYS), batch, dry_run
     )
+    if settings.WEBHOOK_KEEP_DAYS:
+        report.webhook_deliveries = prune_webhook_deliveries(
+            now - timedelta(days=settings.WEBHOOK_KEEP_DAYS), batch, dry_run
+        )
     return report
 
 
@@ -217,6 +223,21 @@ def prune_idle_sweeps(before: datetime, size: int = BATCH, dry_run: bool = False
         if idle and not dry_run:
             Sweep.objects.filter(id__in=idle).delete()
         pruned += len(idle)
+    return pruned
+
+
+def prune_webhook_deliveries(before: datetime, size: int = BATCH, dry_run: bool = False) -> int:
+    """Forget webhook deliveries made before `before` that are over: sent, or failed for
+    good. Pending and sending ones stay, however old: they are still owed."""
+    over = WebhookDelivery.objects.filter(
+        created_at__lt=before,
+        status__in=(WebhookDelivery.Status.SENT, WebhookDelivery.Status.FAILED),
+    ).order_by()
+    if dry_run:
+        return over.count()
+    pruned = 0
+    while ids := list(over.values_list("id", flat=True)[:size]):
+        pruned += WebhookDelivery.objects.filter(id__in=ids).delete()[0]
     return pruned
 
 

@@ -6,7 +6,8 @@ final state and one `WebhookDelivery` row per URL are committed together (`recor
 after the commit is a task queued for each row. The task claims its row by a conditional
 update (pending -> sending), so two workers never send the same row; it records the answer
 and, on a connection error, a timeout or a 5xx, puts the row back to pending for a later
-try. `repair` (a beat entry) queues again the rows whose message or worker was lost.
+try (408 and 429 too, after the receiver's Retry-After). `repair` (a beat entry) queues
+again the rows whose message or worker was lost, and those waiting longer than a message may.
 
 One crash window is left, as in any webhook system: a worker that dies after the receiver
 got the POST but before the row says "sent" makes the row be sent again. Every request
@@ -16,6 +17,7 @@ a repeat.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import hmac
 import json
@@ -41,8 +43,15 @@ from .models import Image, Sweep, WebhookDelivery
 logger = logging.getLogger(__name__)
 
 DELIVER_TASK = "jobs.deliver_webhook"
-# Tries in all, the first included; then the row is failed for good.
-MAX_TRIES = 5
+# The longest wait between two tries: the backoff doubles up to this, and a receiver's
+# Retry-After is followed up to this.
+MAX_BACKOFF = 3600.0
+# The longest wait a retry's message carries (its countdown). A message held longer by a
+# worker outlives Redis' visibility timeout or RabbitMQ's consumer timeout; a longer wait is
+# left to `repair`, which sends rows due by REQUEUE_AFTER.
+MAX_COUNTDOWN = 300.0
+# Answers that mean "not now" rather than "never": timed out, too many requests.
+RETRY_CODES = (408, 429)
 # Characters of a receiver's answer kept on the row.
 RESPONSE_KEPT = 1000
 # Rows one repair looks at: a backlog is worked off over several runs, in bounded memory.
@@ -215,11 +224,14 @@ class Answer:
     code: int | None
     text: str = ""
     error: str = ""
+    # Seconds the receiver asked to wait (its Retry-After), if it said.
+    retry_after: float | None = None
 
     @property
     def retry(self) -> bool:
-        # No answer at all (refused, reset, timed out) or the receiver's own failure.
-        return self.code is None or self.code >= 500
+        # No answer at all (refused, reset, timed out), the receiver's own failure, or its
+        # "not now".
+        return self.code is None or self.code >= 500 or self.code in RETRY_CODES
 
 
 def deliver(delivery_id: int) -> str:
@@ -250,12 +262,13 @@ def deliver(delivery_id: int) -> str:
     countdown = None
     if answer.code is not None and 200 <= answer.code < 300:
         fields.update(status=WebhookDelivery.Status.SENT, sent_at=now)
-    elif answer.retry and delivery.attempts < MAX_TRIES:
-        countdown = backoff(delivery.attempts)
+    elif answer.retry and delivery.attempts < settings.WEBHOOK_TRIES:
+        wait = min(max(backoff(delivery.attempts), answer.retry_after or 0.0), MAX_BACKOFF)
         fields.update(
             status=WebhookDelivery.Status.PENDING,
-            next_try_at=now + timedelta(seconds=countdown),
+            next_try_at=now + timedelta(seconds=wait),
         )
+        countdown = wait if wait <= MAX_COUNTDOWN else None
     else:
         fields.update(status=WebhookDelivery.Status.FAILED)
     # Only while still ours: a repair may have taken it back if we were presumed dead.
@@ -282,8 +295,41 @@ def deliver(delivery_id: int) -> str:
 
 
 def backoff(tries: int) -> float:
-    """Seconds before the next try after `tries` failed ones: WEBHOOK_BACKOFF, doubled."""
-    return settings.WEBHOOK_BACKOFF * 2 ** (tries - 1)
+    """Seconds before the next try after `tries` failed ones: WEBHOOK_BACKOFF, doubled, at
+    most MAX_BACKOFF."""
+    return min(settings.WEBHOOK_BACKOFF * 2 ** min(tries - 1, 32), MAX_BACKOFF)
+
+
+def send_again(ids: Iterable[int]) -> list[int]:
+    """A person's "send again": failed rows (and pending ones, to send now) start a new
+    series of WEBHOOK_TRIES tries at once. Returns the ids taken; they are queued once the
+    change is committed."""
+    Status = WebhookDelivery.Status
+    rows = WebhookDelivery.objects.filter(
+        id__in=list(ids), status__in=(Status.FAILED, Status.PENDING)
+    )
+    taken = list(rows.values_list("id", flat=True))
+    WebhookDelivery.objects.filter(id__in=taken, status__in=(Status.FAILED, Status.PENDING)).update(
+        status=Status.PENDING, attempts=0, next_try_at=Now(), claimed_by="", claimed_at=None
+    )
+    transaction.on_commit(lambda: queue_deliveries(taken))
+    return taken
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A Retry-After header's wait in seconds: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - timezone.now()).total_seconds(), 0.0)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -311,7 +357,12 @@ def post(url: str, body: bytes, delivery: WebhookDelivery) -> Answer:
             return Answer(response.status, _read_text(response))
     except urllib.error.HTTPError as exc:
         with exc:
-            return Answer(exc.code, _read_text(exc), f"HTTP {exc.code} {exc.reason}")
+            return Answer(
+                exc.code,
+                _read_text(exc),
+                f"HTTP {exc.code} {exc.reason}",
+                retry_after=_retry_after(exc.headers.get("Retry-After")),
+            )
     except (urllib.error.URLError, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         return Answer(None, error=f"no answer: {reason}")
@@ -341,7 +392,7 @@ def repair(now: datetime | None = None) -> list[int]:
     for delivery in WebhookDelivery.objects.filter(
         status=Status.SENDING, claimed_at__lt=expired
     ).only("id", "claimed_by", "attempts")[:REPAIR_BATCH]:
-        back = Status.PENDING if delivery.attempts < MAX_TRIES else Status.FAILED
+        back = Status.PENDING if delivery.attempts < settings.WEBHOOK_TRIES else Status.FAILED
         taken_back = WebhookDelivery.objects.filter(
             id=delivery.id,
             status=Status.SENDING,
@@ -367,7 +418,8 @@ def repair(now: datetime | None = None) -> list[int]:
         WebhookDelivery.objects.filter(id__in=lost, status=Status.PENDING).update(next_try_at=now)
     if revived or lost:
         logger.warning(
-            "sending %d webhook(s) again: %d lost by a dead worker, %d lost with their message",
+            "sending %d webhook(s) again: %d lost by a dead worker, %d due with no message "
+            "(lost, or waiting longer than a message may)",
             len(revived) + len(lost),
             len(revived),
             len(lost),

@@ -418,8 +418,15 @@ if unknown_events := sorted(set(WEBHOOK_EVENTS) - set(WEBHOOK_EVENT_NAMES)):
 WEBHOOK_SECRET = envstr("WEBHOOK_SECRET", "")
 # Seconds a webhook request may take before it counts as failed (and is retried).
 WEBHOOK_TIMEOUT = envfloat("WEBHOOK_TIMEOUT", "10", minimum=0.1)
-# Seconds before the first retry of a failed webhook; doubled for each later one.
+# Seconds before the first retry of a failed webhook; doubled for each later one, up to an
+# hour between tries.
 WEBHOOK_BACKOFF = envfloat("WEBHOOK_BACKOFF", "10", minimum=0.1)
+# Tries of one webhook, the first included, before it is failed for good: with the defaults
+# 30 tries cover about 21 hours, so a receiver down overnight still gets every event.
+WEBHOOK_TRIES = envint("WEBHOOK_TRIES", "30", minimum=1)
+# Days sent and failed webhook deliveries stay in the outbox (the admin's Webhook
+# deliveries); 0 keeps them forever.
+WEBHOOK_KEEP_DAYS = envint("WEBHOOK_KEEP_DAYS", "30")
 # MB (MiB) of memory no worker process exceeds: images that would not fit are refused from
 # their header, and an OS limit stops a pool process that goes over anyway (jobs/worker.py).
 WORKER_MEMORY_MB = envint("WORKER_MEMORY_MB", "512", minimum=128)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from .. import webhooks
 from ..models import Heartbeat, WebhookDelivery
 from .display import RecordAdminMixin, badge
 
@@ -52,9 +54,32 @@ class WebhookDeliveryAdmin(RecordAdminMixin, admin.ModelAdmin):
         "payload",
     ]
     readonly_fields = fields  # type: ignore[assignment]
+    actions = ["send_again"]
 
     def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
+
+    def has_send_again_permission(self, request: HttpRequest) -> bool:
+        # The rows stay read-only; sending one again is what changing it means here.
+        return request.user.has_perm("jobs.change_webhookdelivery")
+
+    @admin.action(description="Send selected deliveries again", permissions=["send_again"])
+    def send_again(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
+        """Failed (or still pending) rows get a new series of WEBHOOK_TRIES tries, now."""
+        selected = list(queryset.values_list("id", flat=True))
+        taken = webhooks.send_again(selected)
+        if taken:
+            self.message_user(
+                request,
+                f"{len(taken)} delivery(ies) queued to be sent again, with a new series of tries.",
+                messages.SUCCESS,
+            )
+        if len(taken) < len(selected):
+            self.message_user(
+                request,
+                f"{len(selected) - len(taken)} left alone: sent already, or being sent now.",
+                messages.WARNING,
+            )
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: WebhookDelivery) -> str:

@@ -19,7 +19,7 @@ from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from jobs import retention, storage, sweeper
-from jobs.models import Image, ScheduleActivity, Sweep
+from jobs.models import Image, ScheduleActivity, Sweep, WebhookDelivery
 
 from .conftest import image_bytes
 from .processes import BASE_DIR, database_url
@@ -274,6 +274,37 @@ def test_prune_idle_sweeps_forgets_only_old_sweeps_that_did_nothing(folders, dro
     assert not Sweep.objects.filter(id__in=[idle.id, skipped.id]).exists()
     assert Sweep.objects.count() == len(kept) + 1
     assert Sweep.objects.filter(id=recent.id).exists()
+
+
+def test_retention_forgets_old_webhook_deliveries_that_are_over_only(settings):
+    settings.WEBHOOK_KEEP_DAYS = 30
+    Status = WebhookDelivery.Status
+
+    def delivery(status: str, days_old: int) -> WebhookDelivery:
+        row = WebhookDelivery.objects.create(
+            event=WebhookDelivery.Event.DONE, url="http://127.0.0.1:9/", body="{}", status=status
+        )
+        WebhookDelivery.objects.filter(id=row.id).update(
+            created_at=timezone.now() - timedelta(days=days_old)
+        )
+        return row
+
+    old_sent, old_failed = delivery(Status.SENT, 31), delivery(Status.FAILED, 31)
+    kept = [
+        delivery(Status.SENT, 29),
+        delivery(Status.FAILED, 29),
+        delivery(Status.PENDING, 60),  # still owed, however old
+        delivery(Status.SENDING, 60),
+    ]
+    assert retention.apply_retention(dry_run=True).webhook_deliveries == 2
+    assert WebhookDelivery.objects.count() == 6
+    assert retention.apply_retention(batch=1).webhook_deliveries == 2
+    assert not WebhookDelivery.objects.filter(id__in=[old_sent.id, old_failed.id]).exists()
+    assert set(WebhookDelivery.objects.values_list("id", flat=True)) == {row.id for row in kept}
+    settings.WEBHOOK_KEEP_DAYS = 0  # forever
+    WebhookDelivery.objects.update(created_at=timezone.now() - timedelta(days=999))
+    assert retention.apply_retention().webhook_deliveries == 0
+    assert WebhookDelivery.objects.count() == 4
 
 
 def test_backend_cleanup_forgets_task_results_past_result_expires(settings):

@@ -47,6 +47,8 @@ class Receiver:
         self.requests: list[tuple[dict[str, str], bytes]] = []
         # Status codes for the next answers, in order; 200 once they run out.
         self.codes: list[int] = []
+        # Headers sent with every answer (Retry-After, say).
+        self.headers: dict[str, str] = {}
         self.delay = 0.0
         self.lock = threading.Lock()
         receiver = self
@@ -63,6 +65,8 @@ class Receiver:
                     if 300 <= code < 400:
                         self.send_header("Location", "/elsewhere")
                     self.send_header("Content-Type", "text/plain")
+                    for name, value in receiver.headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(f"answer {code}".encode())
                 except (BrokenPipeError, ConnectionResetError):
@@ -355,11 +359,12 @@ def queued_webhooks(server) -> int:
 
 
 @pytest.mark.django_db
-def test_deliver_retries_5xx_with_backoff_and_fails_after_five_tries(hook, broker):
+def test_deliver_retries_5xx_with_backoff_and_fails_after_its_tries(hook, broker, settings):
+    settings.WEBHOOK_TRIES = 5
     codes = [500, 502, 503, 500, 500]
     hook.codes = list(codes)
     [delivery] = owe(finished_image())
-    for tries in range(1, webhooks.MAX_TRIES):
+    for tries in range(1, settings.WEBHOOK_TRIES):
         before = timezone.now()
         assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.PENDING
         delivery.refresh_from_db()
@@ -369,8 +374,71 @@ def test_deliver_retries_5xx_with_backoff_and_fails_after_five_tries(hook, broke
     assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.FAILED
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts, delivery.response_code) == ("failed", 5, 500)
-    assert len(hook.requests) == webhooks.MAX_TRIES
+    assert len(hook.requests) == settings.WEBHOOK_TRIES
     assert len({body for _, body in hook.requests}) == 1, "every try sends the same bytes"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("code", [429, 408, 503])
+def test_deliver_retries_a_not_now_after_the_wait_the_receiver_asks(hook, broker, code):
+    hook.codes = [code]
+    hook.headers = {"Retry-After": "120"}
+    [delivery] = owe(finished_image())
+    before = timezone.now()
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.PENDING
+    delivery.refresh_from_db()
+    assert delivery.response_code == code
+    # Its 120 s, not the first backoff's 10.
+    assert delivery.next_try_at >= before + timedelta(seconds=120)
+    assert queued_webhooks(broker) == 1
+    hook.headers = {}
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.SENT
+
+
+@pytest.mark.django_db
+def test_a_receiver_down_overnight_still_gets_its_event(hook, broker, settings):
+    # The default tries, backoff doubling to an hour: about 21 hours of tries.
+    assert settings.WEBHOOK_TRIES == 30
+    waits = [webhooks.backoff(tries) for tries in range(1, settings.WEBHOOK_TRIES)]
+    assert waits[:3] == [10, 20, 40]
+    assert max(waits) == webhooks.MAX_BACKOFF
+    assert 20 * 3600 < sum(waits) < 24 * 3600
+    # A wait longer than a message may be held goes without one: the repair sends the row
+    # once it is due, and it is sent then.
+    hook.codes = [503] * 12
+    [delivery] = owe(finished_image())
+    for _ in range(12):
+        WebhookDelivery.objects.filter(id=delivery.id).update(next_try_at=timezone.now())
+        assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.PENDING
+    delivery.refresh_from_db()
+    assert delivery.attempts == 12
+    assert delivery.next_try_at > timezone.now() + timedelta(minutes=59)
+    messages = queued_webhooks(broker)
+    assert messages == len([wait for wait in waits[:12] if wait <= webhooks.MAX_COUNTDOWN])
+    assert webhooks.repair() == []
+    later = delivery.next_try_at + timedelta(seconds=settings.REQUEUE_AFTER + 1)
+    assert webhooks.repair(now=later) == [delivery.id]
+    assert queued_webhooks(broker) == messages + 1
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.SENT
+    assert len(hook.requests) == 13
+
+
+@pytest.mark.django_db
+def test_send_again_gives_a_failed_delivery_a_new_series_of_tries(
+    hook, broker, django_capture_on_commit_callbacks
+):
+    hook.codes = [404]
+    [failed] = owe(finished_image(1))
+    [sent] = owe(finished_image(2))
+    assert webhooks.deliver(failed.id) == WebhookDelivery.Status.FAILED
+    assert webhooks.deliver(sent.id) == WebhookDelivery.Status.SENT
+    with django_capture_on_commit_callbacks(execute=True):
+        assert webhooks.send_again([failed.id, sent.id]) == [failed.id]
+    assert queued_webhooks(broker) == 1
+    failed.refresh_from_db()
+    assert (failed.status, failed.attempts) == (WebhookDelivery.Status.PENDING, 0)
+    assert webhooks.deliver(failed.id) == WebhookDelivery.Status.SENT
+    assert len(hook.requests) == 3
 
 
 @pytest.mark.django_db
@@ -581,3 +649,21 @@ def test_admin_links_a_digest_to_its_sweep(admin_client, settings):
     assert f'<a href="{sweep_page}">sweep #{sweep.id}</a>' in page
     detail = admin_client.get(reverse("admin:jobs_webhookdelivery_change", args=[digest.id]))
     assert "&quot;total&quot;: 1" in detail.content.decode()
+
+
+@pytest.mark.django_db
+def test_admin_sends_a_failed_delivery_again(
+    hook, broker, admin_client, django_capture_on_commit_callbacks
+):
+    hook.codes = [404]
+    [failed] = owe(finished_image(1))
+    assert webhooks.deliver(failed.id) == WebhookDelivery.Status.FAILED
+    changelist = reverse("admin:jobs_webhookdelivery_changelist")
+    assert "Send selected deliveries again" in admin_client.get(changelist).content.decode()
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(
+            changelist, {"action": "send_again", "_selected_action": [failed.id]}, follow=True
+        )
+    assert "1 delivery(ies) queued to be sent again" in response.content.decode()
+    assert queued_webhooks(broker) == 1
+    assert webhooks.deliver(failed.id) == WebhookDelivery.Status.SENT
