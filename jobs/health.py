@@ -121,8 +121,16 @@ _worker_heartbeat: WorkerHeartbeat | None = None
 
 
 def start_worker_heartbeat(sender: Any = None, **kwargs: Any) -> None:
-    """`worker_ready` receiver: sender is the worker's consumer, named by its node."""
+    """`worker_ready` receiver: sender is the worker's consumer, named by its node.
+
+    Only a worker that takes images beats: one started for the webhook queue alone
+    (`make run` has one) says nothing of whether images are processed.
+    """
     global _worker_heartbeat
+    consumed = getattr(getattr(sender, "app", None), "amqp", None)
+    queues = consumed.queues.consume_from if consumed is not None else None
+    if queues and settings.IMAGE_QUEUE not in queues:
+        return
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     _worker_heartbeat = WorkerHeartbeat(node)
     _worker_heartbeat.start()

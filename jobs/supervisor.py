@@ -24,9 +24,10 @@ from .sweeper import work_is_stalled
 POLL_INTERVAL = 0.2
 # Seconds each child gets between SIGTERM and SIGKILL. The worker's warm shutdown lets the
 # images in hand finish; one killed mid-way is redelivered (acks_late) or repaired by a sweep.
-STOP_TIMEOUTS = {"beat": 10.0, "web": 15.0, "worker": 30.0}
-# Stop the producers of work first, the consumer last.
-STOP_ORDER = ("beat", "web", "worker")
+STOP_TIMEOUTS = {"beat": 10.0, "web": 15.0, "worker": 30.0, "webhooks": 15.0}
+# Stop the producers of work first, the consumers last: the webhooks of the images the worker
+# finishes on its way out are still sent.
+STOP_ORDER = ("beat", "web", "worker", "webhooks")
 
 Writer = Callable[[str, str], None]
 

@@ -636,3 +636,43 @@ def run_instance(run: Run) -> str:
     found = re.search(r"instance (\S+): queues", run.output())
     assert found is not None
     return found[1]
+
+
+@contextlib.contextmanager
+def hanging_receiver() -> Iterator[str]:
+    """A webhook URL whose server takes every connection and never answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+
+
+def test_run_keeps_processing_images_while_a_webhook_receiver_hangs(
+    start_run: Callable[..., Run],
+) -> None:
+    # Each webhook send waits up to 120 s on a receiver that never answers; with one pool
+    # process (WORKER_CONCURRENCY=1) serving webhooks too, the images would wait as long.
+    with (
+        hanging_receiver() as url,
+        start_run(f"127.0.0.1:{free_port()}", WEBHOOK_URL=url, WEBHOOK_TIMEOUT="120") as run,
+    ):
+        wait_until_up(run)
+        run.wait_for("the webhook worker", lambda: "started webhooks (pid" in run.output(), 60)
+        for number in range(6):
+            (run.watch / f"photo-{number}.jpg").write_bytes(jpeg_bytes(number))
+        run.wait_for(
+            "all six images to be done",
+            lambda: run.query("select count(*) from jobs_image where status = 'done'") == [(6,)],
+            WORK_TIMEOUT,
+        )
+        sending = run.query("select count(*) from jobs_webhookdelivery where status = 'sending'")
+        assert sending[0][0] >= 1, "the webhooks were being sent meanwhile, and hung"
+        # /healthz's "workers" are the ones taking images: the webhook worker beats not.
+        beating = [
+            name for (name,) in run.query("select name from jobs_heartbeat where kind = 'worker'")
+        ]
+        assert len(beating) == 1, beating
+        assert "-webhooks-" not in beating[0]
+        assert "-webhooks-" in run.output()
+        assert stop_with(run, signal.SIGINT) == 0
+        assert run.survivors() == []

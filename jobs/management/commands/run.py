@@ -43,6 +43,8 @@ from jobs.supervisor import Child, Supervisor, describe_exit, follow
 REDIS_WAIT_NOTICE = 5.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ROLES = ("web", "worker", "beat")
+# Webhooks sent at once by the webhook worker (threads: each one mostly waits on a socket).
+WEBHOOK_THREADS = 4
 
 
 class Command(BaseCommand):
@@ -258,7 +260,8 @@ class Command(BaseCommand):
             self.say(name, f"using {version} at {redact(url)}")
         self.say(
             name,
-            f"instance {settings.INSTANCE}: queues {settings.IMAGE_QUEUE}, {settings.SWEEP_QUEUE}",
+            f"instance {settings.INSTANCE}: queues {settings.IMAGE_QUEUE}, {settings.SWEEP_QUEUE}"
+            + (f", {settings.WEBHOOK_QUEUE}" if settings.WEBHOOK_URLS else ""),
         )
 
     def ensure_admin(self) -> None:
@@ -323,6 +326,16 @@ def child_commands(
             "--concurrency", str(settings.WORKER_CONCURRENCY),
             "--hostname", node,
         ]  # fmt: skip
+        if settings.WEBHOOK_URLS:
+            # Webhooks get a worker of their own: a receiver that hangs holds one of its
+            # threads for up to the send's time limit, never a pool process images need.
+            commands["worker"] += ["--queues", f"{settings.IMAGE_QUEUE},{settings.SWEEP_QUEUE}"]
+            commands["webhooks"] = [
+                python, "-m", "celery", "-A", app, "worker", "-l", "info",
+                "--queues", settings.WEBHOOK_QUEUE,
+                "--pool", "threads", "--concurrency", str(WEBHOOK_THREADS),
+                "--hostname", f"{settings.INSTANCE}-webhooks-{secrets.token_hex(4)}@%h",
+            ]  # fmt: skip
     if "beat" in roles:
         # The schedule lives in the database (DatabaseScheduler); the file is beat's
         # bookkeeping only, kept out of the project.
