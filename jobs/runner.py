@@ -45,7 +45,7 @@ def process_image(
     if token is None:
         image = Image.objects.filter(id=image_id).first()
         if image is not None and image.is_final and image.in_folder:
-            put_original_away(image)
+            _put_away(image)
         return "skipped"
     # Read after the start: its times and lease are the database's.
     image = Image.objects.get(id=image_id)
@@ -88,7 +88,7 @@ def fail(image: Image, reason: str) -> str:
     """Record this run of image as failed with reason and move its original to the failed area."""
     if image.mark_failed(reason):
         logger.warning("image %s (%s) failed: %s", image.id, image.name, reason)
-        put_original_away(image)
+        _put_away(image)
         return Image.Status.FAILED
     return "skipped"
 
@@ -158,7 +158,7 @@ def _process(image: Image) -> str:
         return "skipped"
     if previous and previous != relative:
         _retire_archive(previous)
-    put_original_away(image)
+    _put_away(image)
     return Image.Status.DONE
 
 
@@ -220,8 +220,24 @@ def _record_duplicate(image: Image, first: Image) -> str | None:
     if previous:
         # Reprocessed into sizes another image already has: its old zip is no longer its.
         _retire_archive(previous)
-    put_original_away(image)
+    _put_away(image)
     return Image.Status.DUPLICATE
+
+
+def _put_away(image: Image) -> None:
+    """Move a final image's original out of its folder, if the folder lets it: a folder
+    that refuses (read-only, say) changes nothing of the image's outcome. The original then
+    stays, still recorded as in the folder, and every sweep tries the move again."""
+    try:
+        put_original_away(image)
+    except OSError as exc:
+        logger.warning(
+            "image %s (%s) is %s, but its original stays in the folder until it can be moved: %s",
+            image.id,
+            image.name,
+            image.status,
+            exc,
+        )
 
 
 def _describe_os_error(exc: OSError) -> str:

@@ -29,7 +29,7 @@ from PIL import Image as PILImage
 
 from jobs.models import Image, ScheduleActivity, Sweep
 from jobs.redis_server import start_bundled_redis
-from jobs.tasks import make_thumbnails
+from jobs.tasks import make_thumbnails, sweep_folder
 
 from .conftest import image_bytes
 from .processes import wait_for
@@ -341,6 +341,51 @@ def test_a_crash_between_the_steps_of_an_image_is_repaired(system, folders, tmp_
     wait_for(lambda: all_final(len(batch)), timeout=120, what="the batch after the crashes")
     assert len(list(markers.iterdir())) == len(batch), "every image crashed once"
     assert_each_done_once(batch, folders["media"])
+
+
+def test_a_read_only_folder_keeps_its_originals_and_each_image_its_outcome(system, folders):
+    shelf = folders["watch"] / "shelf"
+    shelf.mkdir()
+    good, bad = photo(5), b"not a picture, whatever the name says\n" * 20
+    (shelf / "good.jpg").write_bytes(good)
+    (shelf / "bad.jpg").write_bytes(bad)
+    shelf.chmod(0o555)  # readable, but nothing may be moved out of it
+    time.sleep(0.6)
+    command = [sys.executable, "manage.py", "sweep", "--inline"]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("as root, a read-only folder binds only without CAP_DAC_OVERRIDE")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    try:
+        result = subprocess.run(
+            command,
+            cwd=settings.BASE_DIR,
+            env=system.environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        shelf.chmod(0o755)
+    assert result.returncode == 0, result.stdout + result.stderr
+    done, failed = Image.objects.get(name="shelf/good.jpg"), Image.objects.get(name="shelf/bad.jpg")
+    # Each ended as its content says, with no internal error; the originals stayed.
+    assert done.status == Image.Status.DONE
+    assert failed.status == Image.Status.FAILED
+    assert "not an image" in failed.error
+    assert done.in_folder
+    assert failed.in_folder
+    assert "original stays in the folder until it can be moved" in result.stderr
+    # Once the folder lets go, the next sweep puts both away.
+    system.worker()
+    with make_thumbnails.app.connection_for_write(system.environment["BROKER_URL"]) as broker:
+        sweep_folder.apply_async(kwargs={"folder": str(folders["watch"])}, connection=broker)
+    wait_for(
+        lambda: not Image.objects.filter(in_folder=True).exists(), what="the originals to move"
+    )
+    assert Path(Image.objects.get(id=done.id).original_path).read_bytes() == good
+    assert Path(Image.objects.get(id=failed.id).original_path).read_bytes() == bad
 
 
 def test_an_unreadable_file_fails_with_permission_denied_and_is_kept(system, folders):
