@@ -524,10 +524,10 @@ def _repair(waiting: QuerySet[Image], requeue: Requeue) -> Repairs:
     after = settings.REQUEUE_AFTER if requeue.after is None else requeue.after
     stale = waiting.filter(
         status=Image.Status.PENDING, queued_at__lt=now - timedelta(seconds=after)
-    ).order_by("queued_at", "id")
+    )
     if requeue.held is not None:
         lacking = Image.objects.filter(status=Image.Status.PENDING).count() - requeue.held
-        stale = stale[: max(lacking, 0)]
+        stale = stale.order_by("queued_at", "id")[: max(lacking, 0)]
     lost = list(stale.values_list("id", flat=True))
     if lost:
         # The message may be sitting in the queue still: a second copy is harmless, since

@@ -303,16 +303,20 @@ def backoff(tries: int) -> float:
 def send_again(ids: Iterable[int]) -> list[int]:
     """A person's "send again": failed rows (and pending ones, to send now) start a new
     series of WEBHOOK_TRIES tries at once. Returns the ids taken; they are queued once the
-    change is committed."""
-    Status = WebhookDelivery.Status
-    rows = WebhookDelivery.objects.filter(
-        id__in=list(ids), status__in=(Status.FAILED, Status.PENDING)
-    )
-    taken = list(rows.values_list("id", flat=True))
-    WebhookDelivery.objects.filter(id__in=taken, status__in=(Status.FAILED, Status.PENDING)).update(
-        status=Status.PENDING, attempts=0, next_try_at=Now(), claimed_by="", claimed_at=None
-    )
-    transaction.on_commit(lambda: queue_deliveries(taken))
+    change is committed. Rows sent, or being sent, are left alone."""
+    waiting = (WebhookDelivery.Status.FAILED, WebhookDelivery.Status.PENDING)
+    with transaction.atomic():
+        rows = WebhookDelivery.objects.filter(id__in=list(ids), status__in=waiting)
+        # Locked (PostgreSQL) from this read to the update: what is returned is what changed.
+        taken = list(rows.select_for_update().values_list("id", flat=True))
+        WebhookDelivery.objects.filter(id__in=taken).update(
+            status=WebhookDelivery.Status.PENDING,
+            attempts=0,
+            next_try_at=Now(),
+            claimed_by="",
+            claimed_at=None,
+        )
+        transaction.on_commit(lambda: queue_deliveries(taken))
     return taken
 
 
