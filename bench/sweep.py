@@ -260,6 +260,7 @@ def _measure(watch: Path, files: int, recorded: int, reps: int, profile: bool = 
     from django.test.utils import CaptureQueriesContext
 
     from jobs import sweeper, tasks
+    from jobs.broker import queue_length
     from jobs.models import Image, Sweep
 
     case = Case(recorded, files)
@@ -291,7 +292,7 @@ def _measure(watch: Path, files: int, recorded: int, reps: int, profile: bool = 
         if profiler:
             profiler.disable()
             pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(45)
-        waiting = tasks.queue_length()
+        waiting = queue_length()
         if waiting != files:
             raise SystemExit(f"{waiting} messages in the queue, expected {files}")
         case.claimed.append(len(outcome.to_queue))

@@ -343,6 +343,25 @@ def test_a_crash_between_the_steps_of_an_image_is_repaired(system, folders, tmp_
     assert_each_done_once(batch, folders["media"])
 
 
+def sweep_inline_without_privileges(system) -> subprocess.CompletedProcess[str]:
+    """`manage.py sweep --inline` as a normal user would run it: file permissions bind."""
+    command = [sys.executable, "manage.py", "sweep", "--inline"]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("as root, file permissions bind only without CAP_DAC_OVERRIDE (setpriv)")
+        # Root reads and moves anything: drop the capabilities that let it.
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    return subprocess.run(
+        command,
+        cwd=settings.BASE_DIR,
+        env=system.environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_a_read_only_folder_keeps_its_originals_and_each_image_its_outcome(system, folders):
     shelf = folders["watch"] / "shelf"
     shelf.mkdir()
@@ -351,21 +370,8 @@ def test_a_read_only_folder_keeps_its_originals_and_each_image_its_outcome(syste
     (shelf / "bad.jpg").write_bytes(bad)
     shelf.chmod(0o555)  # readable, but nothing may be moved out of it
     time.sleep(0.6)
-    command = [sys.executable, "manage.py", "sweep", "--inline"]
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("as root, a read-only folder binds only without CAP_DAC_OVERRIDE")
-        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
     try:
-        result = subprocess.run(
-            command,
-            cwd=settings.BASE_DIR,
-            env=system.environment,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = sweep_inline_without_privileges(system)
     finally:
         shelf.chmod(0o755)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -396,21 +402,7 @@ def test_an_unreadable_file_fails_with_permission_denied_and_is_kept(system, fol
     readable = photo(4)
     (folders["watch"] / "open.jpg").write_bytes(readable)
     time.sleep(0.6)
-    command = [sys.executable, "manage.py", "sweep", "--inline"]
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("as root, reading is only refused without CAP_DAC_OVERRIDE (setpriv)")
-        # Root reads anything: drop the capabilities that let it, as a normal user lacks them.
-        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
-    result = subprocess.run(
-        command,
-        cwd=settings.BASE_DIR,
-        env=system.environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = sweep_inline_without_privileges(system)
     assert result.returncode == 0, result.stdout + result.stderr
     locked = Image.objects.get(name="locked.jpg")
     assert locked.status == Image.Status.FAILED
