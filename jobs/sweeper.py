@@ -54,8 +54,8 @@ class Requeue:
     """When a pending image's message counts as lost, to be sent again.
 
     Queued more than `after` seconds ago (None: REQUEUE_AFTER); and when the broker said how
-    many image messages it holds (`held`: waiting, or taken by a worker and not yet
-    acknowledged), only as many of those as the queue lacks, oldest first. In a backlog
+    many image messages wait in the queue (`held`), only as many of those as the queue
+    lacks, oldest first. In a backlog
     every pending image's message is still in the queue: sending them all again each
     REQUEUE_AFTER would grow the queue by the backlog every minute and reset each image's
     wait, hiding the backlog's age from /metrics and the dashboard.

@@ -90,17 +90,20 @@ def keep_result(task: Task, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def requeue_policy() -> sweeper.Requeue:
-    """When pending images' messages count as lost, from what the broker holds now.
+    """When pending images' messages count as lost, from what the image queue holds now.
 
     An empty queue while images wait means their messages are gone (Redis restarted
     without persistence): requeue them after a short grace rather than REQUEUE_AFTER. A
-    broker that does not answer says nothing: REQUEUE_AFTER alone decides.
+    broker that does not answer says nothing: REQUEUE_AFTER alone decides. Messages a worker
+    has taken and not acknowledged do not count as held: a worker can drop what it took (a
+    known Celery failure after a broker reconnect), and its images must not wait for the
+    broker's visibility timeout. The cost is one extra message for an overdue image that a
+    worker holds at the moment of a sweep, skipped at once when it comes.
     """
-    state = queue_state()
-    if state.waiting is None:
+    waiting = queue_state().waiting
+    if waiting is None:
         return sweeper.Requeue()
-    held = state.waiting + (state.in_flight or 0)
-    return sweeper.Requeue(after=LOST_QUEUE_GRACE if state.waiting == 0 else None, held=held)
+    return sweeper.Requeue(after=LOST_QUEUE_GRACE if waiting == 0 else None, held=waiting)
 
 
 @shared_task(
