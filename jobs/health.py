@@ -127,9 +127,10 @@ def start_worker_heartbeat(sender: Any = None, **kwargs: Any) -> None:
     (`make run` has one) says nothing of whether images are processed.
     """
     global _worker_heartbeat
-    consumed = getattr(getattr(sender, "app", None), "amqp", None)
-    queues = consumed.queues.consume_from if consumed is not None else None
-    if queues and settings.IMAGE_QUEUE not in queues:
+    amqp = getattr(getattr(sender, "app", None), "amqp", None)
+    # None or empty: no -Q was given, so the worker consumes every queue.
+    consumed = amqp.queues.consume_from if amqp is not None else None
+    if consumed and settings.IMAGE_QUEUE not in consumed:
         return
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     _worker_heartbeat = WorkerHeartbeat(node)
