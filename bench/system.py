@@ -707,7 +707,8 @@ def _report(args, corpus_size: int, rows: dict[str, Runs], in_task, per_image) -
         f"Parroter system benchmark: {corpus_size} corpus files x {args.rounds} per run "
         f"({system.images + system.failed} images), {args.reps} run(s) of each after a "
         f"warm-up, interleaved, median (range) shown; worker --concurrency {CONCURRENCY}, "
-        f"SWEEP_INTERVAL=1, SETTLE_SECONDS=0.5, {'PostgreSQL' if args.postgres else 'SQLite'}\n\n"
+        f"SWEEP_INTERVAL={args.sweep_interval}, SETTLE_SECONDS={args.settle}, "
+        f"{'PostgreSQL' if args.postgres else 'SQLite'}\n\n"
     )
     write(HEADER + "\n")
     for name, runs in rows.items():

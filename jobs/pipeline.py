@@ -119,6 +119,8 @@ _DECODE_ERRORS = (
     KeyError,
     TypeError,
     ZeroDivisionError,
+    # Pillow's AVIF plugin and pillow-heif raise it for a file libavif/libheif cannot read.
+    RuntimeError,
     struct.error,
     Image.DecompressionBombError,
     Image.DecompressionBombWarning,
@@ -376,7 +378,7 @@ def make_thumbnails(
     runs the same cascade but writes each thumbnail away instead of keeping them all.)
     """
     stored_size = image.size
-    orientation = _load(image, sizes, limits)
+    orientation = _load(image, sizes, limits, options.fit)
     cascade = _thumbnails(
         image, stored_size, orientation, sizes, output_format, options, release=False
     )
@@ -462,7 +464,12 @@ def write_archive(
             if planned is not None:
                 estimate = _libvips_estimate(image, planned[0], estimate)
             _check_memory(estimate, limits, _describe(image))
-        loaded = _load_libvips(image, data, planned[0]) if planned is not None else None
+        loaded = None
+        if planned is not None:
+            # Read first: libvips' pixels come back without the metadata. Known before
+            # decoding here, since libvips never gets a PNG whose EXIF follows its pixels.
+            exif = _kept_exif_before_decoding(image, options)
+            loaded = _load_libvips(image, data, planned[0])
         if planned is not None and loaded is not None:
             image, orientation = loaded, planned[1]
         else:
@@ -470,8 +477,8 @@ def write_archive(
                 # libvips read it otherwise after all: Pillow decodes it, by Pillow's figure.
                 estimate = estimate_memory(image, sizes, data, options, libvips=libvips)
                 _check_memory(estimate, limits, _describe(image))
-            orientation = _load(image, sizes, limits)
-        exif = _kept_exif(image, options)
+            orientation = _load(image, sizes, limits, options.fit)
+            exif = _kept_exif(image, options)
     except BaseException:
         image.close()
         raise
@@ -548,7 +555,7 @@ def estimate_memory(
     """
     stored = image.size
     if image.format in ("JPEG", "MPO"):
-        orientation, requested = _jpeg_request(image, sizes)
+        orientation, requested = _jpeg_request(image, sizes, options.fit)
         scale = _draft_scale(stored, requested)
         decoded = (-(-stored[0] // scale), -(-stored[1] // scale))
         orientations: tuple[int, ...] = (orientation,)
@@ -665,7 +672,9 @@ def _describe(image: Image.Image) -> str:
     return f"{width}x{height} {image.mode} {kind}"
 
 
-def _load(image: Image.Image, sizes: Sequence[ThumbnailSize], limits: Limits) -> int:
+def _load(
+    image: Image.Image, sizes: Sequence[ThumbnailSize], limits: Limits, fit: str = "contain"
+) -> int:
     """Decode the pixels, a JPEG at the smallest scale that covers the largest thumbnail.
 
     Returns the EXIF orientation. Raises ImageRejected when the pixels cannot be decoded.
@@ -675,7 +684,7 @@ def _load(image: Image.Image, sizes: Sequence[ThumbnailSize], limits: Limits) ->
             # The EXIF block comes before the pixels in a JPEG: read it first so that
             # libjpeg can decode at 1/2, 1/4 or 1/8 scale while that still covers the
             # largest thumbnail, in the stored (unrotated) orientation.
-            orientation, requested = _jpeg_request(image, sizes)
+            orientation, requested = _jpeg_request(image, sizes, fit)
             image.draft(None, requested)
         with _pixel_limit(limits.max_pixels):
             image.load()
@@ -1141,7 +1150,8 @@ def _crop(image: Image.Image, size: tuple[int, int], gravity: str) -> Image.Imag
     spare_x, spare_y = image.width - size[0], image.height - size[1]
     left, top = spare_x // 2, spare_y // 2
     if gravity == "attention" and (spare_x or spare_y):
-        edges = image.convert("L").filter(ImageFilter.FIND_EDGES)
+        grey = _to_8_bits(image) if image.mode in ("I", "F") else image.convert("L")
+        edges = grey.filter(ImageFilter.FIND_EDGES)
         if spare_x:
             left = _busiest(edges.resize((image.width, 1), Image.Resampling.BOX), size[0])
         if spare_y:
@@ -1182,6 +1192,14 @@ def _kept_exif(image: Image.Image, options: EncodeOptions) -> bytes:
         return kept.tobytes() if len(kept) else b""
     except _DECODE_ERRORS:
         return b""  # broken EXIF is no reason to refuse the image, and none is kept
+
+
+def _kept_exif_before_decoding(image: Image.Image, options: EncodeOptions) -> bytes:
+    """_kept_exif, without decoding: a PNG with no EXIF before its pixels has none kept
+    (Pillow's getexif would decode the whole image to look after them)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return b""
+    return _kept_exif(image, options)
 
 
 def _decode_failure(exc: BaseException) -> Exception:
@@ -1263,6 +1281,8 @@ def _resizable(image: Image.Image) -> Image.Image:
 
 def _resizable_mode(mode: str, info: dict) -> str:
     """The mode an image of `mode` is resized in (see _RESIZABLE_MODES)."""
+    if mode in ("1", "L", "RGB") and info.get("transparency") is not None:
+        return "RGBA" if mode == "RGB" else "LA"  # a tRNS colour key: made alpha
     if mode in _RESIZABLE_MODES:
         return mode
     if mode in ("P", "PA"):
@@ -1314,12 +1334,13 @@ def _decoder_bytes(image: Image.Image, decoded: tuple[int, int], data: bytes) ->
 
 
 def _jpeg_request(
-    image: Image.Image, sizes: Sequence[ThumbnailSize]
+    image: Image.Image, sizes: Sequence[ThumbnailSize], fit: str = "contain"
 ) -> tuple[int, tuple[int, int]]:
-    """A JPEG's EXIF orientation, and the stored size its draft must still cover."""
+    """A JPEG's EXIF orientation, and the stored size its draft must still cover: the
+    whole image as scaled for each box (with cover, the larger scale it is cut from)."""
     orientation = _orientation(image)
     width, height = _rotated(image.size, orientation)
-    largest = max((size.fit(width, height) for size in sizes), default=(1, 1))
+    largest = max((plan_size(size, width, height, fit)[0] for size in sizes), default=(1, 1))
     return orientation, _rotated(largest, orientation)
 
 

@@ -11,7 +11,7 @@ import zipfile
 
 import pillow_heif
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageFilter, ImageStat
 
 from jobs import pipeline
 from jobs.pipeline import EncodeOptions, ThumbnailSize, parse_sizes, write_archive
@@ -140,6 +140,36 @@ def test_write_archive_refuses_a_truncated_heic():
         archive(data[: len(data) // 2], "cut.heic", "64x64")
 
 
+def corrupt_avif() -> bytes:
+    """An AVIF whose primary-item box is renamed: libavif raises RuntimeError on it."""
+    good = encoded(Image.effect_noise((40, 30), 60).convert("RGB"), "AVIF", quality=50)
+    at = good.index(b"pitm")
+    return good[:at] + b"pitX" + good[at + 4 :]
+
+
+def test_write_archive_refuses_a_corrupt_avif_as_bad_input():
+    with pytest.raises(pipeline.ImageRejected, match="corrupt image header"):
+        archive(corrupt_avif(), "broken.avif", "64x64")
+
+
+@pytest.mark.parametrize(("mode", "key"), [("RGB", (255, 0, 255)), ("L", 7), ("1", 0)])
+@pytest.mark.parametrize("output", ["same", "webp", "jpeg"])
+def test_write_archive_makes_a_png_colour_key_transparent(mode, key, output):
+    image = Image.new(mode, (400, 200), key)
+    image.paste(255 if mode != "RGB" else (0, 0, 255), (0, 0, 100, 200))  # opaque left end
+    _, thumbs = archive(encoded(image, "PNG", transparency=key), "key.png", "64x64", format=output)
+    (thumb,) = thumbs.values()
+    opaque, keyed = (
+        thumb.convert("RGBA").getpixel((2, 16)),
+        thumb.convert("RGBA").getpixel((60, 16)),
+    )
+    if output == "jpeg":
+        assert close_to(keyed, (*WHITE, 255))  # laid on white
+    else:
+        assert keyed[3] == 0
+    assert opaque[3] == 255
+
+
 # --- colour -----------------------------------------------------------------------------
 
 
@@ -214,6 +244,19 @@ def test_write_archive_cover_makes_exactly_the_box_never_upscaled(source, expect
         assert close_to(rgb.getpixel((width - 1, height - 1)), WHITE, 60)
 
 
+def sharpness(image: Image.Image) -> float:
+    return ImageStat.Stat(image.convert("L").filter(ImageFilter.FIND_EDGES)).stddev[0]
+
+
+def test_write_archive_cover_decodes_a_jpeg_large_enough_for_the_cut():
+    # 4:1 noise: covering a 256 px box takes the image at 1024x256, where contain's 256x64
+    # would let the JPEG decode at 1/8 (500x125), to be enlarged again: blurred.
+    source = Image.effect_noise((4000, 1000), 80).convert("RGB")
+    _, from_jpeg = archive(encoded(source, "JPEG", quality=95), "n.jpg", "256x256", fit="cover")
+    _, from_png = archive(encoded(source, "PNG"), "n.png", "256x256", fit="cover")
+    assert sharpness(from_jpeg["n_256x256.jpg"]) > 0.8 * sharpness(from_png["n_256x256.png"])
+
+
 def test_write_archive_cover_turns_before_it_cuts():
     data = stored_with_orientation(quadrants(300, 600), "JPEG", 6)
     info, thumbs = archive(data, "turned.jpg", "100x50", fit="cover")
@@ -240,6 +283,18 @@ def test_write_archive_cover_with_attention_keeps_the_busy_part():
     assert centred["pano_100x100.png"].convert("L").getextrema() == (128, 128)
     low, high = attentive["pano_100x100.png"].convert("L").getextrema()
     assert (low, high) == (0, 255)
+
+
+def test_write_archive_cover_with_attention_sees_detail_in_16_bit_grey():
+    # Flat 16-bit grey with a checkerboard above 8 bits' range at its right end.
+    image = Image.new("I;16", (600, 200), 1000)
+    for x in range(400, 600, 10):
+        for y in range(0, 200, 10):
+            if (x // 10 + y // 10) % 2:
+                image.paste(60000, (x, y, x + 10, y + 10))
+    _, thumbs = archive(encoded(image, "PNG"), "g.png", "100x100", fit="cover", gravity="attention")
+    low, high = thumbs["g_100x100.png"].getextrema()
+    assert high - low > 50  # the checkerboard, not the flat part
 
 
 def test_plan_size_contain_is_the_fit():

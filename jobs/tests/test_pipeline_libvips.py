@@ -272,3 +272,43 @@ def test_write_archive_libvips_resizes_a_jpeg_draft_as_pillow_would():
     buffer = io.BytesIO()
     source.save(buffer, "JPEG", quality=95)
     assert_same_archive(buffer.getvalue(), "wall.jpg")
+
+
+def artist_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x013B] = "A. Photographer"
+    return exif.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        (webp((2400, 1600), exif=artist_exif()), "wall.webp"),
+        (png(gradients((2400, 1600)), exif=artist_exif()), "wall.png"),
+    ],
+    ids=["webp", "png"],
+)
+def test_write_archive_libvips_keeps_metadata_when_asked(data, name):
+    options = EncodeOptions(metadata="keep")
+    assert pipeline._libvips_target(pipeline.open_image(data), data, SIZES, options) is not None
+    _, members = archive(data, libvips=True, name=name, options=options)
+    for member in list(members)[1:]:
+        assert Image.open(io.BytesIO(members[member])).getexif()[0x013B] == "A. Photographer"
+
+
+def test_write_archive_libvips_looks_for_kept_metadata_without_decoding_a_png(monkeypatch):
+    # Pillow's getexif decodes a PNG that has no EXIF before its pixels, to look after them:
+    # the whole image, which libvips is there to decode at a fraction of the memory.
+    from PIL import PngImagePlugin
+
+    decoded = []
+    load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(
+        PngImagePlugin.PngImageFile, "load", lambda self: decoded.append(self.size) or load(self)
+    )
+    data = png(gradients((2400, 1600)))
+    _, members = archive(
+        data, libvips=True, name="wall.png", options=EncodeOptions(metadata="keep")
+    )
+    assert (2400, 1600) not in decoded
+    assert len(Image.open(io.BytesIO(members["wall_512x341.png"])).getexif()) == 0

@@ -24,6 +24,7 @@ from jobs.models import Image, Sweep
 from jobs.sweeper import recover_unswept
 
 from .conftest import image_bytes
+from .test_pipeline_formats import corrupt_avif
 
 pytestmark = pytest.mark.django_db
 
@@ -127,6 +128,14 @@ def test_upload_takes_the_good_files_and_reports_the_bad(client, folders, alice)
     assert [image["name"] for image in body["sweep"]["images"]] == ["good.jpg"]
     assert body["rejected"][0]["name"] == "empty.jpg"
     assert "empty" in body["rejected"][0]["error"]
+
+
+def test_upload_rejects_a_corrupt_avif_and_takes_the_rest(client, folders, alice):
+    body = upload(client, named("broken.avif", corrupt_avif()), named("good.jpg", image_bytes()))
+    assert body["status"] == 201
+    assert [image["name"] for image in body["sweep"]["images"]] == ["good.jpg"]
+    assert body["rejected"][0]["name"] == "broken.avif"
+    assert "corrupt image header" in body["rejected"][0]["error"]
 
 
 def test_upload_rejects_too_many_pixels(client, folders, alice, settings):
