@@ -90,6 +90,9 @@ class Scheduler(DatabaseScheduler):
     def __init__(self, *args, **kwargs) -> None:
         self.heartbeat = BeatHeartbeat()
         self.watching: threading.Event | None = None
+        # Whether the watch folder's schedule is enabled, as beat last read it: switched off
+        # in the admin, the watch sends nothing either.
+        self.watch_enabled = False
         super().__init__(*args, **kwargs)
 
     def sweep_watch_folder(self, arrived: list[Arrival]) -> None:
@@ -97,6 +100,8 @@ class Scheduler(DatabaseScheduler):
         schedule's name, so that one finding nothing (the periodic sweep took the files
         first, or holds the folder) is counted as idle, not recorded. `arrived`: files
         renamed in, which the sweep may take without the settle wait."""
+        if not self.watch_enabled:
+            return
         entry: dict[str, Any] = settings.CELERY_BEAT_SCHEDULE[WATCH_ENTRY]
         kwargs = dict(entry["kwargs"])
         shown = dict(kwargs)  # the task result's arguments: a count, not a thousand numbers
@@ -119,6 +124,8 @@ class Scheduler(DatabaseScheduler):
     def setup_schedule(self) -> None:
         super().setup_schedule()
         retire_removed_entries(settings_owned_names())
+        # Read here: a first start makes the row after the schedule's first read.
+        self.watch_enabled = PeriodicTask.objects.filter(name=WATCH_ENTRY, enabled=True).exists()
         # Here, not in __init__: `celery beat` makes a lazy instance first, for its banner,
         # which never sets up its schedule; a watch started there sent every sweep twice.
         watched = settings.WATCH_EVENTS and WATCH_ENTRY in settings.CELERY_BEAT_SCHEDULE
@@ -126,6 +133,20 @@ class Scheduler(DatabaseScheduler):
             _, self.watching = watcher.start(
                 Path(settings.WATCH_FOLDER), settings.SETTLE_SECONDS, self.sweep_watch_folder
             )
+            if not self.watch_enabled:
+                logger.info("the watch sends no sweep while %s is switched off", WATCH_ENTRY)
+
+    def all_as_schedule(self) -> dict[str, Any]:
+        """The enabled rows, read again whenever one changed (an admin switched one)."""
+        schedule = super().all_as_schedule()
+        enabled = WATCH_ENTRY in schedule
+        if self.watching is not None and enabled != self.watch_enabled:
+            if enabled:
+                logger.info("the watch sends sweeps again: %s is switched on", WATCH_ENTRY)
+            else:
+                logger.info("the watch sends no sweep while %s is switched off", WATCH_ENTRY)
+        self.watch_enabled = enabled
+        return schedule
 
     def tick(self, *args, **kwargs) -> float:
         interval = super().tick(*args, **kwargs)

@@ -11,7 +11,6 @@ from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.template.defaultfilters import filesizeformat
 from django_celery_beat.admin import PeriodicTaskForm
-from django_celery_beat.models import PeriodicTask
 
 from . import pipeline
 from .beat import sweep_kwargs
@@ -23,6 +22,7 @@ from .sweeper import (
     resolve_folder,
     resolve_options,
     resolve_sizes,
+    scheduled_folders,
 )
 from .tasks import SWEEP_TASK
 from .upload_limits import file_over_limit
@@ -187,7 +187,7 @@ class UploadForm(PresetForm):
     def clean(self) -> dict[str, Any]:
         data: dict[str, Any] = super().clean() or {}
         if "sizes" in data and not data["sizes"]:
-            data["sizes"] = list(settings.THUMBNAIL_SIZES)
+            data["sizes"] = resolve_sizes(None)
         accepted, rejected = [], list(self.refused)
         for upload in data.get("images") or []:
             reason = check_upload(upload)
@@ -289,22 +289,14 @@ class SweepTaskForm(PeriodicTaskForm, PresetForm):
         except forms.ValidationError as exc:
             self.add_error("folder", exc)
             return data
-        clash = (
-            PeriodicTask.objects.filter(task=SWEEP_TASK, enabled=True)
-            .exclude(pk=self.instance.pk)
-            .only("name", "kwargs")
-        )
-        for other in clash:
-            other_folder = sweep_kwargs(other).get("folder")
-            if not isinstance(other_folder, str) or not other_folder:
-                continue
-            if Path(other_folder).resolve() == Path(folder):
-                self.add_error(
-                    "folder",
-                    f"{folder} is already swept by the periodic task “{other.name}”; "
-                    "change that one instead (two schedules would race for the same files).",
-                )
-                return data
+        other = scheduled_folders(exclude=self.instance.pk).get(Path(folder))
+        if other is not None:
+            self.add_error(
+                "folder",
+                f"{folder} is already swept by the periodic task “{other}”; "
+                "change that one instead (two schedules would race for the same files).",
+            )
+            return data
         sizes = data.get("sizes") or list(settings.THUMBNAIL_SIZES)
         data["folder"] = folder
         data["sizes"] = sizes

@@ -25,7 +25,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, Q, TextField, Value, When
+from django.db.models import Case, F, Max, Q, TextField, Value, When
 from django.db.models.functions import Concat
 from django.utils import timezone
 
@@ -212,13 +212,26 @@ def prune_idle_sweeps(before: datetime, size: int = BATCH, dry_run: bool = False
     """
     pruned = 0
     fields = ("id", "started_at", "status", "claimed", "requeued", "error")
+    # A schedule whose folder is gone, or a disk that stays full, records a failed or held
+    # sweep every interval: past IDLE_SWEEP_DAYS those go too, but for the latest of each
+    # folder and schedule, which still tells what is wrong.
+    repeated = (Sweep.Status.FAILED, Sweep.Status.HELD)
+    latest = set(
+        Sweep.objects.filter(status__in=repeated)
+        .values("schedule_name", "folder", "status")
+        .annotate(last=Max("id"))
+        .values_list("last", flat=True)
+    )
     for rows in walk(Sweep, fields, size):
         idle = [
             row.id
             for row in rows
             if row.started_at < before
-            and row.status in (Sweep.Status.DONE, Sweep.Status.SKIPPED)
-            and not (row.claimed or row.requeued or row.error)
+            and not (row.claimed or row.requeued)
+            and (
+                (row.status in (Sweep.Status.DONE, Sweep.Status.SKIPPED) and not row.error)
+                or (row.status in repeated and row.id not in latest)
+            )
         ]
         if idle and not dry_run:
             Sweep.objects.filter(id__in=idle).delete()

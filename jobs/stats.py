@@ -221,6 +221,7 @@ class Retention:
     archives_days: int
     results_days: int
     idle_sweep_days: int
+    webhook_days: int
     min_free_mb: int
     free_bytes: int | None
 
@@ -240,6 +241,7 @@ def retention() -> Retention:
         archives_days=settings.KEEP_ARCHIVES_DAYS,
         results_days=expires.days if expires else 0,
         idle_sweep_days=settings.IDLE_SWEEP_DAYS,
+        webhook_days=settings.WEBHOOK_KEEP_DAYS,
         min_free_mb=settings.MIN_FREE_MB,
         free_bytes=free,
     )

@@ -123,9 +123,9 @@ def resolve_folder(folder: str | os.PathLike[str] | None) -> Path:
 
 def resolve_sizes(sizes: Iterable[str] | str | None) -> list[str]:
     """Size labels from a task's kwargs, or the configured defaults; ValueError if bad."""
-    if sizes is None:
-        return list(settings.THUMBNAIL_SIZES)
-    parsed = parse_sizes(sizes)
+    # The defaults are normalised like any sizes: the same sizes make the same sizes_key,
+    # whichever way they came, or the same content would not be found a duplicate.
+    parsed = parse_sizes(settings.THUMBNAIL_SIZES if sizes is None else sizes)
     if not parsed:
         raise ValueError("sizes must name at least one size like 128x128")
     return [size.label for size in parsed]
@@ -262,16 +262,23 @@ def _note_activity(outcome: SweepOutcome) -> None:
         ScheduleActivity.note_idle(sweep.schedule_name)
 
 
+def scheduled_folders(exclude: int | None = None) -> dict[Path, str]:
+    """The folders enabled periodic sweeps look after, resolved, each with the name of its
+    schedule (the oldest, should two share one); `exclude`: a schedule's id left out."""
+    folders: dict[Path, str] = {}
+    schedules = PeriodicTask.objects.filter(task=SWEEP_TASK, enabled=True).exclude(pk=exclude)
+    for task in schedules.order_by("pk").only("name", "kwargs"):
+        folder = beat.sweep_kwargs(task).get("folder")
+        if isinstance(folder, str) and folder:
+            folders.setdefault(Path(folder).resolve(), task.name)
+    return folders
+
+
 def other_sweep_folders(folder: Path) -> list[Path]:
     """Folders below `folder` that an enabled periodic sweep of their own looks after."""
-    nested = []
-    for task in PeriodicTask.objects.filter(task=SWEEP_TASK, enabled=True).only("kwargs"):
-        other = beat.sweep_kwargs(task).get("folder")
-        if isinstance(other, str) and other:
-            other_path = Path(other).resolve()
-            if other_path != folder and other_path.is_relative_to(folder):
-                nested.append(other_path)
-    return nested
+    return [
+        other for other in scheduled_folders() if other != folder and other.is_relative_to(folder)
+    ]
 
 
 def start_sweep(

@@ -150,8 +150,12 @@ def why_not_reprocess(image: Image) -> str:
     """Why an image cannot be processed again right now; empty when it can."""
     if not image.is_final:
         return "it is still being processed"
-    if image.in_folder or not image.original_path:
+    if image.in_folder:
         return "its original has not been put away yet (the next sweep of its folder does it)"
+    if not image.original_path:
+        # Retention deleted it (KEEP_ORIGINALS_DAYS), or it was left where it was found
+        # (its error says why): no sweep will bring it back.
+        return "its original is no longer kept (see its error, and KEEP_ORIGINALS_DAYS)"
     original = Path(image.original_path)
     try:
         kept = storage.kept_original(original)

@@ -40,7 +40,7 @@ def envbool(name: str, default: str) -> bool:
     raise ImproperlyConfigured(f"{name} must be a boolean (1/0, true/false), got {value!r}")
 
 
-def envint(name: str, default: str, *, minimum: int = 0) -> int:
+def envint(name: str, default: str, *, minimum: int = 0, maximum: int | None = None) -> int:
     value = os.environ.get(name, default)
     try:
         number = int(value)
@@ -48,7 +48,13 @@ def envint(name: str, default: str, *, minimum: int = 0) -> int:
         raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
     if number < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
+    if maximum is not None and number > maximum:
+        raise ImproperlyConfigured(f"{name} must be at most {maximum}, got {number}")
     return number
+
+
+# Days of a retention: "now minus this" must stay a date (0, where allowed, is forever).
+MAX_DAYS = 36500
 
 
 def envfloat(name: str, default: str, *, minimum: float = 0.0) -> float:
@@ -123,13 +129,17 @@ def database_from_url(url: str) -> dict:
         database = unquote(parts.path.lstrip("/"))
         if not database:
             raise ImproperlyConfigured("DATABASE_URL postgres URL needs a database name")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"DATABASE_URL has a bad port: {exc}") from None
         return {
             "ENGINE": "django.db.backends.postgresql",
             "NAME": database,
             "USER": unquote(parts.username or ""),
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",
-            "PORT": str(parts.port or ""),
+            "PORT": str(port or ""),
             # A new PostgreSQL connection costs ~6.5 ms, a backend process started for it.
             "CONN_MAX_AGE": CONN_MAX_AGE,
             "CONN_HEALTH_CHECKS": True,
@@ -316,7 +326,7 @@ MEDIA_URL = None
 # Folders a sweep may be pointed at (the watch folder and anything below these roots).
 # Anyone who can edit a periodic task's kwargs can name a folder: this bounds the damage.
 WATCH_ROOTS = [WATCH_FOLDER] + [project_path(item) for item in envlist("WATCH_ROOTS", "")]
-PORT = envint("PORT", "8000", minimum=1)
+PORT = envint("PORT", "8000", minimum=1, maximum=65535)
 # The address `make run`'s web server listens on; 0.0.0.0 to be reached from other machines.
 DJANGO_BIND = envstr("DJANGO_BIND", "127.0.0.1").strip() or "127.0.0.1"
 SWEEP_INTERVAL = envfloat("SWEEP_INTERVAL", "10", minimum=1)
@@ -374,11 +384,11 @@ LEASE_SECONDS = envfloat("LEASE_SECONDS", "30", minimum=1)
 REQUEUE_AFTER = envint("REQUEUE_AFTER", "60", minimum=1)
 RECOVER_INTERVAL = max(SWEEP_INTERVAL, 10.0)
 # Sweep records that claimed nothing (idle scheduled sweeps leave none) go after this many days.
-IDLE_SWEEP_DAYS = envint("IDLE_SWEEP_DAYS", "7", minimum=1)
+IDLE_SWEEP_DAYS = envint("IDLE_SWEEP_DAYS", "7", minimum=1, maximum=MAX_DAYS)
 # Kept originals and archives of finished images are deleted after this many days (the
 # image's record stays); 0 keeps them forever.
-KEEP_ORIGINALS_DAYS = envint("KEEP_ORIGINALS_DAYS", "0")
-KEEP_ARCHIVES_DAYS = envint("KEEP_ARCHIVES_DAYS", "0")
+KEEP_ORIGINALS_DAYS = envint("KEEP_ORIGINALS_DAYS", "0", maximum=MAX_DAYS)
+KEEP_ARCHIVES_DAYS = envint("KEEP_ARCHIVES_DAYS", "0", maximum=MAX_DAYS)
 # Below this much free space where MEDIA_ROOT lives, sweeps claim nothing and say why, and
 # /healthz reports the disk (MEDIA_ROOT's or a watch folder's).
 MIN_FREE_MB = envint("MIN_FREE_MB", "500")
@@ -428,7 +438,7 @@ WEBHOOK_BACKOFF = envfloat("WEBHOOK_BACKOFF", "10", minimum=0.1)
 WEBHOOK_TRIES = envint("WEBHOOK_TRIES", "30", minimum=1)
 # Days sent and failed webhook deliveries stay in the outbox (the admin's Webhook
 # deliveries); 0 keeps them forever.
-WEBHOOK_KEEP_DAYS = envint("WEBHOOK_KEEP_DAYS", "30")
+WEBHOOK_KEEP_DAYS = envint("WEBHOOK_KEEP_DAYS", "30", maximum=MAX_DAYS)
 # MB (MiB) of memory no worker process exceeds: images that would not fit are refused from
 # their header, and an OS limit stops a pool process that goes over anyway (jobs/worker.py).
 WORKER_MEMORY_MB = envint("WORKER_MEMORY_MB", "512", minimum=128)
@@ -503,7 +513,9 @@ CELERY_TASK_ROUTES = {
 }
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
-CELERY_RESULT_EXPIRES = timedelta(days=envint("RESULT_EXPIRES_DAYS", "30", minimum=1))
+CELERY_RESULT_EXPIRES = timedelta(
+    days=envint("RESULT_EXPIRES_DAYS", "30", minimum=1, maximum=MAX_DAYS)
+)
 CELERY_CACHE_BACKEND = "django-cache"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"

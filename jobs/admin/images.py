@@ -10,6 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.actions import delete_selected as django_delete_selected
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
@@ -430,7 +431,20 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
     def delete_model(self, request: HttpRequest, obj: Image) -> None:
         self.delete_queryset(request, Image.objects.filter(id=obj.id))
 
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Image]) -> None:
+    @admin.action(permissions=["delete"], description="Delete selected images")
+    def delete_selected(
+        self, request: HttpRequest, queryset: QuerySet[Image]
+    ) -> HttpResponse | None:
+        """Django's deletion, asked and counted and logged for the images that may go only:
+        the others are named in a warning and stay."""
+        deletable = self.deletable(request, queryset)
+        if not deletable.exists():
+            return None
+        return django_delete_selected(self, request, deletable)
+
+    def deletable(self, request: HttpRequest, queryset: QuerySet[Image]) -> QuerySet[Image]:
+        """`queryset` less the images deleting leaves, each named in a warning: those still
+        being processed, and those whose zip duplicates outside `queryset` use."""
         busy = queryset.exclude(status__in=Image.FINAL_STATUSES)
         if busy.exists():
             self.message_user(
@@ -439,19 +453,21 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
                 "they are finished.",
                 messages.WARNING,
             )
+        final = queryset.filter(status__in=Image.FINAL_STATUSES).select_related(None)
+        used = uploads.duplicates_using(final)
+        for image in final.filter(id__in=list(used)).only("id", "name"):
+            self.message_user(
+                request,
+                f"{image.name} (#{image.id}) was kept: "
+                f"{uploads.duplicates_reason(used[image.id])}; "
+                "select its duplicates too to delete them together",
+                messages.WARNING,
+            )
+        return final.exclude(id__in=list(used))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Image]) -> None:
         with transaction.atomic():
-            final = queryset.filter(status__in=Image.FINAL_STATUSES).select_related(None)
-            # A zip that duplicates outside this deletion still use stays, with its image.
-            used = uploads.duplicates_using(final)
-            for image in final.filter(id__in=list(used)).only("id", "name"):
-                self.message_user(
-                    request,
-                    f"{image.name} (#{image.id}) was kept: "
-                    f"{uploads.duplicates_reason(used[image.id])}; "
-                    "select its duplicates too to delete them together",
-                    messages.WARNING,
-                )
-            final = final.exclude(id__in=list(used))
+            final = self.deletable(request, queryset)
             archives = list(final.values_list("archive", flat=True))
             final.delete()
             # Files go only once the records are gone for good.

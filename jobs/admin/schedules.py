@@ -7,12 +7,13 @@ its last recorded sweep and how many sweeps found nothing.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.http import Http404, HttpRequest, JsonResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
@@ -24,7 +25,7 @@ from django_celery_beat.models import CrontabSchedule, PeriodicTask, PeriodicTas
 from .. import beat
 from ..forms import SweepTaskForm
 from ..models import ScheduleActivity, Sweep
-from ..sweeper import PRESET_CHOICES
+from ..sweeper import PRESET_CHOICES, scheduled_folders
 from ..tasks import SWEEP_TASK
 from .display import ParroterAdminMixin, badge, shortened, sizes_text, when, wrap_path
 
@@ -152,6 +153,52 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
             fields += ["name", "task", "enabled", "description", "schedule_display", "args"]
             fields += ["kwargs"]
         return fields
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        """django-celery-beat's actions declare no permission, so Django offers them to
+        anyone who may view the list: switching tasks on and off is changing them, and
+        running one now (a sweep, retention) is at least sweeping a folder now."""
+        actions = super().get_actions(request)
+        if not self.has_change_permission(request):
+            for name in ("enable_tasks", "disable_tasks", "toggle_tasks", "run_tasks"):
+                actions.pop(name, None)
+        if not request.user.has_perm("jobs.sweep_now"):
+            actions.pop("run_tasks", None)
+        return actions
+
+    @admin.action(description="Enable selected tasks")
+    def enable_tasks(self, request: HttpRequest, queryset: QuerySet[PeriodicTask]) -> None:
+        super().enable_tasks(request, self.without_clashes(request, queryset))
+
+    @admin.action(description="Toggle activity of selected tasks")
+    def toggle_tasks(self, request: HttpRequest, queryset: QuerySet[PeriodicTask]) -> None:
+        kept = self.without_clashes(request, queryset.filter(enabled=False))
+        super().toggle_tasks(request, queryset.filter(Q(enabled=True) | Q(pk__in=kept)))
+
+    def without_clashes(
+        self, request: HttpRequest, queryset: QuerySet[PeriodicTask]
+    ) -> QuerySet[PeriodicTask]:
+        """`queryset` less the disabled sweeps that enabling would set racing another for
+        its folder (an enabled one, or one enabled before it in this selection): the rule
+        the change form keeps. Each one left out is named in a warning."""
+        taken = scheduled_folders()
+        refused = []
+        for task in queryset.filter(enabled=False, task=SWEEP_TASK).order_by("pk"):
+            folder = beat.sweep_kwargs(task).get("folder")
+            if not isinstance(folder, str) or not folder:
+                continue
+            path = Path(folder).resolve()
+            if path in taken:
+                refused.append(task.pk)
+                self.message_user(
+                    request,
+                    f"“{task.name}” was left disabled: {path} is already swept by "
+                    f"“{taken[path]}” (two schedules would race for the same files).",
+                    messages.WARNING,
+                )
+            else:
+                taken[path] = task.name
+        return queryset.exclude(pk__in=refused)
 
     def has_change_permission(self, request: HttpRequest, obj: PeriodicTask | None = None) -> bool:
         if obj is not None and beat.is_settings_owned(obj):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.contrib.admin.models import DELETION, LogEntry
+from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
@@ -570,3 +572,116 @@ def test_throughput_measures_images_and_megapixels_of_recent_sweeps(processed):
     assert rows[0].images == 2
     assert rows[0].megapixels == pytest.approx(0.12)
     assert rows[0].per_minute > 0
+
+
+def test_dashboard_shows_every_retention_setting(admin_client, folders, settings):
+    settings.WEBHOOK_KEEP_DAYS = 12
+    page = admin_client.get(reverse("dashboard")).content.decode()
+    table = page[page.index('id="retention"') :]
+    for name in (
+        "KEEP_ORIGINALS_DAYS",
+        "KEEP_ARCHIVES_DAYS",
+        "RESULT_EXPIRES_DAYS",
+        "IDLE_SWEEP_DAYS",
+        "WEBHOOK_KEEP_DAYS",
+    ):
+        assert name in table
+    assert "12 days" in table
+
+
+# --- what staff may do with periodic tasks -------------------------------------------------
+
+
+def staff(django_user_model, *codenames: str):
+    user = django_user_model.objects.create_user("staff", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    return user
+
+
+def sweep_schedule(name: str, folder: Path, interval: IntervalSchedule, enabled: bool = True):
+    return PeriodicTask.objects.create(
+        name=name,
+        task="jobs.sweep_folder",
+        interval=interval,
+        enabled=enabled,
+        kwargs=json.dumps({"folder": str(folder)}),
+    )
+
+
+SWITCHES = ("enable_tasks", "disable_tasks", "toggle_tasks", "run_tasks")
+
+
+def test_staff_who_may_only_view_periodic_tasks_cannot_switch_or_run_them(
+    client, folders, every_second, django_user_model, broker
+):
+    task = sweep_schedule("inbox", folders["other"], every_second)
+    client.force_login(staff(django_user_model, "view_periodictask"))
+    changelist = reverse("admin:django_celery_beat_periodictask_changelist")
+    page = client.get(changelist).content.decode()
+    assert page.count('name="action"') <= 1  # the list is shown...
+    assert not [name for name in SWITCHES if f'value="{name}"' in page]  # ...with no switch
+    for name in SWITCHES:
+        client.post(changelist, {"action": name, "_selected_action": [task.id]})
+    task.refresh_from_db()
+    assert task.enabled
+    assert queue_length(settings.SWEEP_QUEUE) == 0
+
+
+def test_running_a_periodic_task_now_takes_the_sweep_now_permission(
+    client, folders, every_second, django_user_model, broker
+):
+    task = sweep_schedule("inbox", folders["other"], every_second)
+    changelist = reverse("admin:django_celery_beat_periodictask_changelist")
+    client.force_login(staff(django_user_model, "view_periodictask", "change_periodictask"))
+    page = client.get(changelist).content.decode()
+    assert 'value="disable_tasks"' in page
+    assert 'value="run_tasks"' not in page
+    client.post(changelist, {"action": "run_tasks", "_selected_action": [task.id]})
+    assert queue_length(settings.SWEEP_QUEUE) == 0
+
+    user = django_user_model.objects.get(username="staff")
+    user.user_permissions.add(Permission.objects.get(codename="sweep_now"))
+    client.post(changelist, {"action": "run_tasks", "_selected_action": [task.id]})
+    assert queue_length(settings.SWEEP_QUEUE) == 1
+
+
+def test_enabling_from_the_list_leaves_a_second_sweep_of_a_folder_off(
+    admin_client, folders, every_second
+):
+    sweep_schedule("first", folders["other"], every_second)
+    second = sweep_schedule("second", folders["other"], every_second, enabled=False)
+    third = sweep_schedule("third", folders["other"] / "deeper", every_second, enabled=False)
+    (folders["other"] / "deeper").mkdir()
+    changelist = reverse("admin:django_celery_beat_periodictask_changelist")
+    for action in ("enable_tasks", "toggle_tasks"):
+        response = admin_client.post(
+            changelist, {"action": action, "_selected_action": [second.id, third.id]}, follow=True
+        )
+        second.refresh_from_db()
+        third.refresh_from_db()
+        assert not second.enabled
+        assert third.enabled  # a folder below another may have a schedule of its own
+        assert "“second” was left disabled" in response.content.decode()
+        assert "already swept by “first”" in response.content.decode()
+        PeriodicTask.objects.filter(id=third.id).update(enabled=False)
+
+
+def test_delete_selected_counts_and_logs_only_the_images_it_deleted(
+    admin_client, folders, drop, sweep_and_process
+):
+    drop(folders["watch"], "waiting.jpg")
+    waiting = sweep_and_process(process=False)[0]
+    drop(folders["watch"], "done.jpg", image_bytes((300, 200)))
+    (done,) = sweep_and_process()
+    changelist = reverse("admin:jobs_image_changelist")
+    selected = {"action": "delete_selected", "_selected_action": [waiting.id, done.id]}
+    confirm = admin_client.post(changelist, selected).content.decode()
+    assert "done.jpg" in confirm
+    assert "waiting.jpg" not in confirm
+    assert "1 image(s) still being processed were kept" in confirm
+
+    response = admin_client.post(changelist, {**selected, "post": "yes"}, follow=True)
+    shown = [str(message) for message in response.context["messages"]]
+    assert "Successfully deleted 1 image." in shown
+    assert list(Image.objects.values_list("name", flat=True)) == ["waiting.jpg"]
+    assert LogEntry.objects.filter(action_flag=DELETION).count() == 1

@@ -126,3 +126,33 @@ def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
     assert Sweep.objects.filter(schedule_name="second folder").count() == count
     assert ScheduleActivity.objects.get(schedule_name="second folder").idle_sweeps == idle
     assert not Image.objects.filter(name="third.jpg").exists()
+
+
+def test_watch_sends_no_sweep_while_the_watch_folder_schedule_is_switched_off(
+    system, folders, drop, admin_client, tmp_path
+):
+    # Only the watch can take a file within the test: the interval never comes round.
+    system.environment.update({"SWEEP_INTERVAL": "3600", "WATCH_EVENTS": "true"})
+    system.worker()
+    system.beat()
+    wait_for(lambda: "watching" in system.logs(), timeout=30, what="the watch to start")
+    entry = PeriodicTask.objects.get(name="sweep-watch-folder")
+    switch = reverse("admin:django_celery_beat_periodictask_changelist")
+
+    def rename_in(name: str) -> None:
+        staged = drop(tmp_path / "staging", name, image_bytes((640, 480)))
+        staged.rename(folders["watch"] / name)
+
+    # Switched off in the admin, as a settings row may be: the watch sends nothing.
+    admin_client.post(switch, {"action": "disable_tasks", "_selected_action": [entry.id]})
+    wait_for(lambda: "sends no sweep while" in system.logs(), what="beat to switch the watch")
+    rename_in("off.jpg")
+    time.sleep(4)  # the watch sends within 0.5 s of a rename; a worker takes it at once
+    assert not Sweep.objects.exists()
+    assert not Image.objects.exists()
+
+    # Switched on again: the next file renamed in is taken at once.
+    admin_client.post(switch, {"action": "enable_tasks", "_selected_action": [entry.id]})
+    wait_for(lambda: "sends sweeps again" in system.logs(), what="beat to switch the watch")
+    rename_in("on.jpg")
+    wait_for(lambda: finished("on.jpg"), what="the file renamed in once switched on")

@@ -10,6 +10,8 @@ from django.core.management import CommandError, call_command
 
 from jobs.models import Image
 
+from .conftest import celery_broker
+
 pytestmark = pytest.mark.django_db
 
 
@@ -55,3 +57,18 @@ def test_jobs_filters_by_status_and_prints_a_table(folders, drop):
     table = run_command("jobs", "--status", "failed")
     assert "bad.jpg" in table
     assert "good.jpg" not in table
+
+
+def test_sweep_with_the_broker_down_says_what_became_of_the_images(folders, drop):
+    drop(folders["watch"], "a.jpg")
+    # Nothing listens on port 1.
+    with celery_broker("redis://127.0.0.1:1/0"), pytest.raises(CommandError) as raised:
+        run_command("sweep", "--no-wait")
+    assert "the broker does not answer" in str(raised.value)
+    assert "the 1 image(s) stay claimed" in str(raised.value)
+    assert Image.objects.get().status == Image.Status.PENDING  # a later sweep queues it
+
+
+def test_jobs_refuses_a_negative_limit(folders):
+    with pytest.raises(CommandError, match="--limit"):
+        run_command("jobs", "--limit", "-3")

@@ -15,6 +15,7 @@ import pytest
 from celery import current_app
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.urls import reverse
 from django.utils import timezone
 from django_celery_results.models import TaskResult
 
@@ -107,6 +108,21 @@ def test_apply_retention_deletes_old_originals_and_keeps_the_records(folders, ke
     assert fresh(old).status == Image.Status.DONE
     assert (media / fresh(old).archive).is_file(), "archives are kept forever"
     assert Path(fresh(recent).original_path).is_file()
+
+
+def test_reprocess_of_an_image_whose_original_retention_deleted_says_so(
+    folders, keep, admin_client
+):
+    keep(originals=10)
+    old = finished(folders["media"], "old", days_old=20)
+    retention.apply_retention()
+    response = admin_client.post(
+        reverse("admin:jobs_image_reprocess"), {"ids": str(old.id), "sizes": "10x10"}, follow=True
+    )
+    page = response.content.decode()
+    assert "its original is no longer kept" in page
+    assert "next sweep" not in page  # no sweep brings it back
+    assert fresh(old).sizes == ["64x64"]
 
 
 def test_apply_retention_deletes_old_archives_and_says_so_on_the_record(folders, keep):
@@ -274,6 +290,31 @@ def test_prune_idle_sweeps_forgets_only_old_sweeps_that_did_nothing(folders, dro
     assert not Sweep.objects.filter(id__in=[idle.id, skipped.id]).exists()
     assert Sweep.objects.count() == len(kept) + 1
     assert Sweep.objects.filter(id=recent.id).exists()
+
+
+def test_prune_idle_sweeps_forgets_repeated_failures_but_the_latest_of_each(folders, settings):
+    # A schedule whose folder was removed fails every interval; a full disk holds every
+    # sweep back: one record each time, thousands a day.
+    folders["other"].rmdir()
+    for _ in range(5):
+        with pytest.raises(sweeper.SweepArgumentsError):
+            sweeper.sweep_folder(str(folders["other"]), ["64x64"], schedule_name="inbox")
+    settings.MIN_FREE_MB = 10**9
+    for _ in range(5):
+        sweeper.sweep_folder(str(folders["watch"]), ["64x64"], schedule_name="sweep-watch-folder")
+    assert Sweep.objects.filter(status=Sweep.Status.FAILED).count() == 5
+    assert Sweep.objects.filter(status=Sweep.Status.HELD).count() == 5
+    latest = {"held": Sweep.objects.filter(status=Sweep.Status.HELD).latest("id").id}
+    Sweep.objects.update(started_at=timezone.now() - timedelta(days=8))
+    with pytest.raises(sweeper.SweepArgumentsError):  # one more, this week
+        sweeper.sweep_folder(str(folders["other"]), ["64x64"], schedule_name="inbox")
+    recent = Sweep.objects.latest("id")
+
+    # The latest of each schedule, folder and status stays, however old: it still says
+    # what is wrong. The failed one is this week's now.
+    assert retention.prune_idle_sweeps(timezone.now() - timedelta(days=7), size=3) == 9
+    assert set(Sweep.objects.values_list("id", flat=True)) == {recent.id, latest["held"]}
+    assert retention.prune_idle_sweeps(timezone.now() + timedelta(days=1), size=3) == 0
 
 
 def test_retention_forgets_old_webhook_deliveries_that_are_over_only(settings):

@@ -169,6 +169,22 @@ def test_make_thumbnails_marks_same_content_as_duplicate(folders, drop):
     assert len(list((folders["media"] / "archives").rglob("*.zip"))) == 1
 
 
+def test_the_default_sizes_and_the_same_sizes_named_find_the_same_duplicates(
+    folders, drop, settings
+):
+    # `manage.py sweep` or the upload page without sizes, then the watch folder's schedule,
+    # which names THUMBNAIL_SIZES: the same sizes, so the second is a duplicate.
+    settings.THUMBNAIL_SIZES = ["32x32", "64x64"]
+    data = image_bytes((300, 200))
+    drop(folders["watch"], "one.jpg", data)
+    (first,) = sweeper.sweep_folder(str(folders["watch"]), None).to_queue
+    drop(folders["watch"], "two.jpg", data)
+    (second,) = sweeper.sweep_folder(str(folders["watch"]), ["32x32", "64x64"]).to_queue
+    assert make_thumbnails(first) == Image.Status.DONE
+    assert make_thumbnails(second) == Image.Status.DUPLICATE
+    assert Image.objects.get(id=first).sizes == ["64x64", "32x32"]  # largest first, as named
+
+
 def test_make_thumbnails_does_not_follow_symlinks(folders, drop, tmp_path):
     secret = tmp_path / "secret.jpg"
     secret.write_bytes(image_bytes())

@@ -53,6 +53,14 @@ def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[s
         ("HEALTH_TIMEOUT", "inf"),
         ("TIME_ZONE", "Mars/Olympus"),
         ("LOG_LEVEL", "verbose"),
+        ("PORT", "70000"),
+        ("DATABASE_URL", "postgres://user@db.example:99999/images"),
+        # "now minus so many days" must stay a date, or retention stops with an OverflowError
+        ("KEEP_ORIGINALS_DAYS", "1000000"),
+        ("KEEP_ARCHIVES_DAYS", "1000000"),
+        ("IDLE_SWEEP_DAYS", "1000000"),
+        ("WEBHOOK_KEEP_DAYS", "1000000"),
+        ("RESULT_EXPIRES_DAYS", "1000000"),
     ],
 )
 def test_settings_bad_value_stops_start_up_with_one_line_naming_it(variable, value):

@@ -228,7 +228,7 @@ def test_start_sweep_records_bad_sizes(folders):
 def test_start_sweep_defaults_to_watch_folder_and_configured_sizes(folders, settings):
     _record, path, labels = sweeper.start_sweep(None, None, trigger=Sweep.Trigger.MANUAL)
     assert path == folders["watch"]
-    assert labels == settings.THUMBNAIL_SIZES
+    assert labels == ["512x512", "256x256", "128x128"]  # normalised, as any sizes are
 
 
 def claim_one(folders, drop, name: str = "a.jpg") -> Image:

@@ -12,13 +12,22 @@ from django.core.management.base import BaseCommand, CommandParser
 from jobs.models import Image
 
 
+def non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
 class Command(BaseCommand):
     help = "List images and what became of them."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--status", choices=Image.Status.values, help="Only this status.")
         parser.add_argument("--json", action="store_true", help="Print a JSON array.")
-        parser.add_argument("--limit", type=int, default=0, help="At most this many, newest.")
+        parser.add_argument(
+            "--limit", type=non_negative, default=0, help="At most this many, newest (0: all)."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         images = Image.objects.order_by("-queued_at", "-id")

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from kombu.exceptions import OperationalError
 
 from jobs import runner, sweeper
 from jobs.models import Image, Sweep
@@ -65,7 +66,14 @@ class Command(BaseCommand):
                 runner.process_image(image_id)
                 self.show_progress(image_ids)
         else:
-            queue_images(image_ids)
+            try:
+                queue_images(image_ids)
+            except OperationalError as exc:
+                raise CommandError(
+                    f"the broker does not answer ({exc}); the {len(image_ids)} image(s) stay "
+                    "claimed and the next sweep queues them once it is up, or run again "
+                    "with --inline to process them here"
+                ) from None
             if options["no_wait"]:
                 return
             self.wait(image_ids, options["timeout"])
