@@ -113,7 +113,7 @@ class Scheduler(DatabaseScheduler):
             kwargs=kwargs,
             kwargsrepr=repr(shown),
             headers={"periodic_task_name": WATCH_ENTRY},
-            **entry.get("options", {}),
+            expires=entry["options"]["expire_seconds"],
         )
 
     def close(self) -> None:

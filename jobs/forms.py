@@ -244,9 +244,10 @@ class SweepTaskForm(PeriodicTaskForm, PresetForm):
         if "kwargs" not in self.fields:
             return  # a read-only view (a settings-owned row)
         self.fields["quality"].help_text = (
-            f"JPEG and WebP thumbnails, {MIN_QUALITY} to {MAX_QUALITY}; lower is smaller. "
-            f"Empty: JPEG_QUALITY (now {settings.JPEG_QUALITY}) for JPEG, "
-            f"{pipeline.EncodeOptions().webp_quality} for WebP."
+            f"JPEG, WebP and AVIF thumbnails, {MIN_QUALITY} to {MAX_QUALITY}; lower is "
+            f"smaller. Empty: JPEG_QUALITY (now {settings.JPEG_QUALITY}) for JPEG, "
+            f"{pipeline.EncodeOptions().webp_quality} for WebP, "
+            f"{pipeline.EncodeOptions().avif_quality} for AVIF."
         )
         self.fields["kwargs"].required = False
         self.fields["kwargs"].help_text = (

@@ -484,7 +484,9 @@ class Arrival:
 
 
 def is_junk(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in JUNK_PATTERNS)
+    # Whatever the case: Windows writes THUMBS.DB and FILE.TMP as readily.
+    folded = name.casefold()
+    return any(fnmatch.fnmatchcase(folded, pattern.casefold()) for pattern in JUNK_PATTERNS)
 
 
 def scan(

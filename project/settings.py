@@ -393,7 +393,10 @@ KEEP_ARCHIVES_DAYS = envint("KEEP_ARCHIVES_DAYS", "0", maximum=MAX_DAYS)
 # /healthz reports the disk (MEDIA_ROOT's or a watch folder's).
 MIN_FREE_MB = envint("MIN_FREE_MB", "500")
 UPLOAD_MAX_FILES = envint("UPLOAD_MAX_FILES", "20", minimum=1)
-UPLOAD_MAX_BYTES = envint("UPLOAD_MAX_BYTES", str(MAX_IMAGE_BYTES), minimum=1)
+# No more than a worker reads (MAX_IMAGE_BYTES): a larger upload would be taken, then fail.
+UPLOAD_MAX_BYTES = envint(
+    "UPLOAD_MAX_BYTES", str(MAX_IMAGE_BYTES), minimum=1, maximum=MAX_IMAGE_BYTES
+)
 # Django's own cap on files per request, one above ours so that the upload says it in words.
 DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES + 1
 # Where uploads over 2.5 MB are spooled while the request is read (unset: the system's).
@@ -539,6 +542,15 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_TIMEZONE = TIME_ZONE
 # django-celery-beat's DatabaseScheduler, plus marking settings-owned rows (jobs/beat.py).
 CELERY_BEAT_SCHEDULER = "jobs.beat:Scheduler"
+
+
+def expiring_before_next(period: float) -> dict[str, int]:
+    """Beat options for a task worthless once the next one is due, so that a backlog left
+    by stopped workers is dropped, not run: django-celery-beat keeps a settings entry's
+    expiry only as whole seconds (`expire_seconds`), and drops `expires`."""
+    return {"expire_seconds": max(1, int(period * 0.9))}
+
+
 # Settings-owned schedules. Beat writes these rows on every start; see the README for how
 # they live beside the periodic tasks made in the admin.
 CELERY_BEAT_SCHEDULE = {
@@ -546,21 +558,20 @@ CELERY_BEAT_SCHEDULE = {
         "task": "jobs.sweep_folder",
         "schedule": SWEEP_INTERVAL,
         "kwargs": {"folder": str(WATCH_FOLDER), "sizes": THUMBNAIL_SIZES},
-        # A sweep that could not start before the next one is due is worthless.
-        "options": {"expires": SWEEP_INTERVAL * 0.9},
+        "options": expiring_before_next(SWEEP_INTERVAL),
     },
     # Uploads and reprocessed images are read from MEDIA_ROOT, which no sweep lists: this
     # repairs them after a dead worker or a lost message, as a sweep does for its folder.
     "recover-uploads-and-reprocessing": {
         "task": "jobs.recover",
         "schedule": RECOVER_INTERVAL,
-        "options": {"expires": RECOVER_INTERVAL * 0.9},
+        "options": expiring_before_next(RECOVER_INTERVAL),
     },
     # KEEP_ORIGINALS_DAYS and KEEP_ARCHIVES_DAYS, and forgetting idle sweep records.
     "apply-retention": {
         "task": "jobs.apply_retention",
         "schedule": 3600,
-        "options": {"expires": 3600 * 0.9},
+        "options": expiring_before_next(3600),
     },
 }
 if WEBHOOK_URLS:
@@ -568,7 +579,7 @@ if WEBHOOK_URLS:
     CELERY_BEAT_SCHEDULE["repair-webhooks"] = {
         "task": "jobs.repair_webhooks",
         "schedule": RECOVER_INTERVAL,
-        "options": {"expires": RECOVER_INTERVAL * 0.9},
+        "options": expiring_before_next(RECOVER_INTERVAL),
     }
 
 # File names and other outside text reach log lines as arguments: their control characters

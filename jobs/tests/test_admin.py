@@ -19,6 +19,7 @@ from jobs import beat, runner, stats
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep
 from jobs.sweeper import recover_unswept
+from project.celery import app as celery_app
 
 from .conftest import image_bytes
 
@@ -643,6 +644,14 @@ def test_running_a_periodic_task_now_takes_the_sweep_now_permission(
     user.user_permissions.add(Permission.objects.get(codename="sweep_now"))
     client.post(changelist, {"action": "run_tasks", "_selected_action": [task.id]})
     assert queue_length(settings.SWEEP_QUEUE) == 1
+    # Sent as asked for by hand, not under the schedule's name: so it is always recorded,
+    # even when it finds nothing.
+    with celery_app.connection_for_read() as connection:
+        queue = celery_app.amqp.queues[settings.SWEEP_QUEUE](connection.default_channel)
+        message = queue.get(no_ack=True)
+    assert message.headers["task"] == "jobs.sweep_folder"
+    assert "periodic_task_name" not in message.headers
+    assert message.decode()[1] == {"folder": str(folders["other"])}
 
 
 def test_enabling_from_the_list_leaves_a_second_sweep_of_a_folder_off(

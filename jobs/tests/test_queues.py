@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+from celery import states
 from django.conf import settings
+from django_celery_results.models import TaskResult
 
 from jobs.broker import queue_length
 from project.celery import app as celery_app
+
+from .processes import wait_for
 
 
 def test_queues_each_have_their_own_exchange_and_routing_key():
@@ -27,3 +32,21 @@ def test_queues_a_message_sent_to_a_queues_exchange_lands_in_that_queue_only(bro
     # Counted under this instance's key prefix, as the workers read them.
     for name in celery_app.amqp.queues:
         assert queue_length(name) == 1, name
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_scheduled_tasks_left_waiting_past_their_next_run_are_dropped_not_run(system, broker):
+    # Beat sends a sweep a second; no worker takes them for a few seconds (stopped, busy).
+    system.environment.update({"SWEEP_INTERVAL": "1", "WATCH_EVENTS": "false"})
+    system.beat()
+    wait_for(lambda: (queue_length(settings.SWEEP_QUEUE) or 0) >= 3, what="a backlog of sweeps")
+    system.worker()
+    # Each expired before the next was due: the worker drops it, and says so in its result.
+    wait_for(
+        lambda: (
+            TaskResult.objects.filter(task_name="jobs.sweep_folder", status=states.REVOKED).count()
+            >= 3
+        ),
+        what="the waiting sweeps dropped as expired",
+    )

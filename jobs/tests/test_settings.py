@@ -61,6 +61,7 @@ def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[s
         ("IDLE_SWEEP_DAYS", "1000000"),
         ("WEBHOOK_KEEP_DAYS", "1000000"),
         ("RESULT_EXPIRES_DAYS", "1000000"),
+        ("UPLOAD_MAX_BYTES", str(200 * 1024 * 1024 + 1)),  # more than a worker reads
     ],
 )
 def test_settings_bad_value_stops_start_up_with_one_line_naming_it(variable, value):

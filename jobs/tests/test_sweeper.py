@@ -52,11 +52,16 @@ def test_scan_skips_junk_hidden_and_partial_files(folders, drop):
         "Thumbs.db",
         ".DS_Store",
         "__MACOSX/photo.jpg",
+        # Whatever the case, as Windows writes them.
+        "COPY.TMP",
+        "THUMBS.DB",
+        "big.JPG.Part",
+        "page.jpg.download",
     ]:
         drop(watch, name)
     found = storage.scan(watch, settle_seconds=0)
     assert sorted(c.name for c in found.ready) == ["photo.jpg", "sub/deeper/photo.jpg"]
-    assert found.ignored == 8
+    assert found.ignored == 12
 
 
 def test_scan_leaves_recently_changed_files(folders, drop):
