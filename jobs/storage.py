@@ -10,7 +10,7 @@ which Python 3.11 does not offer. Every later operation (stat, open, rename, unl
 mkdir, listing) names one entry of a folder held open, so a folder swapped after it was
 opened is not followed either: the operation still happens in the folder that was opened.
 
-A claimed file is known by its device, inode, size and mtime (FileIdentity). What is found
+A claimed file is known by its inode, size and mtime (FileIdentity). What is found
 at its path is checked against them before it is read or moved; a different file is not
 touched.
 
@@ -75,8 +75,8 @@ class NotBeneath(Exception):
 
 
 class FileChanged(Exception):
-    """What a claimed path holds now is not the file that was claimed (another device,
-    inode, size or mtime): it was replaced, or written to, since."""
+    """What a claimed path holds now is not the file that was claimed (another inode, size
+    or mtime): it was replaced, or written to, since."""
 
 
 # --- Who a file is -------------------------------------------------------------------------
@@ -109,9 +109,13 @@ class FileIdentity:
         found = FileIdentity.of(status)
         if (found.size, found.mtime_ns) != (self.size, self.mtime_ns):
             return False
-        if self.device is None or self.inode is None:
+        if self.inode is None:
             return True
-        return (found.device, found.inode) == (self.device, self.inode)
+        # Not st_dev: on NFS and SMB it is a number each client (each mount) gives the share,
+        # so the host that claimed a file and the host that reads it see different ones. The
+        # path fixes the file system (it is reached without links from its root); the inode
+        # tells the file apart within it.
+        return found.inode == self.inode
 
 
 # --- Folders held open ---------------------------------------------------------------------

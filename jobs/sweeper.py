@@ -493,21 +493,24 @@ def reconcile(folder: Path, requeue: Requeue = Requeue()) -> Repairs:
 
 
 def recover_unswept(requeue: Requeue = Requeue()) -> Repairs:
-    """The same repair for images no sweep looks after: uploads and reprocessing.
+    """The same repair for images no sweep looks after: uploads and reprocessing, and the
+    images of folders that no enabled schedule sweeps (swept by hand, or their schedule
+    was switched off since).
 
-    Their originals are read from MEDIA_ROOT (uploads/, or originals/ and failed/ when an
-    image is processed again), a place no sweep lists.
+    Uploads and reprocessed images are read from MEDIA_ROOT (uploads/, or originals/ and
+    failed/ when an image is processed again), a place no sweep lists. Every repair is a
+    conditional update, so one that a sweep of the folder does at the same moment is done
+    once.
     """
     prefix = str(settings.MEDIA_ROOT).rstrip("/") + "/"
-    from_media = Image.objects.filter(source_path__startswith=prefix)
-    waiting = _repair(from_media.filter(in_folder=True), requeue)
-    again = _repair(
-        from_media.filter(
-            in_folder=False, status__in=(Image.Status.PENDING, Image.Status.PROCESSING)
-        ),
-        requeue,
-    )
-    return Repairs(waiting.requeue + again.requeue, waiting.settled + again.settled)
+    open_work = Q(in_folder=True) | Q(status__in=(Image.Status.PENDING, Image.Status.PROCESSING))
+    covered = Q()
+    for folder in scheduled_folders():  # sweep-watch-folder among them while enabled
+        covered |= Q(source_path__startswith=str(folder).rstrip("/") + "/")
+    images = Image.objects.filter(open_work)
+    if covered:
+        images = images.filter(Q(source_path__startswith=prefix) | ~covered)
+    return _repair(images, requeue)
 
 
 def _repair(waiting: QuerySet[Image], requeue: Requeue) -> Repairs:
@@ -533,8 +536,14 @@ def _repair(waiting: QuerySet[Image], requeue: Requeue) -> Repairs:
         status=Image.Status.PENDING, queued_at__lt=now - timedelta(seconds=after)
     )
     if requeue.held is not None:
-        lacking = Image.objects.filter(status=Image.Status.PENDING).count() - requeue.held
-        stale = stale.order_by("queued_at", "id")[: max(lacking, 0)]
+        # The queue lacks messages of pending images anywhere, not only of this folder's:
+        # make up for the oldest of all (the lost message's image is the oldest waiting),
+        # or a busy folder's sweeps spend every missing message on their own images.
+        pending = Image.objects.filter(status=Image.Status.PENDING)
+        lacking = pending.count() - requeue.held
+        stale = pending.filter(queued_at__lt=now - timedelta(seconds=after)).order_by(
+            "queued_at", "id"
+        )[: max(lacking, 0)]
     lost = list(stale.values_list("id", flat=True))
     if lost:
         # The message may be sitting in the queue still: a second copy is harmless, since

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
+from django.db.models import F
 from django.db.models.functions import Now
 from PIL import Image as PILImage
 
@@ -183,6 +184,17 @@ def test_the_default_sizes_and_the_same_sizes_named_find_the_same_duplicates(
     assert make_thumbnails(first) == Image.Status.DONE
     assert make_thumbnails(second) == Image.Status.DUPLICATE
     assert Image.objects.get(id=first).sizes == ["64x64", "32x32"]  # largest first, as named
+
+
+def test_a_file_claimed_through_another_hosts_mount_of_the_share_is_the_same_file(folders, drop):
+    # On NFS and SMB each client numbers its mount of a share (st_dev) itself, and a host
+    # numbers it anew after a remount: the host that claimed a file saw another device.
+    drop(folders["watch"], "shared.jpg")
+    (image_id,) = sweeper.sweep_folder(str(folders["watch"]), None).to_queue
+    Image.objects.filter(id=image_id).update(device=F("device") + 1)
+    assert make_thumbnails(image_id) == Image.Status.DONE, Image.objects.get(id=image_id).error
+    assert sweeper.sweep_folder(str(folders["watch"]), None).to_queue == []
+    assert Image.objects.count() == 1
 
 
 def test_make_thumbnails_does_not_follow_symlinks(folders, drop, tmp_path):

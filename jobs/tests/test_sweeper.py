@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from django.db import connection
 from django.db.models.functions import Now
 from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from jobs import storage, sweeper, tasks
 from jobs.broker import queue_length
@@ -328,6 +330,26 @@ def test_a_backlog_is_not_queued_again_but_a_lost_message_is(folders, drop, sett
     assert sweep() == []
 
 
+def test_a_lost_message_is_made_up_for_by_any_folders_sweep(folders, drop, settings, broker):
+    # In one folder, the oldest waiting image of all, whose message a worker took and lost;
+    # in the watch folder a backlog of three, their messages waiting in the queue.
+    drop(folders["other"], "lost.jpg")
+    (lost,) = run(folders["other"]).to_queue
+    backlog = [claim_one(folders, drop, f"{number}.jpg").id for number in range(3)]
+    tasks.queue_images(backlog)
+    long_ago = timezone.now() - timedelta(seconds=settings.REQUEUE_AFTER + 60)
+    Image.objects.filter(id__in=backlog).update(queued_at=long_ago)
+    Image.objects.filter(id=lost).update(queued_at=long_ago - timedelta(seconds=10))
+
+    # The queue lacks one message: the busy folder's sweep, whichever runs first, makes up
+    # for the lost one, not for an image of its own whose message waits.
+    busy = sweeper.sweep_folder(str(folders["watch"]), ["64x64"], requeue=tasks.requeue_policy())
+    assert busy.to_queue == [lost]
+    tasks.queue_images(busy.to_queue)
+    assert run(folders["other"]).to_queue == []
+    assert queue_length() == 4
+
+
 @contextlib.contextmanager
 def broker_client() -> Iterator[Any]:
     """A Redis client of the app's broker, with this instance's key prefix."""
@@ -432,6 +454,29 @@ def test_recover_unswept_requeues_a_lost_reprocess_and_leaves_fresh_work(folders
         name="b.jpg", folder="/gone", source_path=str(kept), in_folder=False, **common
     )
     assert sweeper.recover_unswept().requeue == [lost.id]
+
+
+def test_recover_unswept_repairs_folders_no_schedule_sweeps_and_leaves_the_others(folders, drop):
+    # A folder swept by hand ("Sweep now", `manage.py sweep --folder`): no schedule's sweep
+    # comes back to it, so after its worker died only jobs.recover can retry its image.
+    drop(folders["other"], "by-hand.jpg")
+    (by_hand,) = run(folders["other"]).to_queue
+    # The watch folder has its schedule: its sweep repairs its own images.
+    PeriodicTask.objects.create(
+        name="sweep-watch-folder",
+        task=sweeper.SWEEP_TASK,
+        interval=IntervalSchedule.objects.create(every=10, period=IntervalSchedule.SECONDS),
+        kwargs=json.dumps({"folder": str(folders["watch"])}),
+    )
+    scheduled = claim_one(folders, drop, "scheduled.jpg")
+    for image_id in (by_hand, scheduled.id):
+        Image.objects.start(image_id, "task", worker="gone:1")
+        expire_lease(Image.objects.get(id=image_id))
+
+    assert sweeper.recover_unswept().requeue == [by_hand]
+    assert Image.objects.get(id=by_hand).status == Image.Status.PENDING
+    assert Image.objects.get(id=scheduled.id).status == Image.Status.PROCESSING
+    assert run(folders["watch"]).to_queue == [scheduled.id]
 
 
 def test_run_sweep_leaves_names_the_database_cannot_hold_and_says_so(folders, drop):
