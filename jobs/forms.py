@@ -290,7 +290,8 @@ class SweepTaskForm(PeriodicTaskForm, PresetForm):
         except forms.ValidationError as exc:
             self.add_error("folder", exc)
             return data
-        other = scheduled_folders(exclude=self.instance.pk).get(Path(folder))
+        others = scheduled_folders(exclude=[self.instance.pk] if self.instance.pk else [])
+        other = others.get(Path(folder))
         if other is not None:
             self.add_error(
                 "folder",

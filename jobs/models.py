@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -132,11 +132,16 @@ class ImageQuerySet(models.QuerySet):
         """Images in processing whose run stopped renewing its lease."""
         return self.filter(LEASE_EXPIRED)
 
-    def requeue_lost(self, image_ids: list[int]) -> int:
-        """Mark pending images as queued again now (their message was lost)."""
-        return self.filter(id__in=image_ids, status=Image.Status.PENDING).update(
-            queued_at=timezone.now()
-        )
+    def requeue_lost(self, image_ids: list[int], queued_before: datetime) -> list[int]:
+        """Mark pending images still queued before `queued_before` as queued again now
+        (their message was lost); returns those this call marked. Sweeps of several folders
+        and jobs.recover may pick the same images at once (the oldest pending anywhere):
+        each image goes to one of them, so one message is sent for it, not one each."""
+        now = timezone.now()
+        pending = self.filter(status=Image.Status.PENDING, queued_at__lt=queued_before)
+        return [
+            image_id for image_id in image_ids if pending.filter(id=image_id).update(queued_at=now)
+        ]
 
 
 class Image(models.Model):

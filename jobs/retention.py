@@ -203,12 +203,14 @@ def _used_by_recent_duplicates(image_ids: list[int], cutoff: datetime | None) ->
 
 
 def prune_idle_sweeps(before: datetime, size: int = BATCH, dry_run: bool = False) -> int:
-    """Forget sweep records started before `before` that claimed and requeued nothing and
-    recorded no error.
+    """Forget sweep records started before `before` that claimed and requeued nothing:
+    done or skipped ones without an error, and failed or held-back ones but the latest of
+    each schedule, folder and status (it still says what is wrong).
 
     Idle scheduled sweeps leave no record any more (their schedule's activity counts
     them); these are the ones asked for by hand, the ones that only put an original away,
-    those skipped while another sweep ran, and those recorded before.
+    those skipped while another sweep ran, those a missing folder or a full disk leaves
+    every interval, and those recorded before.
     """
     pruned = 0
     fields = ("id", "started_at", "status", "claimed", "requeued", "error")

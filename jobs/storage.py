@@ -450,10 +450,11 @@ class Arrival:
     browser, a sync client, rsync, a file manager on the same file system) is done when the
     name appears, so such a file need not wait SETTLE_SECONDS. It is taken early only while
     all of this is unchanged: a write after the rename moves mtime or ctime, and the file
-    waits for the settle rule like any other.
+    waits for the settle rule like any other. The device is carried but not compared: the
+    watch's host and the sweep's may number a network share's mount differently.
     """
 
-    device: int
+    device: int = field(compare=False)
     inode: int
     size: int
     mtime_ns: int
@@ -485,6 +486,10 @@ class Arrival:
             else:
                 logger.warning("ignoring an arrival that is not five whole numbers: %.80r", item)
         return arrivals
+
+
+def is_junk_directory(name: str) -> bool:
+    return name.casefold() in (junk.casefold() for junk in JUNK_DIRECTORIES)
 
 
 def is_junk(name: str) -> bool:
@@ -573,7 +578,7 @@ def _walk(
                 if is_junk(entry.name):
                     result.ignored += 1
                 elif entry.is_dir(follow_symlinks=False):
-                    if entry.name in JUNK_DIRECTORIES or folder / relative / entry.name in excluded:
+                    if is_junk_directory(entry.name) or folder / relative / entry.name in excluded:
                         result.ignored += 1
                     else:
                         subfolders.append(entry.name)

@@ -262,11 +262,13 @@ def _note_activity(outcome: SweepOutcome) -> None:
         ScheduleActivity.note_idle(sweep.schedule_name)
 
 
-def scheduled_folders(exclude: int | None = None) -> dict[Path, str]:
+def scheduled_folders(exclude: Iterable[int] = ()) -> dict[Path, str]:
     """The folders enabled periodic sweeps look after, resolved, each with the name of its
-    schedule (the oldest, should two share one); `exclude`: a schedule's id left out."""
+    schedule (the oldest, should two share one); `exclude`: ids of schedules left out."""
     folders: dict[Path, str] = {}
-    schedules = PeriodicTask.objects.filter(task=SWEEP_TASK, enabled=True).exclude(pk=exclude)
+    schedules = PeriodicTask.objects.filter(task=SWEEP_TASK, enabled=True).exclude(
+        pk__in=list(exclude)
+    )
     for task in schedules.order_by("pk").only("name", "kwargs"):
         folder = beat.sweep_kwargs(task).get("folder")
         if isinstance(folder, str) and folder:
@@ -499,8 +501,7 @@ def recover_unswept(requeue: Requeue = Requeue()) -> Repairs:
 
     Uploads and reprocessed images are read from MEDIA_ROOT (uploads/, or originals/ and
     failed/ when an image is processed again), a place no sweep lists. Every repair is a
-    conditional update, so one that a sweep of the folder does at the same moment is done
-    once.
+    conditional update, so one that a sweep does at the same moment is done once.
     """
     prefix = str(settings.MEDIA_ROOT).rstrip("/") + "/"
     open_work = Q(in_folder=True) | Q(status__in=(Image.Status.PENDING, Image.Status.PROCESSING))
@@ -532,24 +533,20 @@ def _repair(waiting: QuerySet[Image], requeue: Requeue) -> Repairs:
             # One stuck original must not stop the sweep; it is tried again next time.
             logger.warning("cannot put away the original of image %s: %s", image.id, exc)
     after = settings.REQUEUE_AFTER if requeue.after is None else requeue.after
-    stale = waiting.filter(
-        status=Image.Status.PENDING, queued_at__lt=now - timedelta(seconds=after)
-    )
+    cutoff = now - timedelta(seconds=after)
+    stale = waiting.filter(status=Image.Status.PENDING, queued_at__lt=cutoff)
     if requeue.held is not None:
         # The queue lacks messages of pending images anywhere, not only of this folder's:
         # make up for the oldest of all (the lost message's image is the oldest waiting),
         # or a busy folder's sweeps spend every missing message on their own images.
         pending = Image.objects.filter(status=Image.Status.PENDING)
         lacking = pending.count() - requeue.held
-        stale = pending.filter(queued_at__lt=now - timedelta(seconds=after)).order_by(
-            "queued_at", "id"
-        )[: max(lacking, 0)]
+        stale = pending.filter(queued_at__lt=cutoff).order_by("queued_at", "id")[: max(lacking, 0)]
     lost = list(stale.values_list("id", flat=True))
     if lost:
         # The message may be sitting in the queue still: a second copy is harmless, since
         # only one run can move the image from pending to processing.
-        Image.objects.requeue_lost(lost)
-        repairs.requeue.extend(lost)
+        repairs.requeue.extend(Image.objects.requeue_lost(lost, queued_before=cutoff))
     return repairs
 
 

@@ -8,6 +8,7 @@ its last recorded sweep and how many sweeps found nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +174,10 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
 
     @admin.action(description="Toggle activity of selected tasks")
     def toggle_tasks(self, request: HttpRequest, queryset: QuerySet[PeriodicTask]) -> None:
-        kept = self.without_clashes(request, queryset.filter(enabled=False))
+        # Those switched off here free their folders: toggling two schedules of one folder
+        # swaps them.
+        switched_off = list(queryset.filter(enabled=True).values_list("pk", flat=True))
+        kept = self.without_clashes(request, queryset.filter(enabled=False), switched_off)
         super().toggle_tasks(request, queryset.filter(Q(enabled=True) | Q(pk__in=kept)))
 
     @admin.action(description="Run selected tasks")
@@ -205,12 +209,16 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
             self.message_user(request, f"{sent} task(s) sent to run now.")
 
     def without_clashes(
-        self, request: HttpRequest, queryset: QuerySet[PeriodicTask]
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[PeriodicTask],
+        switched_off: Iterable[int] = (),
     ) -> QuerySet[PeriodicTask]:
         """`queryset` less the disabled sweeps that enabling would set racing another for
-        its folder (an enabled one, or one enabled before it in this selection): the rule
-        the change form keeps. Each one left out is named in a warning."""
-        taken = scheduled_folders()
+        its folder (an enabled one not being `switched_off`, or one enabled before it in
+        this selection): the rule the change form keeps. Each one left out is named in a
+        warning."""
+        taken = scheduled_folders(exclude=switched_off)
         refused = []
         for task in queryset.filter(enabled=False, task=SWEEP_TASK).order_by("pk"):
             folder = beat.sweep_kwargs(task).get("folder")

@@ -675,6 +675,18 @@ def test_enabling_from_the_list_leaves_a_second_sweep_of_a_folder_off(
         PeriodicTask.objects.filter(id=third.id).update(enabled=False)
 
 
+def test_toggling_two_schedules_of_one_folder_swaps_them(admin_client, folders, every_second):
+    first = sweep_schedule("first", folders["other"], every_second)
+    second = sweep_schedule("second", folders["other"], every_second, enabled=False)
+    admin_client.post(
+        reverse("admin:django_celery_beat_periodictask_changelist"),
+        {"action": "toggle_tasks", "_selected_action": [first.id, second.id]},
+    )
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.enabled, second.enabled) == (False, True)
+
+
 def test_delete_selected_counts_and_logs_only_the_images_it_deleted(
     admin_client, folders, drop, sweep_and_process
 ):

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from django.db import IntegrityError
 from django.db.models.functions import Now
+from django.utils import timezone
 
 from jobs.models import Image
 from jobs.storage import FileIdentity
@@ -292,9 +293,15 @@ def test_image_reclaim_refuses_an_image_whose_zip_a_duplicate_uses():
     assert row(first)["status"] == Image.Status.DONE
 
 
-def test_image_requeue_lost_touches_pending_images_only():
+def test_image_requeue_lost_touches_pending_images_only_and_each_once():
     waiting = pending("a.jpg")
     running = started("b.jpg")
+    Image.objects.update(queued_at=timezone.now() - timedelta(hours=1))
     before = row(running)
-    assert Image.objects.requeue_lost([waiting.id, running.id]) == 1
+    cutoff = timezone.now() - timedelta(seconds=60)  # queued longer ago than REQUEUE_AFTER
+    assert Image.objects.requeue_lost([waiting.id, running.id], queued_before=cutoff) == [
+        waiting.id
+    ]
     assert row(running) == before
+    # A second sweep that chose the same image by the same cutoff: it was queued again since.
+    assert Image.objects.requeue_lost([waiting.id], queued_before=cutoff) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -59,11 +60,12 @@ def test_scan_skips_junk_hidden_and_partial_files(folders, drop):
         "THUMBS.DB",
         "big.JPG.Part",
         "page.jpg.download",
+        "__macosx/photo.jpg",
     ]:
         drop(watch, name)
     found = storage.scan(watch, settle_seconds=0)
     assert sorted(c.name for c in found.ready) == ["photo.jpg", "sub/deeper/photo.jpg"]
-    assert found.ignored == 12
+    assert found.ignored == 13
 
 
 def test_scan_leaves_recently_changed_files(folders, drop):
@@ -90,6 +92,10 @@ def test_scan_takes_a_file_renamed_in_at_once_while_it_is_unchanged(folders, tmp
     found = storage.scan(folders["watch"], settle_seconds=60, arrived=[arrival])
     assert [c.name for c in found.ready] == ["whole.jpg"]
     assert found.unstable == 1  # written in place: it waits to settle
+    # Seen by a watch on another host, whose mount of a network share has its own number.
+    elsewhere = dataclasses.replace(arrival, device=arrival.device + 1)
+    found = storage.scan(folders["watch"], settle_seconds=60, arrived=[elsewhere])
+    assert [c.name for c in found.ready] == ["whole.jpg"]
 
     # Written again after the rename: it is no longer the file that arrived whole.
     with renamed.open("ab") as handle:
