@@ -59,6 +59,12 @@ class Sweep(models.Model):
         default=0, help_text="Images whose work was lost (dead worker, lost message) and redone."
     )
     error = models.TextField(blank=True)
+    digest_owed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When its sweep.finished webhook was owed: a sweep is told of once, even "
+        "after WEBHOOK_KEEP_DAYS forgot the delivery.",
+    )
     requested_by = models.ForeignKey(
         "auth.User",
         null=True,
@@ -695,13 +701,16 @@ class ScheduleActivity(models.Model):
         cls.objects.filter(schedule_name=instance.name).delete()
 
     @classmethod
-    def note_idle(cls, schedule_name: str) -> None:
-        """One more sweep of the schedule found nothing: counted in one statement."""
+    def note_idle(cls, schedule_name: str, ran: bool = True) -> None:
+        """One more sweep of the schedule found nothing: counted in one statement. One
+        skipped because another sweep held the folder (`ran` False) did not look at it, so
+        it does not move `last_idle_at` (/metrics' last good sweep)."""
         now = timezone.now()
+        seen: dict[str, object] = {"last_idle_at": now} if ran else {}
         cls._note(
             schedule_name,
-            {"idle_sweeps": F("idle_sweeps") + 1, "last_idle_at": now, "swept_at": now},
-            {"idle_sweeps": 1, "last_idle_at": now, "swept_at": now},
+            {"idle_sweeps": F("idle_sweeps") + 1, "swept_at": now, **seen},
+            {"idle_sweeps": 1, "swept_at": now, **seen},
         )
 
     @classmethod

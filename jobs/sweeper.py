@@ -259,7 +259,9 @@ def _note_activity(outcome: SweepOutcome) -> None:
     if outcome.recorded:
         ScheduleActivity.note_recorded(sweep)
     else:
-        ScheduleActivity.note_idle(sweep.schedule_name)
+        # A skipped sweep did not run: it is counted, but it is no sign of a good sweep
+        # (the one holding the folder may hang for good).
+        ScheduleActivity.note_idle(sweep.schedule_name, ran=sweep.status == Sweep.Status.DONE)
 
 
 def scheduled_folders(exclude: Iterable[int] = ()) -> dict[Path, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -58,6 +59,9 @@ RESPONSE_KEPT = 1000
 REPAIR_BATCH = 500
 # Seconds past a delivery task's hard time limit before its claim counts as abandoned.
 CLAIM_SLACK = 5
+# Seconds before its next_try_at a row may be claimed: the hosts' clocks differ a little, and
+# a try a few seconds early is harmless (what matters is not k tries per backoff step).
+EARLY_SLACK = 5.0
 
 IMAGE_DONE = WebhookDelivery.Event.DONE
 IMAGE_FAILED = WebhookDelivery.Event.FAILED
@@ -115,14 +119,17 @@ def record_sweep_finished(sweep_id: int) -> None:
         return
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("webhooks.record_sweep_finished must run in a transaction")
-    if WebhookDelivery.objects.filter(sweep_id=sweep_id, event=SWEEP_FINISHED).exists():
+    if Sweep.objects.filter(id=sweep_id, digest_owed_at__isnull=False).exists():
         return
     sweep = Sweep.objects.select_for_update().filter(id=sweep_id).first()
-    if sweep is None:
+    # Marked on the sweep, not judged by its delivery rows: WEBHOOK_KEEP_DAYS forgets those,
+    # and a reprocess after that would tell of the sweep again.
+    if sweep is None or sweep.digest_owed_at is not None:
         return
     images = Image.objects.filter(sweep_id=sweep_id)
     if images.exclude(status__in=Image.FINAL_STATUSES).exists():
         return
+    Sweep.objects.filter(id=sweep_id).update(digest_owed_at=Now())
     body = json.dumps(sweep_payload(sweep, images), separators=(",", ":"), sort_keys=True)
     _owe(
         [
@@ -238,8 +245,12 @@ def deliver(delivery_id: int) -> str:
     """Claim one pending row, POST it, record the outcome. Returns the row's new status,
     or "skipped" when another worker has it or it is no longer pending."""
     worker = this_worker()
+    # Only once due: a second message for the row (a repair of a row whose message waits
+    # in a busy queue, "send again" of a pending row) must not cut its backoff short.
+    # Compared with this host's clock, as the retry's countdown is.
+    due = timezone.now() + timedelta(seconds=EARLY_SLACK)
     claimed = WebhookDelivery.objects.filter(
-        id=delivery_id, status=WebhookDelivery.Status.PENDING
+        id=delivery_id, status=WebhookDelivery.Status.PENDING, next_try_at__lte=due
     ).update(
         status=WebhookDelivery.Status.SENDING,
         claimed_by=worker,
@@ -312,7 +323,8 @@ def send_again(ids: Iterable[int]) -> list[int]:
         WebhookDelivery.objects.filter(id__in=taken).update(
             status=WebhookDelivery.Status.PENDING,
             attempts=0,
-            next_try_at=Now(),
+            # This host's clock, as deliver's due check uses its own.
+            next_try_at=timezone.now(),
             claimed_by="",
             claimed_at=None,
         )
@@ -370,12 +382,15 @@ def post(url: str, body: bytes, delivery: WebhookDelivery) -> Answer:
     except (urllib.error.URLError, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         return Answer(None, error=f"no answer: {reason}")
+    except http.client.HTTPException as exc:
+        # Not HTTP (a wrong port), or a broken status or header line: tried again.
+        return Answer(None, error=f"no valid answer: {type(exc).__name__}: {exc}")
 
 
 def _read_text(response) -> str:
     try:
         return response.read(RESPONSE_KEPT).decode("utf-8", "replace")
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:
         return f"(answer unreadable: {exc})"
 
 

@@ -13,7 +13,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import outcomes, sweeper, views
-from jobs.models import Image, ProcessingTime, ScheduleActivity, Sweep, WebhookDelivery
+from jobs.models import Image, ProcessingTime, ScheduleActivity, Sweep, SweepLock, WebhookDelivery
 from jobs.sweeper import SWEEP_TASK
 from jobs.tasks import make_thumbnails
 
@@ -251,3 +251,24 @@ def test_a_deleted_schedule_leaves_no_last_good_sweep_behind(client, broker, his
     assert Sweep.objects.filter(schedule_name="other").exists()
     images = scrape(client)["parroter_images"]
     assert value(images, "parroter_images", status="pending", schedule="other") == 2
+
+
+def test_last_good_sweep_does_not_advance_while_every_sweep_is_skipped(client, broker, folders):
+    """A sweep of the folder that hangs (dead NFS: its lease thread still renews the lock)
+    makes every scheduled sweep after it "skipped"; those count as idle, so the schedule's
+    last-good timestamp keeps moving and an alert on it never fires."""
+    sweep_schedule("inbox")
+    # The last sweep that really ran, an hour ago.
+    ScheduleActivity.note_idle("inbox")
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    ScheduleActivity.objects.update(last_idle_at=an_hour_ago)
+    # A hung sweep holds the folder (its lease is renewed by its thread).
+    assert SweepLock.acquire(str(folders["watch"])) is not None
+    outcome = sweeper.sweep_folder(str(folders["watch"]), ["64x64"], schedule_name="inbox")
+    assert outcome.sweep.status == Sweep.Status.SKIPPED
+    name = "parroter_last_good_sweep_timestamp_seconds"
+    last_good = value(scrape(client)[name], name, schedule="inbox")
+    assert last_good == pytest.approx(an_hour_ago.timestamp()), (
+        f"last good sweep moved {last_good - an_hour_ago.timestamp():.0f} s forward "
+        "although no sweep ran"
+    )

@@ -28,7 +28,7 @@ from django.db.models.functions import Now
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import outcomes, sweeper, uploads, webhooks
+from jobs import outcomes, retention, sweeper, uploads, webhooks
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep, WebhookDelivery
 from jobs.tasks import make_thumbnails
@@ -366,11 +366,14 @@ def test_deliver_retries_5xx_with_backoff_and_fails_after_its_tries(hook, broker
     [delivery] = owe(finished_image())
     for tries in range(1, settings.WEBHOOK_TRIES):
         before = timezone.now()
+        WebhookDelivery.objects.filter(id=delivery.id).update(next_try_at=before)  # due
         assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.PENDING
         delivery.refresh_from_db()
         assert (delivery.attempts, delivery.response_code) == (tries, codes[tries - 1])
         assert delivery.next_try_at >= before + timedelta(seconds=10 * 2 ** (tries - 1))
         assert queued_webhooks(broker) == tries, "each retry is queued, with its countdown"
+        assert webhooks.deliver(delivery.id) == "skipped", "not before its backoff"
+    WebhookDelivery.objects.filter(id=delivery.id).update(next_try_at=timezone.now())
     assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.FAILED
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts, delivery.response_code) == ("failed", 5, 500)
@@ -392,6 +395,8 @@ def test_deliver_retries_a_not_now_after_the_wait_the_receiver_asks(hook, broker
     assert delivery.next_try_at >= before + timedelta(seconds=120)
     assert queued_webhooks(broker) == 1
     hook.headers = {}
+    assert webhooks.deliver(delivery.id) == "skipped", "not before the wait it asked for"
+    WebhookDelivery.objects.filter(id=delivery.id).update(next_try_at=timezone.now())
     assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.SENT
 
 
@@ -419,6 +424,8 @@ def test_a_receiver_down_overnight_still_gets_its_event(hook, broker, settings):
     later = delivery.next_try_at + timedelta(seconds=settings.REQUEUE_AFTER + 1)
     assert webhooks.repair(now=later) == [delivery.id]
     assert queued_webhooks(broker) == messages + 1
+    # The repair ran at `later`; so does its message.
+    WebhookDelivery.objects.filter(id=delivery.id).update(next_try_at=timezone.now())
     assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.SENT
     assert len(hook.requests) == 13
 
@@ -667,3 +674,140 @@ def test_admin_sends_a_failed_delivery_again(
     assert "1 delivery(ies) queued to be sent again" in response.content.decode()
     assert queued_webhooks(broker) == 1
     assert webhooks.deliver(failed.id) == WebhookDelivery.Status.SENT
+
+
+@pytest.mark.django_db
+def test_a_sweep_is_told_of_once_even_after_retention_forgot_its_digest(folders, drop, settings):
+    """README: "A sweep is told of once: reprocessing its images later is told of image by
+    image." Once WEBHOOK_KEEP_DAYS pruned the sent digest, a reprocess sends it again."""
+    settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
+    settings.WEBHOOK_KEEP_DAYS = 30
+    drop(folders["watch"], "a.jpg")
+    drop(folders["watch"], "b.jpg", b"not an image")
+    record, path, labels = sweeper.start_sweep(
+        str(folders["watch"]), ["64x64"], trigger=Sweep.Trigger.MANUAL
+    )
+    sweeper.run_sweep(record, path, labels)
+    for image in Image.objects.all():
+        make_thumbnails(image.id)
+    assert WebhookDelivery.objects.filter(sweep=record).count() == 1
+    # The digest was sent, 31 days ago; retention forgets it as documented.
+    WebhookDelivery.objects.update(
+        status=WebhookDelivery.Status.SENT, created_at=timezone.now() - timedelta(days=31)
+    )
+    assert retention.apply_retention().webhook_deliveries == 3
+    # An operator reprocesses the one good image with other sizes.
+    image = Image.objects.get(name="a.jpg")
+    assert uploads.claim_again([image], ["32x32"]).queued == [image.id]
+    make_thumbnails(image.id)
+    assert WebhookDelivery.objects.filter(image=image, event="image.done").count() == 1
+    digests = WebhookDelivery.objects.filter(sweep=record, event="sweep.finished")
+    assert digests.count() == 0, [json.loads(d.body) for d in digests]
+
+
+@pytest.mark.django_db
+def test_a_second_message_does_not_cut_the_backoff_short(hook, broker, settings):
+    """Two messages for one row (repair of a row whose message sits in a busy queue longer
+    than REQUEUE_AFTER, or "send again" of a pending row): the second claims the row as
+    soon as it arrives, whatever next_try_at says, so tries are spent back to back."""
+    settings.REQUEUE_AFTER = 60
+    hook.codes = [503] * 10
+    [delivery] = owe(finished_image())
+    # Its first message is stuck behind a backlog: the repair queues another one.
+    WebhookDelivery.objects.filter(id=delivery.id).update(
+        next_try_at=timezone.now() - timedelta(seconds=61)
+    )
+    assert webhooks.repair() == [delivery.id]
+    # The two messages arrive a moment apart.
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.PENDING
+    delivery.refresh_from_db()
+    assert delivery.next_try_at > timezone.now() + timedelta(seconds=9)
+    webhooks.deliver(delivery.id)
+    assert len(hook.requests) == 1, (
+        f"{len(hook.requests)} POSTs within a second; next try was due at "
+        f"{delivery.next_try_at:%H:%M:%S}"
+    )
+
+
+class RawReceiver:
+    """A TCP server answering every request with the same raw bytes, then closing."""
+
+    def __init__(self, answer: bytes) -> None:
+        import socket
+        import threading
+
+        self.answer = answer
+        self.requests = 0
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/hook"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests += 1
+                conn.sendall(self.answer)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Not HTTP at all.
+        b"SSH-2.0-OpenSSH_9.6\r\n",
+    ],
+    ids=["not-http"],
+)
+def test_a_malformed_answer_is_recorded_not_left_sending(settings, answer):
+    raw = RawReceiver(answer)
+    settings.WEBHOOK_URLS = [raw.url]
+    settings.WEBHOOK_TIMEOUT = 2
+    [delivery] = owe(finished_image())
+    try:
+        outcome = webhooks.deliver(delivery.id)
+    except Exception as exc:
+        outcome = f"raised {type(exc).__module__}.{type(exc).__name__}"
+    delivery.refresh_from_db()
+    assert raw.requests == 1
+    assert delivery.status != WebhookDelivery.Status.SENDING, (outcome, delivery.status)
+
+
+@pytest.mark.django_db
+def test_migration_marks_finished_sweeps_only():
+    import importlib
+
+    from django.apps import apps
+
+    from .conftest import image_row
+
+    migration = importlib.import_module("jobs.migrations.0011_sweep_digest_owed_at")
+    finished = Sweep.objects.create(trigger="manual", folder="/in")
+    open_ = Sweep.objects.create(trigger="manual", folder="/in")
+    empty = Sweep.objects.create(trigger="manual", folder="/in")
+    image_row(1, Image.Status.DONE, sweep=finished)
+    image_row(2, Image.Status.FAILED, sweep=finished)
+    image_row(3, Image.Status.DONE, sweep=open_)
+    image_row(4, Image.Status.PENDING, sweep=open_)
+    migration.mark_finished_sweeps(apps, None)
+    marked = set(Sweep.objects.exclude(digest_owed_at=None).values_list("id", flat=True))
+    assert marked == {finished.id}, (empty.id, open_.id)
