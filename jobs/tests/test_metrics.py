@@ -255,8 +255,8 @@ def test_a_deleted_schedule_leaves_no_last_good_sweep_behind(client, broker, his
 
 def test_last_good_sweep_does_not_advance_while_every_sweep_is_skipped(client, broker, folders):
     """A sweep of the folder that hangs (dead NFS: its lease thread still renews the lock)
-    makes every scheduled sweep after it "skipped"; those count as idle, so the schedule's
-    last-good timestamp keeps moving and an alert on it never fires."""
+    makes every scheduled sweep after it "skipped": those are no good sweep, so the
+    schedule's last-good timestamp stays, and an alert on it fires."""
     sweep_schedule("inbox")
     # The last sweep that really ran, an hour ago.
     ScheduleActivity.note_idle("inbox")
