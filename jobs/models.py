@@ -102,6 +102,9 @@ def lease_end() -> models.Expression:
 # A run that stopped renewing its lease: its worker died, its host was lost, or it froze.
 # Judged by the database's clock, never by a host name or a PID (containers share both).
 LEASE_EXPIRED = Q(status="processing") & (Q(lease_until__lt=Now()) | Q(lease_until=None))
+# Images one statement of requeue_lost marks: a lost backlog of thousands (a broker restarted
+# without persistence) in a few statements, not one each.
+REQUEUE_BATCH = 500
 
 
 class ImageQuerySet(models.QuerySet):
@@ -145,9 +148,20 @@ class ImageQuerySet(models.QuerySet):
         each image goes to one of them, so one message is sent for it, not one each."""
         now = timezone.now()
         pending = self.filter(status=Image.Status.PENDING, queued_at__lt=queued_before)
-        return [
-            image_id for image_id in image_ids if pending.filter(id=image_id).update(queued_at=now)
-        ]
+        marked: list[int] = []
+        for start in range(0, len(image_ids), REQUEUE_BATCH):
+            batch = image_ids[start : start + REQUEUE_BATCH]
+            # Read and marked in one transaction, the rows locked (PostgreSQL; SQLite takes
+            # its one write lock at the start): another caller then sees them queued anew.
+            with transaction.atomic():
+                mine = set(
+                    pending.filter(id__in=batch)
+                    .select_for_update(skip_locked=True)
+                    .values_list("id", flat=True)
+                )
+                self.filter(id__in=mine).update(queued_at=now)
+            marked += [image_id for image_id in batch if image_id in mine]  # in the order asked
+        return marked
 
 
 class Image(models.Model):

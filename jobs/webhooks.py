@@ -35,7 +35,7 @@ import kombu.exceptions
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F, Max, QuerySet
+from django.db.models import Count, F, Max, Q, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -246,11 +246,14 @@ def deliver(delivery_id: int) -> str:
     or "skipped" when another worker has it or it is no longer pending."""
     worker = this_worker()
     # Only once due: a second message for the row (a repair of a row whose message waits
-    # in a busy queue, "send again" of a pending row) must not cut its backoff short.
-    # Compared with this host's clock, as the retry's countdown is.
-    due = timezone.now() + timedelta(seconds=EARLY_SLACK)
+    # in a busy queue, "send again" of a pending row) must not cut its backoff short. Due
+    # by either clock: this host's, which a retry's countdown runs by, or the database's,
+    # which "send now" stamps (repair, send again) use, so no host's clock can keep a row
+    # from ever being claimed.
+    slack = timedelta(seconds=EARLY_SLACK)
+    due = Q(next_try_at__lte=timezone.now() + slack) | Q(next_try_at__lte=Now() + slack)
     claimed = WebhookDelivery.objects.filter(
-        id=delivery_id, status=WebhookDelivery.Status.PENDING, next_try_at__lte=due
+        due, id=delivery_id, status=WebhookDelivery.Status.PENDING
     ).update(
         status=WebhookDelivery.Status.SENDING,
         claimed_by=worker,
@@ -323,8 +326,7 @@ def send_again(ids: Iterable[int]) -> list[int]:
         WebhookDelivery.objects.filter(id__in=taken).update(
             status=WebhookDelivery.Status.PENDING,
             attempts=0,
-            # This host's clock, as deliver's due check uses its own.
-            next_try_at=timezone.now(),
+            next_try_at=Now(),
             claimed_by="",
             claimed_at=None,
         )
@@ -401,6 +403,9 @@ def repair(now: datetime | None = None) -> list[int]:
     process died between commit and queueing). Rows claimed for longer than any send can
     take (the task's hard time limit) are put back to pending.
     """
+    # Rows sent again are due now by the database's clock (see deliver); `now` only moves
+    # what counts as overdue, and the stamp with it when given (tests travel in time).
+    stamp: datetime | Now = now or Now()
     now = now or timezone.now()
     Status = WebhookDelivery.Status
     # A claim is a lease as long as the delivery task's hard time limit: past it, the task
@@ -419,7 +424,7 @@ def repair(now: datetime | None = None) -> list[int]:
             claimed_at__lt=expired,
         ).update(
             status=back,
-            next_try_at=now,
+            next_try_at=stamp,
             claimed_by="",
             claimed_at=None,
             last_error=f"{delivery.claimed_by}, sending it, stopped without a result",
@@ -434,7 +439,7 @@ def repair(now: datetime | None = None) -> list[int]:
     )
     if lost:
         # A message still on its way is harmless: only one task can claim the row.
-        WebhookDelivery.objects.filter(id__in=lost, status=Status.PENDING).update(next_try_at=now)
+        WebhookDelivery.objects.filter(id__in=lost, status=Status.PENDING).update(next_try_at=stamp)
     if revived or lost:
         logger.warning(
             "sending %d webhook(s) again: %d lost by a dead worker, %d due with no message "

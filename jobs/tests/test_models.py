@@ -10,6 +10,7 @@ from django.db import IntegrityError
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from jobs import models
 from jobs.models import Image
 from jobs.storage import FileIdentity
 
@@ -305,3 +306,12 @@ def test_image_requeue_lost_touches_pending_images_only_and_each_once():
     assert row(running) == before
     # A second sweep that chose the same image by the same cutoff: it was queued again since.
     assert Image.objects.requeue_lost([waiting.id], queued_before=cutoff) == []
+
+
+def test_image_requeue_lost_marks_a_large_lost_backlog_batch_by_batch(monkeypatch):
+    monkeypatch.setattr(models, "REQUEUE_BATCH", 2)
+    lost = [pending(f"{number}.jpg").id for number in range(5)]
+    Image.objects.update(queued_at=timezone.now() - timedelta(hours=1))
+    cutoff = timezone.now() - timedelta(seconds=60)
+    assert Image.objects.requeue_lost(lost, queued_before=cutoff) == lost
+    assert not Image.objects.filter(queued_at__lt=cutoff).exists()

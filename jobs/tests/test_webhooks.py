@@ -802,3 +802,26 @@ def test_migration_marks_finished_sweeps_only():
     migration.mark_finished_sweeps(apps, None)
     marked = set(Sweep.objects.exclude(digest_owed_at=None).values_list("id", flat=True))
     assert marked == {finished.id}, (empty.id, open_.id)
+
+
+@pytest.mark.django_db
+def test_a_webhook_worker_whose_clock_is_behind_still_sends(hook, broker, settings, monkeypatch):
+    # The row is made, and later repaired, on a host whose clock is right; the webhook
+    # worker's own clock is 10 s behind (a host not yet synchronised). Its due check also
+    # asks the database's clock, so no row waits for ever.
+    hook.codes = [503, 200]
+    [delivery] = owe(finished_image())
+    right = timezone.now
+    behind = lambda: right() - timedelta(seconds=10)  # noqa: E731
+
+    monkeypatch.setattr(webhooks.timezone, "now", behind)
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.PENDING
+    monkeypatch.setattr(webhooks.timezone, "now", right)
+    # Its retry's message is lost; the repair, on a host with the right clock, sends it again.
+    WebhookDelivery.objects.filter(id=delivery.id).update(
+        next_try_at=right() - timedelta(seconds=settings.REQUEUE_AFTER + 1)
+    )
+    assert webhooks.repair() == [delivery.id]
+    monkeypatch.setattr(webhooks.timezone, "now", behind)
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.SENT
+    assert len(hook.requests) == 2
