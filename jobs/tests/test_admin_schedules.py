@@ -139,14 +139,15 @@ def test_watch_sends_no_sweep_while_the_watch_folder_schedule_is_switched_off(
     entry = PeriodicTask.objects.get(name="sweep-watch-folder")
     switch = reverse("admin:django_celery_beat_periodictask_changelist")
 
-    def rename_in(name: str) -> None:
-        staged = drop(tmp_path / "staging", name, image_bytes((640, 480)))
+    def rename_in(name: str, size: tuple[int, int]) -> None:
+        # Each its own content: neither is the other's duplicate, whichever is done first.
+        staged = drop(tmp_path / "staging", name, image_bytes(size))
         staged.rename(folders["watch"] / name)
 
     # Switched off in the admin, as a settings row may be: the watch sends nothing.
     admin_client.post(switch, {"action": "disable_tasks", "_selected_action": [entry.id]})
     wait_for(lambda: "sends no sweep while" in system.logs(), what="beat to switch the watch")
-    rename_in("off.jpg")
+    rename_in("off.jpg", (640, 480))
     time.sleep(4)  # the watch sends within 0.5 s of a rename; a worker takes it at once
     assert not Sweep.objects.exists()
     assert not Image.objects.exists()
@@ -154,5 +155,5 @@ def test_watch_sends_no_sweep_while_the_watch_folder_schedule_is_switched_off(
     # Switched on again: the next file renamed in is taken at once.
     admin_client.post(switch, {"action": "enable_tasks", "_selected_action": [entry.id]})
     wait_for(lambda: "sends sweeps again" in system.logs(), what="beat to switch the watch")
-    rename_in("on.jpg")
+    rename_in("on.jpg", (480, 640))
     wait_for(lambda: finished("on.jpg"), what="the file renamed in once switched on")
