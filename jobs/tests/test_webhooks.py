@@ -791,7 +791,7 @@ def test_migration_marks_finished_sweeps_only():
 
     from .conftest import image_row
 
-    migration = importlib.import_module("jobs.migrations.0011_sweep_digest_owed_at")
+    migration = importlib.import_module("jobs.migrations.0012_mark_finished_sweeps")
     finished = Sweep.objects.create(trigger="manual", folder="/in")
     open_ = Sweep.objects.create(trigger="manual", folder="/in")
     empty = Sweep.objects.create(trigger="manual", folder="/in")
