@@ -59,6 +59,12 @@ def sweep_kwargs(task: PeriodicTask) -> dict[str, Any]:
     return kwargs if isinstance(kwargs, dict) else {}
 
 
+def named_folder(task: PeriodicTask) -> str | None:
+    """The folder a sweep schedule's kwargs name, as written; None when they name none."""
+    folder = sweep_kwargs(task).get("folder")
+    return folder if isinstance(folder, str) and folder else None
+
+
 def retire_removed_entries(owned: set[str]) -> list[str]:
     """Mark settings-owned rows; disable marked rows whose settings entry is gone."""
     mark = f"{SETTINGS_MARK} when beat starts. Change it through the environment."

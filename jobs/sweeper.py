@@ -272,8 +272,8 @@ def scheduled_folders(exclude: Iterable[int] = ()) -> dict[Path, str]:
         pk__in=list(exclude)
     )
     for task in schedules.order_by("pk").only("name", "kwargs"):
-        folder = beat.sweep_kwargs(task).get("folder")
-        if isinstance(folder, str) and folder:
+        folder = beat.named_folder(task)
+        if folder is not None:
             folders.setdefault(Path(folder).resolve(), task.name)
     return folders
 

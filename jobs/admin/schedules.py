@@ -221,8 +221,8 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
         taken = scheduled_folders(exclude=switched_off)
         refused = []
         for task in queryset.filter(enabled=False, task=SWEEP_TASK).order_by("pk"):
-            folder = beat.sweep_kwargs(task).get("folder")
-            if not isinstance(folder, str) or not folder:
+            folder = beat.named_folder(task)
+            if folder is None:
                 continue
             path = Path(folder).resolve()
             if path in taken:

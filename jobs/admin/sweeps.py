@@ -260,7 +260,7 @@ def known_folders() -> list[str]:
     """The watch folder and the folders of the periodic sweeps, for the folder field."""
     folders = [str(settings.WATCH_FOLDER)]
     for task in PeriodicTask.objects.filter(task=SWEEP_TASK).only("kwargs"):
-        folder = beat.sweep_kwargs(task).get("folder")
-        if isinstance(folder, str) and folder and folder not in folders:
+        folder = beat.named_folder(task)
+        if folder is not None and folder not in folders:
             folders.append(folder)
     return folders
