@@ -53,7 +53,8 @@ def is_amqp(url: str) -> bool:
 
 
 def queue_state(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> QueueState:
-    """How many messages wait in `queue` (default: the image queue) of this instance.
+    """How many messages wait in `queue` of this instance (default: the image queues,
+    folder images and uploads, summed).
 
     Redis: LLEN of the queue's list, through kombu's own client, so the instance's key prefix
     is applied as when publishing. RabbitMQ: the message count of a passive queue declare (a
@@ -61,7 +62,7 @@ def queue_state(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> 
     gives waiting=None and says why in `error`.
     """
     app = current_app
-    name = queue or settings.IMAGE_QUEUE
+    names = (queue,) if queue else settings.IMAGE_QUEUES
     url = app.conf.broker_url
     amqp_broker = is_amqp(url)
     options = (
@@ -76,26 +77,39 @@ def queue_state(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> 
             connection.ensure_connection(
                 max_retries=1, interval_start=0, interval_step=0, timeout=timeout
             )
-            channel = connection.default_channel
             if amqp_broker:
-                try:
-                    _, waiting, _ = channel.queue_declare(queue=name, passive=True)
-                except amqp.exceptions.NotFound:
-                    return QueueState(0, None)
-                return QueueState(int(waiting), None)
+                return QueueState(sum(_declared_length(connection, name) for name in names), None)
             # Celery sends no message priorities, so every message is in the plain list.
+            channel = connection.default_channel
             client = channel.client
             # kombu prefixes the key of the commands it uses itself (HLEN), not HVALS.
             unacked = getattr(client, "global_keyprefix", "") + channel.unacked_key
-            return QueueState(int(client.llen(name)), _taken(client.hvals(unacked), name))
+            return QueueState(
+                sum(int(client.llen(name)) for name in names),
+                _taken(client.hvals(unacked), names),
+            )
     except UNREACHABLE as exc:
-        logger.warning("cannot read the length of queue %r at %s: %s", name, redact(url), exc)
+        shown = ", ".join(names)
+        logger.warning("cannot read the length of queue %r at %s: %s", shown, redact(url), exc)
         return QueueState(None, None, f"the broker at {redact(url)} did not answer: {exc}")
 
 
-def _taken(unacked: list[bytes], queue: str) -> int:
+def _declared_length(connection: kombu.Connection, name: str) -> int:
+    """Messages ready in an AMQP queue. A channel of its own: a queue never declared closes
+    the channel that asked (NOT_FOUND), and holds nothing."""
+    channel = connection.channel()
+    try:
+        _, waiting, _ = channel.queue_declare(queue=name, passive=True)
+        return int(waiting)
+    except amqp.exceptions.NotFound:
+        return 0
+    finally:
+        channel.close()
+
+
+def _taken(unacked: list[bytes], queues: tuple[str, ...]) -> int:
     """How many of kombu's unacknowledged messages (the values of its Redis hash, each
-    `[message, exchange, routing key]`) are of `queue`: every queue's share that hash, and
+    `[message, exchange, routing key]`) are of `queues`: every queue's share that hash, and
     a sweep running counts its own message there."""
     taken = 0
     for value in unacked:
@@ -103,12 +117,12 @@ def _taken(unacked: list[bytes], queue: str) -> int:
             routing_key = json.loads(value)[2]
         except (ValueError, IndexError, TypeError):
             continue
-        taken += routing_key == queue
+        taken += routing_key in queues
     return taken
 
 
 def queue_length(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> int | None:
-    """Messages waiting in `queue` (default: the image queue), None if the broker is silent."""
+    """Messages waiting in `queue` (default: the image queues), None if the broker is silent."""
     return queue_state(queue, timeout=timeout).waiting
 
 

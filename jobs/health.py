@@ -130,8 +130,17 @@ def start_worker_heartbeat(sender: Any = None, **kwargs: Any) -> None:
     amqp = getattr(getattr(sender, "app", None), "amqp", None)
     # None or empty: no -Q was given, so the worker consumes every queue.
     consumed = amqp.queues.consume_from if amqp is not None else None
-    if consumed and settings.IMAGE_QUEUE not in consumed:
-        return
+    if consumed:
+        missing = [name for name in settings.IMAGE_QUEUES if name not in consumed]
+        if len(missing) == len(settings.IMAGE_QUEUES):
+            return
+        if missing:
+            # A -Q written before uploads had a queue of their own: they would wait for
+            # another worker, or for ever.
+            logger.warning(
+                "this worker takes images but not from %s: add it to --queues (-Q)",
+                ", ".join(missing),
+            )
     node = getattr(sender, "hostname", None) or f"worker@{socket.gethostname()}"
     _worker_heartbeat = WorkerHeartbeat(node)
     _worker_heartbeat.start()

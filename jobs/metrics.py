@@ -114,7 +114,7 @@ def queue() -> Iterator[GaugeMetricFamily]:
     if length is None:
         return  # the broker did not answer; a missing sample says so, a 0 would lie
     metric = GaugeMetricFamily(
-        "parroter_queue_messages", "Image messages waiting in the broker queue."
+        "parroter_queue_messages", "Image messages waiting in the broker (image and upload queues)."
     )
     metric.add_metric([], length)
     yield metric

@@ -67,10 +67,12 @@ class Requeue:
 
 @dataclass
 class Repairs:
-    """What a repair did: image ids to queue again, and images it settled otherwise
-    (originals put away after a crash, runs failed after MAX_ATTEMPTS)."""
+    """What a repair did: image ids to queue again (`uploads` those of them uploaded, for the
+    upload queue), and images it settled otherwise (originals put away after a crash, runs
+    failed after MAX_ATTEMPTS)."""
 
     requeue: list[int] = field(default_factory=list)
+    uploads: set[int] = field(default_factory=set)
     settled: int = 0
 
 
@@ -78,6 +80,8 @@ class Repairs:
 class SweepOutcome:
     sweep: Sweep
     to_queue: list[int] = field(default_factory=list)
+    # Those of to_queue that were uploaded (repairs of lost messages may take any image).
+    uploads: set[int] = field(default_factory=set)
     settled: int = 0
     # False when the sweep turned out idle and left no record (see is_idle).
     recorded: bool = True
@@ -369,6 +373,7 @@ def run_sweep(
             sweep.claimed = len(claimed)
             sweep.requeued = len(repairs.requeue)
             outcome.to_queue = repairs.requeue + claimed
+            outcome.uploads = repairs.uploads
             outcome.settled = repairs.settled
             _finish(outcome, Sweep.Status.DONE, _unstorable_note(found.unstorable))
     except Exception as exc:
@@ -528,7 +533,10 @@ def _repair(waiting: QuerySet[Image], requeue: Requeue) -> Repairs:
                 put_original_away(image)
                 repairs.settled += 1
             else:
-                repairs.requeue.extend(_retry_or_fail(image))
+                retried = _retry_or_fail(image)
+                repairs.requeue.extend(retried)
+                if image.source == Image.Source.UPLOAD:
+                    repairs.uploads.update(retried)
                 if image.status == Image.Status.FAILED:
                     repairs.settled += 1  # failed at last, after MAX_ATTEMPTS
         except OSError as exc:
@@ -544,11 +552,13 @@ def _repair(waiting: QuerySet[Image], requeue: Requeue) -> Repairs:
         pending = Image.objects.filter(status=Image.Status.PENDING)
         lacking = pending.count() - requeue.held
         stale = pending.filter(queued_at__lt=cutoff).order_by("queued_at", "id")[: max(lacking, 0)]
-    lost = list(stale.values_list("id", flat=True))
+    lost = dict(stale.values_list("id", "source"))
     if lost:
         # The message may be sitting in the queue still: a second copy is harmless, since
         # only one run can move the image from pending to processing.
-        repairs.requeue.extend(Image.objects.requeue_lost(lost, queued_before=cutoff))
+        marked = Image.objects.requeue_lost(list(lost), queued_before=cutoff)
+        repairs.requeue.extend(marked)
+        repairs.uploads.update(i for i in marked if lost[i] == Image.Source.UPLOAD)
     return repairs
 
 

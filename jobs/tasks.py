@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any
 
 from celery import Task, shared_task, states
@@ -58,7 +58,7 @@ def sweep_folder(
         requeue=requeue_policy(),
         arrived=Arrival.parse(arrived),
     )
-    transaction.on_commit(lambda: queue_images(outcome.to_queue))
+    transaction.on_commit(lambda: queue_images(outcome.to_queue, uploaded=outcome.uploads))
     return keep_result(self, outcome.summary()) if outcome.recorded else outcome.summary()
 
 
@@ -66,7 +66,7 @@ def sweep_folder(
 def recover(self: Task) -> dict[str, int]:
     """Repair uploads and reprocessed images that a dead worker or a lost message left."""
     repairs = sweeper.recover_unswept(requeue_policy())
-    transaction.on_commit(lambda: queue_images(repairs.requeue))
+    transaction.on_commit(lambda: queue_images(repairs.requeue, uploaded=repairs.uploads))
     result = {"requeued": len(repairs.requeue), "settled": repairs.settled}
     return keep_result(self, result) if any(result.values()) else result
 
@@ -121,19 +121,21 @@ def make_thumbnails(self, image_id: int) -> str:
     )
 
 
-def queue_images(image_ids: Iterable[int]) -> None:
+def queue_images(image_ids: Iterable[int], *, uploaded: Container[int] = ()) -> None:
     """Send one message per image over a single broker connection, pipelined.
 
-    kombu's publish batch sends up to QUEUE_BATCH messages in one Redis round trip instead
-    of one each. A batch that fails is not replayed (delivery uncertain): a message is only
-    a nudge, and a sweep queues again whatever stays pending (REQUEUE_AFTER).
+    Images among `uploaded` go to the upload queue, the rest to the image queue (see
+    UPLOAD_QUEUE). kombu's publish batch sends up to QUEUE_BATCH messages in one Redis round
+    trip instead of one each. A batch that fails is not replayed (delivery uncertain): a
+    message is only a nudge, and a sweep queues again whatever stays pending (REQUEUE_AFTER).
     """
     image_ids = list(image_ids)
     if not image_ids:
         return
     with make_thumbnails.app.producer_or_acquire() as producer, producer.batch(QUEUE_BATCH):
         for image_id in image_ids:
-            make_thumbnails.apply_async((image_id,), producer=producer)
+            queue = settings.UPLOAD_QUEUE if image_id in uploaded else settings.IMAGE_QUEUE
+            make_thumbnails.apply_async((image_id,), producer=producer, queue=queue)
     logger.info("queued %d image(s)", len(image_ids))
 
 

@@ -351,7 +351,7 @@ def upload(request: HttpRequest) -> JsonResponse:
                 saved, form.cleaned_data["sizes"], request.user, form.cleaned_data["options"]
             )
             # Robust: with the broker down the upload still stands; jobs.recover requeues it.
-            transaction.on_commit(lambda: queue_images(ids), robust=True)
+            transaction.on_commit(lambda: queue_images(ids, uploaded=set(ids)), robust=True)
     except BaseException:
         uploads.discard_uploads(saved)
         raise

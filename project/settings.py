@@ -489,6 +489,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 # Queues of our own, so a broker shared with another Celery app or another instance mixes no
 # messages, and sweeps never wait behind a backlog of images (a worker serves both queues).
 IMAGE_QUEUE = f"parroter.{INSTANCE}.images"
+# Uploaded images, which someone watches on the upload page: a worker takes from its queues in
+# turn (kombu's round robin on Redis, RabbitMQ's own), so an upload waits for the images
+# being processed, not behind a whole folder's backlog.
+UPLOAD_QUEUE = f"parroter.{INSTANCE}.uploads"
+IMAGE_QUEUES = (IMAGE_QUEUE, UPLOAD_QUEUE)
 SWEEP_QUEUE = f"parroter.{INSTANCE}.sweeps"
 # Webhooks wait behind neither a backlog of images nor a slow receiver's retries of theirs.
 WEBHOOK_QUEUE = f"parroter.{INSTANCE}.webhooks"
@@ -503,6 +508,7 @@ CELERY_TASK_DEFAULT_QUEUE = IMAGE_QUEUE
 # Each queue on an exchange and routing key of its own: without them Celery binds every queue
 # to the default queue's exchange and key, and a message sent there lands in both queues.
 CELERY_TASK_QUEUES = (
+    Queue(UPLOAD_QUEUE, Exchange(UPLOAD_QUEUE), routing_key=UPLOAD_QUEUE),
     Queue(IMAGE_QUEUE, Exchange(IMAGE_QUEUE), routing_key=IMAGE_QUEUE),
     Queue(SWEEP_QUEUE, Exchange(SWEEP_QUEUE), routing_key=SWEEP_QUEUE),
     Queue(WEBHOOK_QUEUE, Exchange(WEBHOOK_QUEUE), routing_key=WEBHOOK_QUEUE),

@@ -360,7 +360,8 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         result = uploads.claim_again(images, sizes, options)
         if result.queued:
             queued = result.queued
-            transaction.on_commit(lambda: queue_images(queued))
+            uploaded = {image.id for image in images if image.source == Image.Source.UPLOAD}
+            transaction.on_commit(lambda: queue_images(queued, uploaded=uploaded))
             self.message_user(
                 request,
                 f"{len(queued)} image(s) queued again"

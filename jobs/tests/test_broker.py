@@ -59,6 +59,25 @@ def test_queue_state_counts_the_messages_taken_from_its_own_queue_only(broker):
     assert queue_state().in_flight == 0
 
 
+def test_uploads_have_a_queue_of_their_own_counted_with_the_image_queue(broker):
+    from project.celery import app
+
+    queue_images([1, 2, 3], uploaded={2})
+    assert queue_length(settings.IMAGE_QUEUE) == 2
+    assert queue_length(settings.UPLOAD_QUEUE) == 1
+    with app.connection_for_write() as connection:
+        upload = connection.default_channel.basic_get(settings.UPLOAD_QUEUE, no_ack=False)
+        assert upload.payload == [
+            [2],
+            {},
+            {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+        ]
+        # Image messages, wherever they wait: what the lost-message check weighs against
+        # the pending images, and what /metrics and the dashboard show.
+        assert (queue_state().waiting, queue_state().in_flight) == (2, 1)
+        upload.ack()
+
+
 def test_queue_length_is_none_when_redis_does_not_answer_and_keeps_its_password_out(broker):
     broker.stop()
     state = queue_state(timeout=0.5)

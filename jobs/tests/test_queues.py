@@ -1,16 +1,28 @@
-"""The Celery queues: each bound to an exchange and routing key of its own, on a real Redis."""
+"""The Celery queues: each bound to an exchange and routing key of its own, on a real Redis;
+uploads served beside a folder's backlog, not behind it."""
 
 from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from celery import states
 from django.conf import settings
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import reverse
 from django_celery_results.models import TaskResult
 
+from jobs import sweeper
 from jobs.broker import queue_length
+from jobs.models import Image
+from jobs.tasks import queue_images
 from project.celery import app as celery_app
 
-from .processes import wait_for
+from .conftest import image_bytes
+from .processes import Processes, wait_for
 
 
 def test_queues_each_have_their_own_exchange_and_routing_key():
@@ -52,4 +64,67 @@ def test_scheduled_tasks_left_waiting_past_their_next_run_are_dropped_not_run(sy
             >= 3
         ),
         what="the waiting sweeps dropped as expired",
+    )
+
+
+def upload_among_a_backlog(
+    processes: Processes, client: Client, folders: dict[str, Path], drop: Callable[..., Path]
+) -> tuple[int, int]:
+    """Queue a folder's backlog of sixty images and start a worker with one pool process;
+    once it is under way, upload one image. Returns how many of the backlog were done when
+    the upload was queued, and when the upload was done."""
+    for index in range(BACKLOG):
+        drop(folders["watch"], f"{index}.jpg", image_bytes((800, 600), colour=(index * 4, 10, 10)))
+    backlog = sweeper.sweep_folder(str(folders["watch"]), ["64x64"]).to_queue
+    assert len(backlog) == BACKLOG
+    queue_images(backlog)
+    processes.worker(concurrency=1)
+    done = Image.objects.filter(source=Image.Source.FOLDER, status=Image.Status.DONE)
+    wait_for(done.exists, what="the backlog under way")
+
+    client.force_login(User.objects.create_user("alice"))
+    photo = io.BytesIO(image_bytes((400, 300), colour=(10, 200, 10)))
+    photo.name = "upload.jpg"
+    response = client.post(reverse("jobs:upload"), {"images": [photo], "sizes": "64x64"})
+    assert response.status_code == 201, response.content
+    done_when_uploaded = done.count()
+    upload = Image.objects.get(source=Image.Source.UPLOAD)
+    wait_for(
+        lambda: Image.objects.get(id=upload.id).status == Image.Status.DONE,
+        what="the upload done",
+    )
+    upload.refresh_from_db()
+    wait_for(lambda: done.count() == BACKLOG, what="the backlog done")
+    return done_when_uploaded, done.filter(finished_at__lt=upload.finished_at).count()
+
+
+BACKLOG = 60
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_is_done_beside_a_folders_backlog_not_after_it(
+    system, broker, client, folders, drop
+):
+    when_uploaded, before_upload = upload_among_a_backlog(system, client, folders, drop)
+    assert when_uploaded < BACKLOG - 30, ("the upload came too late to test", when_uploaded)
+    # Behind the backlog it would wait for all of it. In a queue of its own it waits for the
+    # image being processed and the one the worker had taken: kombu's round robin on Redis
+    # asks the upload queue first once an image was taken from the other.
+    assert before_upload <= when_uploaded + 2, (when_uploaded, before_upload)
+
+
+@pytest.mark.integration
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_given_queues_without_the_upload_queue_says_so(system):
+    # A -Q written for a version before uploads had a queue of their own.
+    system.start(
+        "worker",
+        "worker",
+        "--loglevel=INFO",
+        f"--queues={settings.IMAGE_QUEUE},{settings.SWEEP_QUEUE}",
+    )
+    wait_for(
+        lambda: f"this worker takes images but not from {settings.UPLOAD_QUEUE}" in system.logs(),
+        what="the worker's warning",
     )

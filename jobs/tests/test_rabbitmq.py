@@ -19,6 +19,7 @@ from jobs.models import Image
 
 from .conftest import celery_broker, image_bytes
 from .processes import wait_for
+from .test_queues import BACKLOG, upload_among_a_backlog
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -47,7 +48,9 @@ def test_rabbitmq_upload_publishes_to_amqp_and_a_worker_takes_it(
     photo.name = "upload.jpg"
     response = client.post(reverse("jobs:upload"), {"images": [photo], "sizes": "64x64"})
     assert response.status_code == 201, response.content
-    # No worker yet: the message waits in RabbitMQ, in this instance's image queue.
+    # No worker yet: the message waits in RabbitMQ, in this instance's upload queue, counted
+    # with the image queue that nothing declared yet.
+    assert queue_length(settings.UPLOAD_QUEUE, timeout=ANSWER_WITHIN) == 1
     assert queue_length(timeout=ANSWER_WITHIN) == 1
     assert queue_length(settings.SWEEP_QUEUE, timeout=ANSWER_WITHIN) == 0
 
@@ -89,3 +92,12 @@ def test_rabbitmq_queue_length_is_none_when_the_broker_does_not_answer(rabbitmq)
     assert state.waiting is None
     assert "amqp://guest:***@127.0.0.1:1//" in state.error
     assert "secret" not in state.error
+
+
+def test_rabbitmq_serves_an_upload_beside_a_folders_backlog(on_rabbitmq, client, folders, drop):
+    when_uploaded, before_upload = upload_among_a_backlog(on_rabbitmq, client, folders, drop)
+    assert when_uploaded < BACKLOG - 30, ("the upload came too late to test", when_uploaded)
+    # RabbitMQ gives each free place in the worker's prefetch to one of the queues holding a
+    # message, at random: the upload waits for a few images (1 to 6 in ten runs here), never
+    # for the thirty-odd left of the backlog.
+    assert before_upload <= when_uploaded + 20, (when_uploaded, before_upload)

@@ -442,6 +442,36 @@ def test_recover_unswept_requeues_an_upload_whose_worker_died(folders):
     assert Image.objects.get(id=image.id).status == Image.Status.PENDING
 
 
+def test_a_lost_upload_is_queued_again_on_the_upload_queue_and_a_waiting_one_is_not(
+    folders, settings, broker
+):
+    def upload(name: str, age: float) -> Image:
+        path = folders["media"] / "uploads" / "x" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"image bytes")
+        return Image.objects.create(
+            source=Image.Source.UPLOAD,
+            folder=str(path.parent),
+            name=name,
+            source_path=str(path),
+            file_size=11,
+            mtime_ns=0,
+            sizes=["64x64"],
+            sizes_key="64x64",
+            queued_at=timezone.now() - timedelta(seconds=settings.REQUEUE_AFTER + age),
+        )
+
+    # The lost message is the oldest image's, as a backlog's order makes it.
+    waiting, lost = upload("waiting.jpg", 5), upload("lost.jpg", 10)
+    tasks.queue_images([waiting.id], uploaded={waiting.id})
+    # The upload's message waits in its own queue: it is held, not lost.
+    repairs = sweeper.recover_unswept(tasks.requeue_policy())
+    assert (repairs.requeue, repairs.uploads) == ([lost.id], {lost.id})
+    tasks.queue_images(repairs.requeue, uploaded=repairs.uploads)
+    assert (queue_length(settings.UPLOAD_QUEUE), queue_length(settings.IMAGE_QUEUE)) == (2, 0)
+    assert sweeper.recover_unswept(tasks.requeue_policy()).requeue == []
+
+
 def test_recover_unswept_requeues_a_lost_reprocess_and_leaves_fresh_work(folders, drop, settings):
     kept = folders["media"] / "originals" / "a.jpg"
     kept.parent.mkdir(parents=True)

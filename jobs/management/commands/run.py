@@ -260,7 +260,8 @@ class Command(BaseCommand):
             self.say(name, f"using {version} at {redact(url)}")
         self.say(
             name,
-            f"instance {settings.INSTANCE}: queues {settings.IMAGE_QUEUE}, {settings.SWEEP_QUEUE}"
+            f"instance {settings.INSTANCE}: queues "
+            + ", ".join((*settings.IMAGE_QUEUES, settings.SWEEP_QUEUE))
             + (f", {settings.WEBHOOK_QUEUE}" if settings.WEBHOOK_URLS else ""),
         )
 
@@ -329,7 +330,8 @@ def child_commands(
         if settings.WEBHOOK_URLS:
             # Webhooks get a worker of their own: a receiver that hangs holds one of its
             # threads for up to the send's time limit, never a pool process images need.
-            commands["worker"] += ["--queues", f"{settings.IMAGE_QUEUE},{settings.SWEEP_QUEUE}"]
+            queues = ",".join((*settings.IMAGE_QUEUES, settings.SWEEP_QUEUE))
+            commands["worker"] += ["--queues", queues]
             commands["webhooks"] = [
                 python, "-m", "celery", "-A", app, "worker", "-l", "info",
                 "--queues", settings.WEBHOOK_QUEUE,

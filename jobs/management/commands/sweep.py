@@ -67,7 +67,7 @@ class Command(BaseCommand):
                 self.show_progress(image_ids)
         else:
             try:
-                queue_images(image_ids)
+                queue_images(image_ids, uploaded=outcome.uploads)
             except OperationalError as exc:
                 raise CommandError(
                     f"the broker does not answer ({exc}); the {len(image_ids)} image(s) stay "
