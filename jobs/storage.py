@@ -984,18 +984,29 @@ def remove_archives(relatives: Iterable[str]) -> list[str]:
     )
 
 
-def discard_partial_archives(image: Image) -> None:
-    """Remove the temporary zips the run of `image.token` left: its name is only that run's."""
+def discard_dead_run_archives(image: Image, requeued: bool) -> None:
+    """Remove what the run of `image.token` left in the archives when it died: its temporary
+    zips (their names are only that run's), and the zip it renamed into place before the
+    database heard of it, which no record names.
+
+    That zip stays when the image is `requeued` and its next run writes the very same name
+    (a first run retried the same day): that run replaces it, and may be writing it by then.
+    A reprocessing run's zip, or one of a day gone by, has a name no later run writes.
+    """
     if image.token is None:
         return
     destination = archive_path(image)
     prefix = _temporary_prefix(destination.name, image.token.hex)
+    today = timezone.localtime().strftime("%Y/%m/%d")
+    replaced = requeued and not image.archive and destination.parent == media_area(ARCHIVES) / today
+    unrecorded = "" if replaced else destination.name
     try:
         folder = open_folder(destination.parent, [media_area(ARCHIVES)])
     except FileNotFoundError:
         return
     with folder:
         for entry in folder.entries():
-            if entry.name.startswith(prefix) and entry.name.endswith(".part"):
+            partial = entry.name.startswith(prefix) and entry.name.endswith(".part")
+            if partial or entry.name == unrecorded:
                 folder.unlink(entry.name)
                 logger.info("removed %s, left by a run that died", folder.path / entry.name)

@@ -32,7 +32,7 @@ from .pipeline import (
     METADATA_CHOICES,
     parse_sizes,
 )
-from .storage import Arrival, Candidate, discard_partial_archives, kept_path, scan
+from .storage import Arrival, Candidate, discard_dead_run_archives, kept_path, scan
 
 logger = logging.getLogger(__name__)
 
@@ -567,7 +567,7 @@ def _retry_or_fail(image: Image) -> list[int]:
     outcome = image.retry(settings.MAX_ATTEMPTS)
     if outcome is None:
         return []  # its run renewed the lease meanwhile, or another sweep took it over
-    discard_partial_archives(image)
+    discard_dead_run_archives(image, requeued=outcome == Image.Status.PENDING)
     if outcome == Image.Status.FAILED:
         put_original_away(image)
         return []

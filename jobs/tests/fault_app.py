@@ -57,8 +57,9 @@ def pause_once(stage: str) -> None:
 def inject_faults(**kwargs):
     """Patch each pool process once Django is ready (it is not when this module loads)."""
     global real_write_archive, real_put_original_away, real_claim, real_read_original
-    global real_record, real_post
+    global real_record, real_post, real_mark_done
     from jobs import pipeline, runner, storage, sweeper, webhooks
+    from jobs.models import Image
 
     real_write_archive = pipeline.write_archive
     real_put_original_away = runner.put_original_away
@@ -66,12 +67,14 @@ def inject_faults(**kwargs):
     real_read_original = storage.read_original
     real_record = webhooks.record
     real_post = webhooks.post
+    real_mark_done = Image.mark_done
     pipeline.write_archive = faulty_write_archive
     runner.put_original_away = faulty_put_original_away
     sweeper.claim = paused_claim
     storage.read_original = paused_read_original
     webhooks.record = faulty_record
     webhooks.post = faulty_post
+    Image.mark_done = faulty_mark_done
     if os.environ.get("PARROTER_FAULT_NO_ESTIMATE"):
         pipeline.estimate_memory = lambda *args, **kwargs: pipeline.MemoryEstimate(0, 0, 0)
     if os.environ.get("PARROTER_FAULT_CONNECTIONS"):
@@ -101,9 +104,13 @@ def faulty_write_archive(data, original_name, *args, **kwargs):
     poison = os.environ.get("PARROTER_FAULT_POISON")
     if poison and poison in original_name:
         os._exit(70)
-    info = real_write_archive(data, original_name, *args, **kwargs)
-    die_once("archive", original_name)
-    return info
+    return real_write_archive(data, original_name, *args, **kwargs)
+
+
+def faulty_mark_done(image, **result):
+    # The zip is renamed into place by now (write_archive returns inside atomic_file).
+    die_once("archive", image.name)
+    return real_mark_done(image, **result)
 
 
 def faulty_put_original_away(image):

@@ -27,9 +27,10 @@ from django.db import connection
 from django_celery_results.models import TaskResult
 from PIL import Image as PILImage
 
+from jobs import uploads
 from jobs.models import Image, ScheduleActivity, Sweep
 from jobs.redis_server import start_bundled_redis
-from jobs.tasks import make_thumbnails, sweep_folder
+from jobs.tasks import make_thumbnails, queue_images, sweep_folder
 
 from .conftest import image_bytes
 from .processes import wait_for
@@ -412,3 +413,28 @@ def test_an_unreadable_file_fails_with_permission_denied_and_is_kept(system, fol
     kept.chmod(0o600)
     assert kept.read_bytes() == secret
     assert Image.objects.get(name="open.jpg").status == Image.Status.DONE
+
+
+def test_a_crash_while_reprocessing_leaves_one_archive_per_image(system, folders, tmp_path, broker):
+    batch = drop_batch(folders["watch"], 3)
+    system.worker()
+    system.beat()
+    wait_for(lambda: all_final(len(batch)), timeout=120, what="the first pass")
+    system.kill("worker")
+    first = dict(Image.objects.values_list("id", "archive"))
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    # Each reprocessing run dies once, its new zip renamed into place, the database not told.
+    system.environment.update(
+        PARROTER_FAULT_DIE_AFTER="archive", PARROTER_FAULT_MARKERS=str(markers)
+    )
+    system.worker(app=FAULT_APP)
+    queue_images(uploads.claim_again(Image.objects.all(), ["32x32"]).queued)
+
+    def reprocessed() -> bool:
+        done = dict(Image.objects.filter(status=Image.Status.DONE).values_list("id", "archive"))
+        return len(done) == len(batch) and all(done[key] != first[key] for key in first)
+
+    wait_for(reprocessed, timeout=120, what="the batch reprocessed after the crashes")
+    assert len(list(markers.iterdir())) == len(batch), "every reprocessing run crashed once"
+    assert_each_done_once(batch, folders["media"])

@@ -248,7 +248,7 @@ def test_temporary_names_fit_in_a_file_name_whatever_the_destination():
     for name in ("a.zip", "1000-" + "é" * 100 + "-20261128-120000-123456.zip", "x" * 255):
         temporary = storage._temporary_name(name, tag)
         assert len(temporary.encode()) <= 255
-        # A killed run's temporary file is found by its prefix (discard_partial_archives).
+        # A killed run's temporary file is found by its prefix (discard_dead_run_archives).
         assert temporary.startswith(storage._temporary_prefix(name, tag))
         assert temporary.startswith("." + name[:40])
     assert storage._temporary_name("a.zip", tag).startswith(f".a.zip.{tag}.")

@@ -568,3 +568,29 @@ def test_run_sweep_does_not_claim_a_file_moved_away_while_it_listed(folders, dro
     monkeypatch.setattr(sweeper, "reconcile", lambda folder, requeue=None: sweeper.Repairs())
     assert run(folders["watch"]).to_queue == []
     assert Image.objects.count() == 1
+
+
+def test_reconcile_removes_the_zip_a_dead_run_renamed_into_place_the_day_before(folders, drop):
+    image = claim_one(folders, drop)
+    # Queued just before midnight; its run renamed its zip into place and died before the
+    # database heard. Retried today, the next run writes under today's folder.
+    Image.objects.filter(id=image.id).update(queued_at=timezone.now() - timedelta(days=1))
+    Image.objects.start(image.id, "task", worker="elsewhere:1")
+    expire_lease(image)
+    dead = Image.objects.get(id=image.id)
+    renamed = storage.archive_path(dead)
+    renamed.parent.mkdir(parents=True)
+    renamed.write_bytes(b"a whole zip nobody recorded")
+    assert run(folders["watch"]).to_queue == [image.id]
+    assert not renamed.exists()
+
+
+def test_reconcile_leaves_the_zip_the_retried_run_replaces(folders, drop):
+    image = claim_one(folders, drop)
+    Image.objects.start(image.id, "task", worker="elsewhere:1")
+    expire_lease(image)
+    renamed = storage.archive_path(Image.objects.get(id=image.id))
+    renamed.parent.mkdir(parents=True)
+    renamed.write_bytes(b"a whole zip, of the name the next run writes")
+    assert run(folders["watch"]).to_queue == [image.id]
+    assert renamed.exists(), "the next run may be writing it by then"
