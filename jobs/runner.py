@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 
 from . import leases, pipeline, storage
 from .models import Image
@@ -66,6 +66,10 @@ def process_image(
             # Failed below, once this block has let go of the traceback and the pixels it
             # holds.
             pass
+        except (OperationalError, InterfaceError):
+            # The database dropped the connection or stayed locked: nothing is wrong with
+            # the file. Left to its lease, which runs out, and the next sweep retries it.
+            raise
         except Exception as exc:
             # A bug, not bad input: keep the file safe and the reason visible, then let
             # Celery record the traceback too.

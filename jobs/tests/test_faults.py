@@ -415,6 +415,29 @@ def test_an_unreadable_file_fails_with_permission_denied_and_is_kept(system, fol
     assert Image.objects.get(name="open.jpg").status == Image.Status.DONE
 
 
+def test_database_connections_killed_mid_batch_lose_nothing(system, folders):
+    if connection.vendor != "postgresql":
+        pytest.skip("pg_terminate_backend drops the connections under test")
+    system.environment["PARROTER_FAULT_DELAY"] = "0.3"
+    batch = drop_batch(folders["watch"], 12)
+    worker = system.worker(app=FAULT_APP)
+    beat = system.beat()
+    wait_for(lambda: count_done() >= 2, timeout=60, what="the first images")
+    # Every other session of the database dropped, again and again: a failover, a restart,
+    # an administrator's hand.
+    for _ in range(6):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        time.sleep(0.8)
+    wait_for(lambda: all_final(len(batch)), timeout=150, what="the batch")
+    assert_each_done_once(batch, folders["media"])
+    assert worker.poll() is None, "the worker carried on"
+    assert beat.poll() is None, "beat carried on"
+
+
 def test_a_crash_while_reprocessing_leaves_one_archive_per_image(system, folders, tmp_path, broker):
     batch = drop_batch(folders["watch"], 3)
     system.worker()

@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 from django.db.models import F
 from django.db.models.functions import Now
 from PIL import Image as PILImage
@@ -481,3 +481,25 @@ def test_process_image_taken_over_records_nothing_and_spares_the_new_run(
     assert stored.archive == ""
     assert later["partial"].exists(), "the new run's partial zip is left alone"
     assert (folders["watch"] / "photo.jpg").exists(), "the original waits for the new run"
+
+
+def test_process_image_leaves_the_image_to_its_lease_when_the_database_drops(
+    folders, drop, monkeypatch
+):
+    image = claim(folders, drop)
+    real_mark_done = Image.mark_done
+
+    def connection_lost(self, **result):
+        raise OperationalError("terminating connection due to administrator command")
+
+    monkeypatch.setattr(Image, "mark_done", connection_lost)
+    with pytest.raises(OperationalError):
+        runner.process_image(image.id)
+    stored = Image.objects.get(id=image.id)
+    assert (stored.status, stored.error) == (Image.Status.PROCESSING, ""), "no fault of the file"
+    assert (folders["watch"] / "photo.jpg").exists()
+    monkeypatch.setattr(Image, "mark_done", real_mark_done)
+    Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=1))
+    assert sweeper.reconcile(folders["watch"]).requeue == [image.id]
+    assert runner.process_image(image.id) == Image.Status.DONE
+    assert len(list((folders["media"] / "archives").rglob("*.zip"))) == 1
