@@ -494,6 +494,22 @@ def process_group(process: psutil.Process) -> int | None:
         return None
 
 
+def test_kill_9_of_make_alone_stops_the_whole_run(start_run: Callable[..., Run]) -> None:
+    with start_run(f"127.0.0.1:{free_port()}", make=True) as run:
+        wait_until_up(run)
+        run.wait_for(
+            "the worker's pool process",
+            lambda: bool(psutil.Process(run.pid_of("worker")).children()),
+            START_TIMEOUT,
+        )
+        run.collect_descendants()
+        # make alone, not its process group: the supervisor under it is orphaned.
+        run.process.kill()
+        run.process.wait()
+        assert run.survivors(within=STOP_TIMEOUT) == []
+        assert "is gone" in run.output()
+
+
 def test_kill_9_of_make_run_then_make_run_again_leaves_nothing_of_the_old_run(
     start_run: Callable[..., Run],
 ) -> None:

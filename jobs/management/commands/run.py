@@ -43,6 +43,8 @@ from jobs.supervisor import Child, Supervisor, describe_exit, follow
 REDIS_WAIT_NOTICE = 5.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ROLES = ("web", "worker", "beat")
+# Seconds between two looks at whether the process that started the run is still there.
+PARENT_CHECK = 0.5
 # Webhooks sent at once by the webhook worker (threads: each one mostly waits on a socket).
 WEBHOOK_THREADS = 4
 
@@ -103,6 +105,17 @@ class Command(BaseCommand):
         self.stop_signal = signal.Signals(signum).name
         self.stopping.set()
 
+    def stop_when_orphaned(self, parent: int) -> None:
+        """Stop, as on SIGTERM, once the process that started the run (make, a shell) is gone.
+
+        Killed outright, it sends no signal; its run would go on unseen, holding the port,
+        until the next run stops it as stale (lifetime.clear_stale_run).
+        """
+        while not self.stopping.wait(PARENT_CHECK):
+            if os.getppid() != parent:
+                self.stop_signal = f"the process that started it (pid {parent}) is gone"
+                self.stopping.set()
+
     def say(self, name: str, text: str) -> None:
         # If our own output is gone (a closed pipe), children must still be drained or block.
         with self.output_lock, contextlib.suppress(OSError):
@@ -127,6 +140,10 @@ class Command(BaseCommand):
         # Every process started from here on carries it, and so do their children.
         os.environ[RUN_MARKER] = record.marker
         write_record(pid_file, record)
+        if not joining:
+            threading.Thread(
+                target=self.stop_when_orphaned, args=(record.parent,), daemon=True
+            ).start()
         try:
             self.run_recorded(port=port, roles=roles, joining=joining, app=app)
         finally:
