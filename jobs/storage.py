@@ -756,8 +756,18 @@ def _copy_across(
             raise
     else:
         with os.fdopen(origin.open_read(name), "rb") as handle:
-            if not claimed.matches(os.fstat(handle.fileno())):
+            opened = os.fstat(handle.fileno())
+            if not claimed.matches(opened):
                 raise FileChanged(f"{origin.path / name} is not the file that was claimed")
+            if opened.st_nlink > 1:
+                # A rename moves only this name; a copy would read the file, whose other
+                # name may be outside the folders. It stays until it has one name.
+                raise OSError(
+                    errno.EXDEV,
+                    f"hard link: this file has {opened.st_nlink} names, and moving it to "
+                    "another file system would copy it; it stays in the folder",
+                    str(origin.path / name),
+                )
             with atomic_write(target, new) as out:
                 shutil.copyfileobj(handle, out, 1 << 20)
                 out.flush()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import storage
+from jobs import runner, storage, sweeper
 from jobs.models import Image
 from jobs.storage import atomic_file
 from jobs.tasks import sweep_folder
@@ -340,6 +340,59 @@ def test_move_original_across_file_systems_keeps_a_link_as_a_link(
     assert storage.move_original(link, claimed, destination) == destination
     assert not os.path.lexists(link)
     assert os.readlink(destination) == str(outside / "x.jpg")
+    assert untouched(outside / "x.jpg") == before
+
+
+def test_move_original_across_file_systems_never_copies_a_hard_link(
+    folders, outside, originals_on_another_disk
+):
+    # Its other name is outside the folders: a rename would move this name only, a copy
+    # would read the outside file into MEDIA_ROOT.
+    link = folders["watch"] / "innocent.jpg"
+    os.link(outside / "x.jpg", link)
+    before = untouched(outside / "x.jpg")
+    claimed = storage.FileIdentity.of(os.lstat(link))
+    destination = originals_on_another_disk / "1-innocent.jpg"
+    with pytest.raises(OSError, match="hard link: this file has 2 names"):
+        storage.move_original(link, claimed, destination, note="a reason\n")
+    assert os.path.samefile(link, outside / "x.jpg")
+    assert not [path for path in originals_on_another_disk.rglob("*") if path.is_file()]
+    assert untouched(outside / "x.jpg") == before
+
+
+@pytest.fixture
+def failed_on_another_disk(folders):
+    """A real tmpfs mounted where failed originals go."""
+    failed = folders["media"] / "failed"
+    failed.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(failed)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield failed
+    subprocess.run(["umount", str(failed)], check=True)
+
+
+@pytest.mark.django_db
+def test_a_hard_link_failed_across_file_systems_stays_in_the_folder_unread(
+    folders, outside, failed_on_another_disk
+):
+    link = folders["watch"] / "innocent.jpg"
+    os.link(outside / "x.jpg", link)
+    before = untouched(outside / "x.jpg")
+    for image_id in sweeper.sweep_folder(str(folders["watch"]), ["64x64"]).to_queue:
+        runner.process_image(image_id)
+    image = Image.objects.get()
+    assert (image.status, image.in_folder, image.original_path) == ("failed", True, "")
+    assert image.error.startswith("hard link: this file has 2 names"), image.error
+    # A repair tries again, and still does not copy it.
+    sweeper.sweep_folder(str(folders["watch"]), ["64x64"])
+    assert Image.objects.get().in_folder
+    assert os.path.samefile(link, outside / "x.jpg")
+    assert not [path for path in failed_on_another_disk.rglob("*") if path.is_file()]
     assert untouched(outside / "x.jpg") == before
 
 
