@@ -516,7 +516,8 @@ def scan(
     complete = set(arrived)
     # ctime moves on every write and on every rename into the folder, and cannot be set
     # back by the writer (unlike mtime, which `cp -p` preserves): "unchanged since" uses it.
-    settled_before = time.time_ns() - int(settle_seconds * 1e9)
+    now = time.time_ns()
+    settled_before = now - int(settle_seconds * 1e9)
     try:
         top = open_folder(folder, settings.WATCH_ROOTS)
     except OSError as exc:
@@ -524,7 +525,11 @@ def scan(
         return result
     with top:
         for name, status in _walk(top, folder, excluded, result):
-            changed = max(status.st_ctime_ns, status.st_mtime_ns)
+            changed = status.st_ctime_ns
+            if status.st_mtime_ns <= now:
+                # An mtime ahead of now is no sign of a write, which stamps the writer's now:
+                # a camera's clock set ahead, FAT's local times read as UTC, kept by `cp -p`.
+                changed = max(changed, status.st_mtime_ns)
             if changed > settled_before and Arrival.of(status) not in complete:
                 result.unstable += 1
                 continue

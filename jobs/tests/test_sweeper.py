@@ -82,6 +82,22 @@ def test_scan_waits_for_a_copied_file_even_with_an_old_mtime(folders, drop):
     assert storage.scan(folders["watch"], settle_seconds=60).unstable == 1
 
 
+def test_scan_takes_a_settled_file_whose_mtime_is_in_the_future(folders, drop):
+    # A camera's clock set ahead, or FAT's local times read as UTC, kept by `cp -p`: the
+    # file would otherwise wait, unclaimed and unrecorded, until that time comes.
+    path = drop(folders["watch"], "from_the_camera.jpg")
+    ahead = time.time_ns() + 10 * 3600 * 10**9
+    os.utime(path, ns=(ahead, ahead))
+    time.sleep(0.3)
+    found = storage.scan(folders["watch"], settle_seconds=0.2)
+    assert ([c.name for c in found.ready], found.unstable) == (["from_the_camera.jpg"], 0)
+    # Written again: the change time still says so, whatever the mtime.
+    with path.open("ab") as handle:
+        handle.write(b"more")
+    os.utime(path, ns=(ahead, ahead))
+    assert storage.scan(folders["watch"], settle_seconds=60).unstable == 1
+
+
 def test_scan_takes_a_file_renamed_in_at_once_while_it_is_unchanged(folders, tmp_path, drop):
     staged = drop(tmp_path / "staging", "whole.jpg")
     renamed = folders["watch"] / "whole.jpg"
