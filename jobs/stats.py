@@ -232,7 +232,7 @@ class Retention:
 
 def retention() -> Retention:
     try:
-        free = storage.free_bytes()
+        _, free = storage.media_free_bytes()
     except OSError:
         free = None
     expires = settings.CELERY_RESULT_EXPIRES

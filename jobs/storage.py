@@ -875,6 +875,13 @@ def free_bytes(path: Path | None = None) -> int:
     return status.f_bavail * status.f_frsize
 
 
+def media_free_bytes() -> tuple[Path, int]:
+    """The least free space where images are written, and where: MEDIA_ROOT, or an area of
+    it that is a link to another disk (archives, originals, failed)."""
+    places = [Path(settings.MEDIA_ROOT), *map(media_area, (ARCHIVES, ORIGINALS, FAILED))]
+    return min(((place, free_bytes(place)) for place in places), key=lambda found: found[1])
+
+
 def remove_note(kept: Path) -> None:
     """Remove the note beside a failed original (it is being processed again)."""
     try:

@@ -341,9 +341,9 @@ def run_sweep(
     (`arrived`, from the watch: see storage.Arrival).
 
     Pending images whose message is taken as lost (see Requeue) are queued again. With less
-    than MIN_FREE_MB free where MEDIA_ROOT lives, nothing is touched and the sweep is held
-    back, saying why: every image would fail on the full disk, while files left in the
-    folder lose nothing.
+    than MIN_FREE_MB free where MEDIA_ROOT or one of its areas lives, nothing is touched and
+    the sweep is held back, saying why: every image would fail on the full disk, while files
+    left in the folder lose nothing.
     The sweep is recorded at its end, unless it is idle (see is_idle).
     """
     outcome = SweepOutcome(sweep)
@@ -404,16 +404,17 @@ def space_shortage() -> str:
     if not settings.MIN_FREE_MB:
         return ""
     try:
-        free = storage.free_bytes()
+        place, free = storage.media_free_bytes()
     except OSError as exc:
         # Not knowing is no reason to stop: writing the archive reports a full disk anyway.
         logger.warning("cannot read the free space of %s: %s", settings.MEDIA_ROOT, exc)
         return ""
     if free >= settings.MIN_FREE_MB * 1024 * 1024:
         return ""
+    where = "MEDIA_ROOT" if place == Path(settings.MEDIA_ROOT) else f"MEDIA_ROOT's {place.name}"
     return (
-        f"only {free / 1024 / 1024:.1f} MB free on the file system of MEDIA_ROOT "
-        f"({settings.MEDIA_ROOT}), below MIN_FREE_MB ({settings.MIN_FREE_MB} MB): nothing "
+        f"only {free / 1024 / 1024:.1f} MB free on the file system of {where} "
+        f"({place}), below MIN_FREE_MB ({settings.MIN_FREE_MB} MB): nothing "
         "was claimed; the files wait in the folder until space is freed"
     )
 

@@ -545,3 +545,39 @@ def test_sweep_on_a_nearly_full_disk_claims_nothing_and_says_why(
     assert claimed.sweep.status == Sweep.Status.DONE
     assert claimed.sweep.claimed == 1
     assert Image.objects.get().name == "photo.jpg"
+
+
+@pytest.fixture
+def small_archives_disk(folders):
+    """A real 4 MB file system mounted as MEDIA_ROOT/archives only (needs root)."""
+    archives = folders["media"] / "archives"
+    archives.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(archives)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield archives
+    subprocess.run(["umount", str(archives)], check=True)
+
+
+def test_sweep_is_held_back_when_an_area_on_a_disk_of_its_own_is_nearly_full(
+    folders, drop, settings, small_archives_disk
+):
+    # MEDIA_ROOT itself has room: the zips, on their own disk, would fail one after another.
+    settings.MIN_FREE_MB = 2
+    (small_archives_disk / "filler").write_bytes(b"\0" * (3 * 1024 * 1024))
+    assert storage.free_bytes() >= 2 * 1024 * 1024
+    photo = drop(folders["watch"], "photo.jpg")
+
+    held = sweeper.sweep_folder(str(folders["watch"]), None)
+    assert (held.sweep.status, held.sweep.claimed, held.to_queue) == (Sweep.Status.HELD, 0, [])
+    assert f"of MEDIA_ROOT's archives ({small_archives_disk})" in held.sweep.error
+    assert "below MIN_FREE_MB (2 MB): nothing was claimed" in held.sweep.error
+    assert not Image.objects.exists()
+    assert photo.is_file()
+
+    (small_archives_disk / "filler").unlink()
+    assert sweeper.sweep_folder(str(folders["watch"]), None).sweep.claimed == 1
