@@ -10,6 +10,10 @@ A Linux inotify watch on WATCH_FOLDER and every folder below it.
   ctime and mtime as the periodic sweep does. So does a renamed file, as a second chance
   (the first sweep may have found the folder held by another).
 
+The watched folder deleted or moved away is watched again once a folder is back in its
+place, and a queue overflow walks the tree again for the folders made meanwhile: otherwise
+the watch would stay deaf until beat restarts.
+
 Polling stays the guarantee: a network share sends no events for other hosts' writes, a
 queue overflow loses events, and a watch can fail (too many folders for
 fs.inotify.max_user_watches). The periodic sweep finds whatever the watch missed. Measured
@@ -40,14 +44,16 @@ IN_MODIFY = 0x00000002
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
+IN_MOVE_SELF = 0x00000800
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
 IN_ISDIR = 0x40000000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
-# Writes done, files renamed in, folders made (to watch them too).
-WATCHED_EVENTS = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_ONLYDIR
+# Writes done, files renamed in, folders made (to watch them too), a folder moved away (the
+# watched folder itself: a new one may be made in its place).
+WATCHED_EVENTS = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_MOVE_SELF | IN_ONLYDIR
 _EVENT = struct.Struct("iIII")
 # A sweep's settle check compares whole nanoseconds of two clocks read apart: leave a margin.
 SETTLE_MARGIN = 0.05
@@ -80,6 +86,9 @@ class Inotify:
         self.fd = fd
         self.root = root
         self.folders: dict[int, Path] = {}
+        # The watch on the root itself; None while the root is missing (not made yet,
+        # deleted or moved away): it is watched again once a folder is there.
+        self.root_wd: int | None = None
         self.add_tree(root)
 
     def add_tree(self, top: Path) -> None:
@@ -112,10 +121,28 @@ class Inotify:
             logger.warning("cannot watch %s: %s", folder, os.strerror(code))
             return
         self.folders[wd] = folder
+        if folder == self.root:
+            self.root_wd = wd
+
+    def _forget_all(self) -> None:
+        """The root is gone: drop every watch (a folder moved away with it stays watched
+        otherwise), until a folder is there again."""
+        for wd in list(self.folders):
+            self._libc.inotify_rm_watch(self.fd, wd)
+        self.folders.clear()
+        self.root_wd = None
 
     def read(self, timeout: float) -> Events:
         """Wait up to `timeout` s for events, and tell what they mean."""
         events = Events()
+        if self.root_wd is None:
+            # The watched folder was missing: watch it once it is back, and sweep what a
+            # new one may hold already.
+            self.add_tree(self.root)
+            if self.root_wd is not None:
+                logger.info("watching %s again", self.root)
+                events.finished = True
+                return events
         ready, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
         if not ready:
             return events
@@ -124,14 +151,24 @@ class Inotify:
         except BlockingIOError:
             return events
         offset = 0
+        overflowed = False
         while offset + _EVENT.size <= len(data):
             wd, mask, _, length = _EVENT.unpack_from(data, offset)
             name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
             offset += _EVENT.size + length
             if mask & IN_Q_OVERFLOW:
                 events.finished = True
+                # Lost events may be folders made: walk the tree again (a folder watched
+                # already keeps its watch).
+                overflowed = True
+            elif wd == self.root_wd and mask & (IN_IGNORED | IN_MOVE_SELF):
+                logger.warning("%s is gone; watching it again once it is back", self.root)
+                self._forget_all()
+                events.finished = True
             elif mask & IN_IGNORED:
                 self.folders.pop(wd, None)
+            elif mask & IN_MOVE_SELF:
+                pass  # a subfolder moved: its new parent's IN_MOVED_TO says where, if inside
             elif mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO) and wd in self.folders:
                 # A folder made or moved in: watch it, and sweep for what it already holds.
                 self.add_tree(self.folders[wd] / os.fsdecode(name))
@@ -142,6 +179,8 @@ class Inotify:
                     arrival = _arrival(self.folders[wd] / os.fsdecode(name))
                     if arrival is not None:
                         events.arrived.append(arrival)
+        if overflowed and self.root_wd is not None:
+            self.add_tree(self.root)
         return events
 
     def close(self) -> None:

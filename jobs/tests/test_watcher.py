@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -241,6 +242,64 @@ def test_watch_never_enters_a_folder_swapped_for_a_link_before_its_event_is_read
         (outside / "a" / "x.jpg").write_bytes(b"pixels")
         assert not inotify.read(0.5).finished
         (watched / "made" / "y.jpg").write_bytes(b"pixels")
+        assert inotify.read(5).finished
+    finally:
+        inotify.close()
+
+
+def read_all(inotify: watcher.Inotify) -> watcher.Events:
+    """Every event waiting in the kernel's queue, read as one."""
+    seen = watcher.Events()
+    while True:
+        events = inotify.read(0.2)
+        if not (events.finished or events.arrived):
+            return seen
+        seen.finished |= events.finished
+        seen.arrived += events.arrived
+
+
+@pytest.mark.parametrize("gone", ["deleted", "moved away"])
+def test_watch_watches_the_folder_again_once_it_is_made_anew(tmp_path, gone):
+    watched = tmp_path / "watched"
+    (watched / "sub").mkdir(parents=True)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    inotify = watcher.Inotify(watched)
+    try:
+        if gone == "deleted":
+            shutil.rmtree(watched)
+        else:
+            watched.rename(tmp_path / "old")
+        assert read_all(inotify).finished
+        assert inotify.folders == {}
+        # Not back yet: nothing is watched, and nothing outside is.
+        assert not inotify.read(0.1).finished
+        (watched / "new").mkdir(parents=True)
+        # Back: swept for what it may hold, and watched with its folders again.
+        assert inotify.read(1).finished
+        assert sorted(inotify.folders.values()) == [watched, watched / "new"]
+        (staging / "photo.jpg").write_bytes(b"pixels")
+        os.rename(staging / "photo.jpg", watched / "new" / "photo.jpg")
+        arrived = read_all(inotify).arrived
+        assert arrived == [storage.Arrival.of((watched / "new" / "photo.jpg").lstat())]
+        if gone == "moved away":
+            (tmp_path / "old" / "sub" / "x.jpg").write_bytes(b"pixels")
+            assert not read_all(inotify).finished  # the old folder is no longer watched
+    finally:
+        inotify.close()
+
+
+def test_watch_follows_folders_made_while_its_queue_overflowed(tmp_path):
+    inotify = watcher.Inotify(tmp_path)
+    try:
+        # Two events a file (made, then written): more than the kernel's queue holds.
+        limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+        for index in range(limit // 2 + 100):
+            (tmp_path / f"{index}.jpg").write_bytes(b"")
+        (tmp_path / "holiday").mkdir()  # its event is lost
+        assert read_all(inotify).finished
+        assert tmp_path / "holiday" in inotify.folders.values()
+        (tmp_path / "holiday" / "photo.jpg").write_bytes(b"pixels")
         assert inotify.read(5).finished
     finally:
         inotify.close()
