@@ -58,6 +58,9 @@ NOTE_SUFFIX = ".error.txt"
 # Names a person or a program leaves while a file is still arriving, and system clutter.
 JUNK_PATTERNS = (".*", "~*", "*.part", "*.tmp", "*.crdownload", "*.download", "Thumbs.db")
 JUNK_DIRECTORIES = ("__MACOSX",)
+# What a browser writes a download into while it lasts. Firefox also saves the final name at
+# once, empty, and renames the partial file over it when done.
+PARTIAL_SUFFIXES = (".part", ".crdownload", ".download")
 MAX_NAME_BYTES = 200
 # The lengths of Image.name and Image.source_path.
 MAX_STORED_NAME = 1024
@@ -579,6 +582,7 @@ def _walk(
             except OSError as exc:
                 logger.warning("cannot list %s: %s", folder / relative, exc)
                 entries = []
+            names = {entry.name.casefold() for entry in entries}
             for entry in entries:
                 if is_junk(entry.name):
                     result.ignored += 1
@@ -591,6 +595,9 @@ def _walk(
                     try:
                         status = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
+                        continue
+                    if status.st_size == 0 and _downloading(entry.name, names):
+                        result.unstable += 1  # a placeholder: the download is still arriving
                         continue
                     yield (relative / entry.name).as_posix(), status
                 else:
@@ -618,6 +625,12 @@ def _walk(
             os.close(fd)
         for level, _, _ in stack:
             os.close(level)
+
+
+def _downloading(name: str, names: set[str]) -> bool:
+    """Whether a partial download of `name` sits beside it (`names`: casefolded)."""
+    folded = name.casefold()
+    return any(folded + suffix in names for suffix in PARTIAL_SUFFIXES)
 
 
 # --- Reading and moving originals ----------------------------------------------------------

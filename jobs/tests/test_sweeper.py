@@ -27,6 +27,8 @@ from jobs.broker import queue_length
 from jobs.models import Image, Sweep, SweepLock
 from project.celery import app as celery_app
 
+from .conftest import image_bytes
+
 pytestmark = pytest.mark.django_db
 
 
@@ -80,6 +82,25 @@ def test_scan_waits_for_a_copied_file_even_with_an_old_mtime(folders, drop):
     path = drop(folders["watch"], "copied.jpg")
     os.utime(path, (0, 0))
     assert storage.scan(folders["watch"], settle_seconds=60).unstable == 1
+
+
+def test_a_download_is_taken_once_and_whole_not_as_its_empty_placeholder(folders, drop):
+    # Firefox saves `photo.jpg` empty at once, writes `photo.jpg.part`, then renames it over.
+    placeholder = drop(folders["watch"], "photo.jpg", b"")
+    part = drop(folders["watch"], "photo.jpg.part", image_bytes()[:1000])
+    waiting = run(folders["watch"])
+    assert (waiting.sweep.claimed, waiting.sweep.unstable) == (0, 1)
+    part.write_bytes(image_bytes())
+    os.rename(part, placeholder)
+    done = run(folders["watch"])
+    assert done.sweep.claimed == 1
+    assert [(image.name, image.file_size) for image in Image.objects.all()] == [
+        ("photo.jpg", len(image_bytes()))
+    ]
+    # An empty file with no download beside it is still taken, and fails saying why.
+    drop(folders["watch"], "empty.jpg", b"")
+    drop(folders["watch"], "other.jpg.part", b"")
+    assert run(folders["watch"]).sweep.claimed == 1
 
 
 def test_scan_takes_a_settled_file_whose_mtime_is_in_the_future(folders, drop):
