@@ -289,10 +289,18 @@ def media_area(area: str) -> Path:
     return Path(settings.MEDIA_ROOT) / area
 
 
-def source_roots() -> list[Path]:
-    """Where an original may be read from: the watch roots, the upload area, and where
-    originals are kept (reprocessing reads them again; only we write there)."""
-    return [*map(Path, settings.WATCH_ROOTS), *map(media_area, (UPLOADS, ORIGINALS, FAILED))]
+def source_roots(path: Path) -> list[Path]:
+    """Where the original at `path` may be read from: the watch roots, or for a path in
+    MEDIA_ROOT the upload area and where originals are kept (reprocessing reads them again;
+    only we write there).
+
+    Never both: a watch root may hold MEDIA_ROOT, and walked from there (the outermost root
+    wins) an area that is a link to another disk would be refused.
+    """
+    media = Path(settings.MEDIA_ROOT)
+    if path.is_relative_to(media) or path.is_relative_to(media.resolve()):
+        return [media_area(area) for area in (UPLOADS, ORIGINALS, FAILED)]
+    return [Path(root) for root in settings.WATCH_ROOTS]
 
 
 def kept_roots() -> list[Path]:
@@ -645,7 +653,7 @@ def read_original(path: Path, claimed: FileIdentity | None, max_bytes: int) -> b
     ImageRejected when it is itself a link (symbolic or hard), not a regular file, or over
     max_bytes.
     """
-    with open_folder(path.parent, source_roots()) as folder:
+    with open_folder(path.parent, source_roots(path)) as folder:
         try:
             fd = folder.open_read(path.name)
         except OSError as exc:
@@ -690,7 +698,7 @@ def move_original(
     leads through a link or holds another file than the one claimed.
     """
     try:
-        origin = open_folder(source.parent, source_roots())
+        origin = open_folder(source.parent, source_roots(source))
     except FileNotFoundError:
         return destination if _kept_exists(destination) else None
     except NotBeneath:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import runner, storage, sweeper
+from jobs import runner, storage, sweeper, uploads
 from jobs.models import Image
 from jobs.storage import atomic_file
 from jobs.tasks import sweep_folder
@@ -395,6 +395,33 @@ def test_a_hard_link_failed_across_file_systems_stays_in_the_folder_unread(
     assert os.path.samefile(link, outside / "x.jpg")
     assert not [path for path in failed_on_another_disk.rglob("*") if path.is_file()]
     assert untouched(outside / "x.jpg") == before
+
+
+class Upload:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def chunks(self):
+        yield self.data
+
+
+@pytest.mark.django_db
+def test_areas_linked_to_another_disk_are_read_under_a_watch_root_holding_media_root(
+    folders, settings, tmp_path, django_user_model
+):
+    # Both allowed: a watch root may hold MEDIA_ROOT, an area may be a link to another disk.
+    settings.WATCH_ROOTS = [folders["watch"], tmp_path]
+    for area in (storage.UPLOADS, storage.ORIGINALS):
+        (tmp_path / "disk2" / area).mkdir(parents=True)
+        (folders["media"] / area).symlink_to(tmp_path / "disk2" / area)
+    saved = storage.save_uploads([("photo.jpg", Upload(image_bytes()))])
+    user = django_user_model.objects.create(username="alice")
+    _, ids = uploads.claim_uploads(saved, ["64x64"], user)
+    assert runner.process_image(ids[0]) == Image.Status.DONE, Image.objects.get().error
+    kept = Path(Image.objects.get().original_path)
+    assert kept.is_relative_to(folders["media"] / storage.ORIGINALS)
+    # Read again, as reprocessing does.
+    assert storage.read_original(kept, None, max_bytes=10**9) == image_bytes()
 
 
 # --- Archives ---------------------------------------------------------------------------------
