@@ -485,6 +485,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": max(3600, IMAGE_TIME_LIMIT * 10),
     # Every Redis key of this instance (queues, unacked messages, bindings) starts with it.
     "global_keyprefix": f"{INSTANCE}:",
+    # A Redis that stops answering without closing the connection (frozen, failed over, a
+    # dropped route) would hold a publish forever: an upload's request, a sweep's queueing.
+    "socket_timeout": 5,
 }
 # Queues of our own, so a broker shared with another Celery app or another instance mixes no
 # messages, and sweeps never wait behind a backlog of images (a worker serves both queues).

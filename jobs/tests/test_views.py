@@ -7,7 +7,11 @@ integration and browser tests.
 from __future__ import annotations
 
 import io
+import os
 import secrets
+import signal
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -256,6 +260,27 @@ def test_image_status_answers_with_the_broker_down(client, folders, alice, broke
     broker.stop()
     assert client.get(reverse("jobs:image-status", args=[image_id])).status_code == 200
     assert client.get(body["status_url"]).status_code == 200
+
+
+def test_upload_answers_while_the_broker_hangs(
+    client, folders, alice, broker, django_capture_on_commit_callbacks
+):
+    """A Redis that stops answering but keeps its connections (frozen, failed over) must not
+    hold the upload's request: it stands, and jobs.recover queues it later."""
+    os.kill(broker.pid, signal.SIGSTOP)
+    # Thaws it in any case, so that a request held forever still ends the test.
+    thaw = threading.Timer(30, os.kill, (broker.pid, signal.SIGCONT))
+    thaw.start()
+    started = time.monotonic()
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            body = upload(client, named("a.jpg", image_bytes()))
+    finally:
+        thaw.cancel()
+        os.kill(broker.pid, signal.SIGCONT)
+    assert body["status"] == 201
+    assert time.monotonic() - started < 15
+    assert Image.objects.get(id=body["sweep"]["images"][0]["id"]).status == Image.Status.PENDING
 
 
 def test_upload_records_exactly_the_files_it_saved(client, folders, alice):
