@@ -5,8 +5,9 @@ reads `request.POST`, and the CSRF middleware does so before any view runs. So t
 are enforced ahead of that, in two places:
 
 - `BodyLimitMiddleware` judges a request by its headers alone. An upload from someone not
-  signed in (401), without a declared length (411) or declaring more than the upload limits
-  allow (413) is answered before a byte of its body is read; so is any other request whose
+  signed in (401), without a declared length (411), declaring more than the upload limits
+  allow (413) or sent while MEDIA_ROOT is below MIN_FREE_MB (507) is answered before a
+  byte of its body is read; so is any other request whose
   declared body is over Django's own limit for form data (no other view takes files).
 - `LimitedUploadHandler`, put first among an upload's handlers by the middleware, watches
   the body while it is parsed: a file that grows past UPLOAD_MAX_BYTES is dropped at the
@@ -26,6 +27,8 @@ from django.core.files.uploadhandler import FileUploadHandler, SkipFile, StopUpl
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse, QueryDict
 from django.template.defaultfilters import filesizeformat
 from django.utils.datastructures import MultiValueDict
+
+from .sweeper import space_shortage
 
 # Room for the multipart framing of every part (boundaries, part headers) and the small
 # fields beside the files; generous, since what matters is the bound, not its exactness.
@@ -201,6 +204,15 @@ class BodyLimitMiddleware:
         limit = upload_body_limit()
         if length > limit:
             return upload_refused(too_large(length, limit), 413, "too_large")
+        if space_shortage():
+            # An upload is a sweep: below MIN_FREE_MB it claims nothing, and its body would
+            # only fill the disk further. The shortage's own text names server paths.
+            return upload_refused(
+                "The server is short of disk space (below MIN_FREE_MB): uploads are refused "
+                "until space is freed.",
+                507,
+                "insufficient_storage",
+            )
         request.upload_handlers.insert(
             0,
             LimitedUploadHandler(

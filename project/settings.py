@@ -389,8 +389,8 @@ IDLE_SWEEP_DAYS = envint("IDLE_SWEEP_DAYS", "7", minimum=1, maximum=MAX_DAYS)
 # image's record stays); 0 keeps them forever.
 KEEP_ORIGINALS_DAYS = envint("KEEP_ORIGINALS_DAYS", "0", maximum=MAX_DAYS)
 KEEP_ARCHIVES_DAYS = envint("KEEP_ARCHIVES_DAYS", "0", maximum=MAX_DAYS)
-# Below this much free space where MEDIA_ROOT lives, sweeps claim nothing and say why, and
-# /healthz reports the disk (MEDIA_ROOT's or a watch folder's).
+# Below this much free space where MEDIA_ROOT lives, sweeps claim nothing and say why,
+# uploads are refused (507), and /healthz reports the disk (MEDIA_ROOT's or a watch folder's).
 MIN_FREE_MB = envint("MIN_FREE_MB", "500")
 UPLOAD_MAX_FILES = envint("UPLOAD_MAX_FILES", "20", minimum=1)
 # No more than a worker reads (MAX_IMAGE_BYTES): a larger upload would be taken, then fail.

@@ -21,7 +21,7 @@ from django.core.files.uploadhandler import FileUploadHandler, TemporaryFileUplo
 from django.http.multipartparser import MultiPartParser
 from django.urls import reverse
 
-from jobs.models import Image
+from jobs.models import Image, Sweep
 from jobs.upload_limits import MULTIPART_OVERHEAD, LimitedUploadHandler
 
 from .browser import start_web
@@ -187,6 +187,26 @@ def test_body_limit_middleware_refuses_a_large_body_for_any_other_view(client, s
     )
     assert response.status_code == 413
     assert response["Content-Type"] == "text/plain"
+
+
+@pytest.mark.django_db
+def test_body_limit_middleware_refuses_an_upload_while_media_root_is_short_of_space(
+    client, folders, settings, temp_dir
+):
+    settings.MIN_FREE_MB = 10**9  # more than any disk here
+    client.force_login(User.objects.create_user("alice"))
+    response = client.post(
+        reverse("jobs:upload"), multipart(("a.jpg", image_bytes())), content_type=MULTIPART
+    )
+    assert response.status_code == 507
+    error = response.json()["errors"]["images"][0]
+    assert error["code"] == "insufficient_storage"
+    assert "MIN_FREE_MB" in error["message"]
+    assert str(folders["media"]) not in error["message"]
+    assert not Sweep.objects.exists()
+    assert not Image.objects.exists()
+    assert list(temp_dir.iterdir()) == []
+    assert not (folders["media"] / "uploads").exists()
 
 
 @pytest.mark.django_db
