@@ -23,11 +23,17 @@ logger = logging.getLogger(__name__)
 def archive_holder(image: Image) -> Image | None:
     """The image whose archive holds this image's zip: itself, or the first of a duplicate.
 
-    An image being reprocessed, or whose reprocess failed, still has its earlier archive.
+    An image being reprocessed, or whose reprocess failed, still has its earlier archive. A
+    duplicate whose first's zip retention deleted has none: the first is done without one.
     """
     if image.status == Image.Status.DUPLICATE:
         first = image.duplicate_of
-        if first and first.status == Image.Status.DONE and first.sizes_key == image.sizes_key:
+        if (
+            first
+            and first.status == Image.Status.DONE
+            and first.archive
+            and first.sizes_key == image.sizes_key
+        ):
             return first
         return None
     return image if image.archive else None

@@ -421,9 +421,12 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         form_url: str = "",
         extra_context: dict | None = None,
     ) -> Any:
+        image = self.get_object(request, object_id) if object_id else None
         extra_context = {
             **(extra_context or {}),
             "can_reprocess": self.has_reprocess_permission(request),
+            # A failed or waiting image, or one whose zip retention deleted, has none to offer.
+            "has_zip": image is not None and archive_holder(image) is not None,
         }
         return super().changeform_view(request, object_id, form_url, extra_context)
 

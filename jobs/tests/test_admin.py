@@ -74,6 +74,7 @@ def test_image_change_page_shows_a_failure_in_full(admin_client, processed):
     page = admin_client.get(reverse("admin:jobs_image_change", args=[broken.id])).content.decode()
     assert '<pre class="parroter-error">' in page
     assert "not an image" in page
+    assert reverse("jobs:archive", args=[broken.id]) not in page  # it has no zip
 
 
 def test_thumbnails_are_served_to_staff_only(client, admin_client, processed, django_user_model):

@@ -6,6 +6,7 @@ integration and browser tests.
 
 from __future__ import annotations
 
+import datetime
 import io
 import os
 import secrets
@@ -20,9 +21,10 @@ from django.contrib.auth.models import User
 from django.db import IntegrityError, connection
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 from PIL import Image as PILImage
 
-from jobs import runner, views
+from jobs import retention, runner, views
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep
 from jobs.sweeper import recover_unswept
@@ -234,6 +236,28 @@ def test_duplicate_upload_downloads_the_first_zip_under_its_own_name(client, fol
         assert sorted(zipped.namelist()) == ["mine.jpg", "mine_50x33.jpg"]
         assert zipped.read("mine.jpg") == photo
     assert client.get(data["thumbnails"][0]["url"]).status_code == 200
+
+
+def test_duplicate_whose_first_zip_retention_deleted_links_to_no_zip(
+    client, folders, alice, settings, admin_client
+):
+    photo = image_bytes((300, 200))
+    first = upload(client, named("first.jpg", photo), sizes="50x50")
+    process_all([first["sweep"]["images"][0]["id"]])
+    second = upload(client, named("second.jpg", photo), sizes="50x50")
+    image_id = second["sweep"]["images"][0]["id"]
+    process_all([image_id])
+    settings.KEEP_ARCHIVES_DAYS = 1
+    later = timezone.now() + datetime.timedelta(days=3)
+    assert retention.apply_retention(now=later).archives == 1
+
+    data = client.get(reverse("jobs:image-status", args=[image_id])).json()
+    assert data["status"] == "duplicate"
+    assert (data["archive_url"], data["preview_url"], data["thumbnails"]) == (None, None, [])
+    assert client.get(reverse("jobs:archive", args=[image_id])).status_code == 404
+    page = admin_client.get(reverse("admin:jobs_image_change", args=[image_id])).content.decode()
+    assert reverse("jobs:archive", args=[image_id]) not in page
+    assert f"/images/{image_id}/thumbnails/" not in page
 
 
 def test_image_status_never_publishes_and_recovery_requeues_a_lost_upload(
