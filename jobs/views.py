@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import mimetypes
 import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -53,6 +54,7 @@ LOGIN_URL = "jobs:login"
 RECENT_UPLOADS = 30
 # Finished files do not change under a URL that carries their version; cache them privately.
 FILE_CACHE = "private, max-age=86400"
+COPY_CHUNK = 1024 * 1024
 
 
 # --- Who sees what ----------------------------------------------------------------------
@@ -130,7 +132,12 @@ def renamed_zip(archive: BinaryIO, old_stem: str, new_stem: str) -> Any:
             name = info.filename
             if name.startswith(old_stem):
                 name = new_stem + name[len(old_stem) :]
-            out.writestr(name, source.read(info))
+            copy = zipfile.ZipInfo(name, info.date_time)
+            copy.external_attr = info.external_attr
+            copy.file_size = info.file_size  # tells zipfile whether the member needs ZIP64
+            # Member by member, a chunk at a time: an original may be UPLOAD_MAX_BYTES.
+            with source.open(info) as member, out.open(copy, "w") as target:
+                shutil.copyfileobj(member, target, COPY_CHUNK)
     spool.seek(0)
     return spool
 

@@ -13,6 +13,7 @@ import secrets
 import signal
 import threading
 import time
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -236,6 +237,29 @@ def test_duplicate_upload_downloads_the_first_zip_under_its_own_name(client, fol
         assert sorted(zipped.namelist()) == ["mine.jpg", "mine_50x33.jpg"]
         assert zipped.read("mine.jpg") == photo
     assert client.get(data["thumbnails"][0]["url"]).status_code == 200
+
+
+def test_duplicate_download_never_holds_a_whole_original_in_memory(client, folders, alice):
+    buffer = io.BytesIO()
+    noise = PILImage.frombytes("RGB", (2900, 2900), os.urandom(2900 * 2900 * 3))
+    noise.save(buffer, "PNG", compress_level=0)
+    big = buffer.getvalue()  # about 25 MB, over the 16 MB the renamed zip keeps in memory
+    first = upload(client, named("theirs.png", big), sizes="64x64")
+    process_all([first["sweep"]["images"][0]["id"]])
+    second = upload(client, named("mine.png", big), sizes="64x64")
+    image_id = second["sweep"]["images"][0]["id"]
+    process_all([image_id])
+
+    tracemalloc.start()
+    try:
+        response = client.get(reverse("jobs:archive", args=[image_id]))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    with zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))) as zipped:
+        assert zipped.read("mine.png") == big
+    response.close()
+    assert peak < len(big)
 
 
 def test_duplicate_whose_first_zip_retention_deleted_links_to_no_zip(
