@@ -361,7 +361,8 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
         if result.queued:
             queued = result.queued
             uploaded = {image.id for image in images if image.source == Image.Source.UPLOAD}
-            transaction.on_commit(lambda: queue_images(queued, uploaded=uploaded))
+            # Robust: with the broker down they stand as pending; jobs.recover requeues them.
+            transaction.on_commit(lambda: queue_images(queued, uploaded=uploaded), robust=True)
             self.message_user(
                 request,
                 f"{len(queued)} image(s) queued again"

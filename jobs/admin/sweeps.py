@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import uuid4
 
+import kombu.exceptions
 from django.conf import settings
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
@@ -221,10 +222,20 @@ class SweepAdmin(RecordAdminMixin, admin.ModelAdmin):
             if form.is_valid():
                 task_id = str(uuid4())
                 data = form.cleaned_data
-                sweep_folder.apply_async(
-                    kwargs={"folder": data["folder"], "sizes": data["sizes"]}, task_id=task_id
-                )
-                return HttpResponseRedirect(reverse("admin:jobs_sweep_progress", args=[task_id]))
+                try:
+                    sweep_folder.apply_async(
+                        kwargs={"folder": data["folder"], "sizes": data["sizes"]}, task_id=task_id
+                    )
+                except kombu.exceptions.OperationalError as exc:
+                    form.add_error(
+                        None,
+                        f"The broker does not answer ({exc}): no sweep was sent. "
+                        "Try again once it is back.",
+                    )
+                else:
+                    return HttpResponseRedirect(
+                        reverse("admin:jobs_sweep_progress", args=[task_id])
+                    )
         else:
             form = SweepNowForm(
                 initial={

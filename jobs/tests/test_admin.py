@@ -300,6 +300,29 @@ def test_sweep_now_prefills_defaults_and_sends_a_sweep(admin_client, folders, br
     assert "Waiting for a worker" in admin_client.get(response.url).content.decode()
 
 
+def test_sweep_now_with_the_broker_down_says_so_on_the_form(admin_client, folders, broker):
+    broker.stop()
+    response = admin_client.post(
+        reverse("admin:jobs_sweep_now"), {"folder": str(folders["other"]), "sizes": "64x64"}
+    )
+    assert response.status_code == 200
+    assert "The broker does not answer" in response.content.decode()
+
+
+def test_reprocess_with_the_broker_down_stands_for_recovery(
+    admin_client, processed, broker, django_capture_on_commit_callbacks
+):
+    broker.stop()
+    photo = processed["photo.jpg"]
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(
+            reverse("admin:jobs_image_reprocess"), {"ids": str(photo.id), "sizes": "100x100"}
+        )
+    assert response.status_code == 302
+    photo.refresh_from_db()
+    assert (photo.status, photo.sizes) == (Image.Status.PENDING, ["100x100"])
+
+
 def test_periodic_task_form_writes_sweep_kwargs(admin_client, folders, every_second):
     response = admin_client.post(
         reverse("admin:django_celery_beat_periodictask_add"),
