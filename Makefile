@@ -24,7 +24,7 @@ $(DEV_STAMP): requirements.txt requirements-dev.txt | $(BIN)/python
 # Clears what a killed previous run left, migrates, finds the broker (starts Redis when none is
 # configured or reachable), then web + worker + beat in the foreground.
 run: $(RUNTIME_STAMP)
-	$(BIN)/python manage.py run
+	$(BIN)/python manage.py run --with-parent
 
 test: $(DEV_STAMP)
 	$(BIN)/ruff check .

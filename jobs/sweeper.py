@@ -252,7 +252,23 @@ def is_idle(outcome: SweepOutcome) -> bool:
         return False
     if sweep.status not in (Sweep.Status.DONE, Sweep.Status.SKIPPED):
         return False
-    return not (sweep.claimed or sweep.requeued or outcome.settled or sweep.error)
+    if sweep.claimed or sweep.requeued or outcome.settled:
+        return False
+    # A note (names left in place) that this schedule's last record of the folder gave
+    # already is no news: told once, not every interval for as long as the files stay.
+    return not sweep.error or sweep.error == _last_note(sweep)
+
+
+def _last_note(sweep: Sweep) -> str | None:
+    return (
+        Sweep.objects.filter(
+            trigger=Sweep.Trigger.SCHEDULE, schedule_name=sweep.schedule_name, folder=sweep.folder
+        )
+        .exclude(pk=sweep.pk)
+        .order_by("-id")
+        .values_list("error", flat=True)
+        .first()
+    )
 
 
 def _note_activity(outcome: SweepOutcome) -> None:

@@ -57,6 +57,28 @@ def test_sweep_folder_of_a_schedule_that_claims_is_recorded_as_its_last_find(fol
 
 
 @pytest.mark.django_db
+def test_a_schedule_tells_of_names_left_in_place_once_not_every_sweep(folders, drop):
+    bad = os.fsencode(folders["watch"]) + b"/caf\xe9.jpg"
+    with open(bad, "wb") as handle:
+        handle.write(b"latin-1 name")
+    told = scheduled(folders["watch"])
+    assert told.recorded
+    assert "caf\\xe9.jpg" in told.sweep.error
+    # The same note again, with another schedule's sweeps of the folder in between.
+    scheduled(folders["watch"], name="another")
+    assert not scheduled(folders["watch"]).recorded
+    assert not scheduled(folders["watch"]).recorded
+    # A new file claimed is news, told with the note; a second name left, a new note.
+    drop(folders["watch"], "good.jpg")
+    assert scheduled(folders["watch"]).recorded
+    with open(os.fsencode(folders["watch"]) + b"/na\xefve.jpg", "wb") as handle:
+        handle.write(b"another")
+    assert scheduled(folders["watch"]).recorded
+    assert not scheduled(folders["watch"]).recorded
+    assert Sweep.objects.filter(schedule_name="every second").count() == 3
+
+
+@pytest.mark.django_db
 def test_sweep_folder_of_a_schedule_that_only_repairs_is_recorded(folders, drop, settings):
     drop(folders["watch"], "a.jpg")
     claimed = scheduled(folders["watch"]).sweep

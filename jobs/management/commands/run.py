@@ -68,6 +68,15 @@ class Command(BaseCommand):
             ),
         )
         parser.add_argument(
+            "--with-parent",
+            action="store_true",
+            help=(
+                "Stop once the process that started this one is gone (`make run` passes it, "
+                "so that make killed outright takes its run along); without it a run started "
+                "with nohup outlives its shell."
+            ),
+        )
+        parser.add_argument(
             "--celery-app",
             default="project",
             help="Celery app module for the worker and beat (default: project).",
@@ -80,6 +89,7 @@ class Command(BaseCommand):
         no_web: bool,
         no_beat: bool,
         only: list[str] | None,
+        with_parent: bool,
         celery_app: str,
         **options: object,
     ) -> None:
@@ -94,7 +104,9 @@ class Command(BaseCommand):
             roles = [role for role in roles if not (role == "beat" and no_beat)]
         previous = {signum: signal.signal(signum, self.on_signal) for signum in STOP_SIGNALS}
         try:
-            self.run(port=port, roles=roles, joining=bool(only), app=celery_app)
+            self.run(
+                port=port, roles=roles, joining=bool(only), app=celery_app, with_parent=with_parent
+            )
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -122,7 +134,9 @@ class Command(BaseCommand):
             self.stdout.write(f"{name:<6} | {text}")
             self.stdout.flush()
 
-    def run(self, *, port: int, roles: list[str], joining: bool, app: str) -> None:
+    def run(
+        self, *, port: int, roles: list[str], joining: bool, app: str, with_parent: bool = False
+    ) -> None:
         """Run `roles`; `joining`: only those, against a broker and database already set up."""
         suffix = "." + "-".join(roles) if joining else ""
         pid_file = Path(settings.RUN_DIR) / f"{settings.INSTANCE}{suffix}.pid"
@@ -140,7 +154,7 @@ class Command(BaseCommand):
         # Every process started from here on carries it, and so do their children.
         os.environ[RUN_MARKER] = record.marker
         write_record(pid_file, record)
-        if not joining:
+        if with_parent:
             threading.Thread(
                 target=self.stop_when_orphaned, args=(record.parent,), daemon=True
             ).start()
