@@ -11,7 +11,6 @@ import functools
 import hmac
 import ipaddress
 import logging
-import mimetypes
 import re
 import shutil
 import tempfile
@@ -44,7 +43,7 @@ from .archives import archive_holder, sorted_thumbnails, thumbnail_member
 from .forms import UploadForm, default_sizes
 from .links import preview_url, sweep_images_url, thumbnail_url
 from .models import Image, Sweep
-from .pipeline import safe_stem
+from .pipeline import EXTENSIONS, safe_stem
 from .tasks import queue_images
 from .upload_limits import accepts_uploads, upload_handler_of, upload_refused
 
@@ -142,6 +141,11 @@ def renamed_zip(archive: BinaryIO, old_stem: str, new_stem: str) -> Any:
     return spool
 
 
+# Every suffix the pipeline writes a thumbnail under. Not `mimetypes`: without the host's
+# /etc/mime.types, Python 3.11 knows neither WebP nor AVIF.
+THUMBNAIL_TYPES = {suffix: f"image/{name.lower()}" for name, suffix in EXTENSIONS.items()}
+
+
 @login_required(login_url=LOGIN_URL)
 @require_GET
 def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
@@ -157,7 +161,7 @@ def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
     except (zipfile.BadZipFile, OSError) as exc:
         logger.warning("cannot read %s: %s", holder.archive, exc)
         raise Http404("archive unreadable") from None
-    response = HttpResponse(data, content_type=mimetypes.guess_type(member)[0] or "image/png")
+    response = HttpResponse(data, content_type=THUMBNAIL_TYPES[Path(member).suffix.lower()])
     response["Cache-Control"] = FILE_CACHE
     return response
 

@@ -225,6 +225,16 @@ def test_upload_page_uploads_two_images_and_offers_their_zips(system, folders, t
         page.wait_for_selector("#form-errors:not([hidden])")
         assert "notes.txt: not an image" in page.inner_text("#form-errors")
 
+        # Signed out meanwhile (another tab, an expired session): the page says what to do.
+        page.context.clear_cookies()
+        page.set_input_files(
+            "#id_images", files=[{"name": "late.jpg", "mimeType": "image/jpeg", "buffer": photo}]
+        )
+        page.click("#upload-button")
+        page.wait_for_function(
+            "() => document.querySelector('#form-errors').innerText.includes('sign in again')"
+        )
+
     uploads = Image.objects.filter(source=Image.Source.UPLOAD)
     assert uploads.count() == 2
     assert {image.uploaded_by.username for image in uploads} == {"uploader"}

@@ -172,6 +172,21 @@ def test_upload_rejects_bad_sizes(client, folders, alice):
     assert "not a size like 128x128" in body["errors"]["sizes"][0]["message"]
 
 
+@pytest.mark.parametrize(("preset", "served"), [("webp", "image/webp"), ("avif", "image/avif")])
+def test_thumbnails_are_served_as_their_format(client, folders, alice, preset, served):
+    response = client.post(
+        reverse("jobs:upload"),
+        {"images": [named("photo.jpg", image_bytes())], "sizes": "64x64", "format": preset},
+    )
+    assert response.status_code == 201, response.content
+    status_url = response.json()["status_url"]
+    process_all([image["id"] for image in response.json()["sweep"]["images"]])
+    (image,) = client.get(status_url).json()["images"]
+    thumb = client.get(image["thumbnails"][0]["url"])
+    assert thumb["Content-Type"] == served
+    assert PILImage.open(io.BytesIO(thumb.content)).format == preset.upper()
+
+
 def test_sweep_status_follows_uploads_to_done_with_zip_and_thumbnails(client, folders, alice):
     body = upload(client, named("photo.jpg", image_bytes((400, 300))), sizes="64x64, 200x200")
     status_url = body["status_url"]

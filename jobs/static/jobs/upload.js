@@ -12,6 +12,10 @@
   const uploadBar = document.getElementById("upload-bar");
   const jobs = document.getElementById("jobs");
   const POLL_MS = 1000;
+  // 401: signed out meanwhile (logged out in another tab, the session expired); 403: the
+  // page's CSRF token is stale (signed in again elsewhere). Either way only a reload helps.
+  const SESSION_ENDED = "Your session has ended or this page is out of date: reload the page " +
+    "and sign in again.";
 
   function element(tag, attributes, ...children) {
     const node = document.createElement(tag);
@@ -129,6 +133,11 @@
         uploadBar.style.width = sweep.progress + "%";
         if (sweep.over) { button.disabled = false; progress.dataset.over = "true"; return; }
       } else {
+        if (response.status === 401 || response.status === 403) {
+          uploadState.textContent = SESSION_ENDED;
+          button.disabled = false;
+          return;
+        }
         uploadState.textContent = `Status unavailable (HTTP ${response.status}); retrying…`;
       }
     } catch (error) {
@@ -163,6 +172,9 @@
         progress.hidden = true;
         button.disabled = false;
         const messages = errorMessages(body);
+        if (!messages.length && (request.status === 401 || request.status === 403)) {
+          messages.push(SESSION_ENDED);
+        }
         showErrors(messages.length ? messages : [`Upload failed (HTTP ${request.status}).`]);
         return;
       }
