@@ -344,7 +344,9 @@ try:
     ]
 except ValueError as exc:
     raise ImproperlyConfigured(f"THUMBNAIL_SIZES: {exc}") from None
-JPEG_QUALITY = envint("JPEG_QUALITY", "85", minimum=1)
+# As a sweep's own quality (sweeper.MAX_QUALITY): above 95 Pillow's JPEGs grow much larger
+# for hardly any gain, and past 100 it clamps without a word.
+JPEG_QUALITY = envint("JPEG_QUALITY", "85", minimum=1, maximum=95)
 # The output preset of sweeps that do not choose one (the settings' sweep, uploads).
 # Thumbnails' format: same (the input's family; phone photos become JPEG), jpeg, webp, avif.
 THUMBNAIL_FORMAT = envstr("THUMBNAIL_FORMAT", "same").strip().lower() or "same"

@@ -62,6 +62,7 @@ def manage(*arguments: str, **environment: str) -> subprocess.CompletedProcess[s
         ("WEBHOOK_KEEP_DAYS", "1000000"),
         ("RESULT_EXPIRES_DAYS", "1000000"),
         ("UPLOAD_MAX_BYTES", str(200 * 1024 * 1024 + 1)),  # more than a worker reads
+        ("JPEG_QUALITY", "200"),  # a sweep's quality is 1 to 95; Pillow clamps past 100
     ],
 )
 def test_settings_bad_value_stops_start_up_with_one_line_naming_it(variable, value):
