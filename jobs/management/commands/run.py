@@ -217,7 +217,9 @@ class Command(BaseCommand):
                 supervisor.start()
                 if web:
                     self.say("run", f"admin: {admin_url(host, port)}")
-                self.say("run", f"watching {settings.WATCH_FOLDER}")
+                if "beat" in commands:
+                    # Beat's sweeps (and its inotify watch) are what watch the folder.
+                    self.say("run", f"watching {settings.WATCH_FOLDER}")
                 self.say("run", "press Ctrl-C to stop")
                 dead = supervisor.watch(lambda: self.stop_signal)
                 if dead is not None:
