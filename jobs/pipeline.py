@@ -144,6 +144,10 @@ WEBP_DECODER_BYTES = 13
 # load(), 6-24 MP: HEIC 3.4 (RGB) and 4.3 (RGBA), AVIF 5.2-5.3 bytes per pixel.
 HEIF_DECODER_BYTES = 5
 AVIF_DECODER_BYTES = 6
+# libavif and libaom encode a thumbnail (speed 8) through YUV planes, their frame buffers
+# and the bitstream. Measured, 1024-3840 px square: 17 bytes a pixel for grey, 19-29 for
+# RGB, 22-32 for RGBA, the most for noise at quality 100.
+AVIF_ENCODER_BYTES = 32
 # The largest side each output format can hold; a thumbnail over it is written as JPEG (PNG
 # with alpha) instead. WebP's is in its bitstream (14 bits); AV1's frame size is 16 bits.
 MAX_OUTPUT_EDGE = {"WEBP": 16383, "AVIF": 65536, "JPEG": 65535}
@@ -171,6 +175,13 @@ KEPT_EXIF_IFD_TAGS = (
 )
 _EXIF_IFD = 0x8769
 _GPS_IFD = 0x8825
+# The most EXIF a JPEG holds (one APP1 marker): kept metadata over it leaves out its longest
+# values, whatever the format, rather than failing the image.
+MAX_EXIF_BYTES = 65533
+# The largest colour profile thumbnails carry: what Pillow reads back from a PNG's iCCP
+# (PngImagePlugin.MAX_TEXT_CHUNK). Real ones are a few KB (matrix) to a few hundred (LUT); a
+# larger one (a TIFF's may be as large as the file) would be copied into every thumbnail.
+MAX_ICC_BYTES = 1 * MiB
 # Formats libvips decodes and shrinks to the first thumbnail when write_archive is asked to
 # (`libvips=True`), once Pillow has identified the file and checked its limits. WebP:
 # libwebp decodes straight to a reduced scale, Pillow only at full size. PNG: libspng
@@ -862,6 +873,9 @@ def _thumbnails(
     to_srgb = _wide_to_srgb(icc_profile, work_mode) if options.colour == "srgb" else None
     if to_srgb is not None:
         icc_profile = None  # converted: an untagged thumbnail is sRGB to every browser
+    oversized = icc_profile is not None and len(icc_profile) > MAX_ICC_BYTES
+    if oversized:
+        icc_profile = None
     try:
         first = _rotated(order[0][0], orientation)
         half, box = _first_pass(image, first, work_mode, libvips)
@@ -883,6 +897,8 @@ def _thumbnails(
             if to_srgb is not None:
                 thumbnail = cast(Image.Image, ImageCms.applyTransform(thumbnail, to_srgb))
                 thumbnail.info.pop("icc_profile", None)  # sRGB: said by saying nothing
+            if oversized:
+                thumbnail.info.pop("icc_profile", None)  # resizing copied it
             thumbnail = _output_mode(thumbnail, output_format, to_rgb)
             if orientation in _TRANSPOSE:
                 thumbnail = thumbnail.transpose(_TRANSPOSE[orientation])
@@ -1179,17 +1195,24 @@ def _kept_exif(image: Image.Image, options: EncodeOptions) -> bytes:
         return b""
     try:
         source = image.getexif()
-        kept = Image.Exif()
-        for tag in KEPT_EXIF_TAGS:
-            if tag in source:
-                kept[tag] = source[tag]
+        top = {tag: source[tag] for tag in KEPT_EXIF_TAGS if tag in source}
         details = source.get_ifd(_EXIF_IFD)
-        chosen = {tag: details[tag] for tag in KEPT_EXIF_IFD_TAGS if tag in details}
-        if chosen:
-            kept[_EXIF_IFD] = chosen
-        if options.gps and source.get_ifd(_GPS_IFD):
-            kept[_GPS_IFD] = dict(source.get_ifd(_GPS_IFD))
-        return kept.tobytes() if len(kept) else b""
+        ifds = {_EXIF_IFD: {tag: details[tag] for tag in KEPT_EXIF_IFD_TAGS if tag in details}}
+        if options.gps:
+            ifds[_GPS_IFD] = dict(source.get_ifd(_GPS_IFD))
+        # Longest last: the first to go when the block would be over MAX_EXIF_BYTES.
+        values = [(top, tag) for tag in top]
+        values += [(ifd, tag) for ifd in ifds.values() for tag in ifd]
+        values.sort(key=lambda place: len(repr(place[0][place[1]])))
+        while True:
+            kept = Image.Exif()
+            kept.update(top)
+            kept.update((tag, ifd) for tag, ifd in ifds.items() if ifd)
+            block = kept.tobytes() if len(kept) else b""
+            if len(block) <= MAX_EXIF_BYTES:
+                return block
+            values_of, tag = values.pop()
+            del values_of[tag]
     except _DECODE_ERRORS:
         return b""  # broken EXIF is no reason to refuse the image, and none is kept
 
@@ -1204,7 +1227,8 @@ def _kept_exif_before_decoding(image: Image.Image, options: EncodeOptions) -> by
 
 def _decode_failure(exc: BaseException) -> Exception:
     """What a decoder's error means: a codec out of memory, or a broken file."""
-    if "out of memory" in str(exc):
+    # Pillow's libtiff path gives its codec's status by number: -9 is IMAGING_CODEC_MEMORY.
+    if "out of memory" in str(exc) or str(exc) == "decoder error -9":
         return MemoryError(str(exc))
     return ImageRejected(f"cannot decode image (truncated or corrupt): {exc}")
 
@@ -1316,13 +1340,17 @@ def _decoder_bytes(image: Image.Image, decoded: tuple[int, int], data: bytes) ->
         # the file, which the decoder keeps a copy of.
         return width * height * (WEBP_DECODER_BYTES - WEBP_CANVAS_BYTES) + len(data)
     if image.format == "TIFF":
-        # libtiff reads a strip (or a row of tiles) into a buffer of its own, and a file
-        # may well hold the whole image in one strip.
+        # libtiff reads a strip, or a tile, into a buffer of its own, and a file may well
+        # hold the whole image in one strip. A tile is its own size, whatever the image's:
+        # measured, a 16x16 TIFF in one deflated 8192x8192 tile (195 KB) held 192 MB.
         tags = image.tag_v2  # type: ignore[attr-defined]
-        rows = tags.get(323) or tags.get(278) or height
         samples = tags.get(277) or 1
         bits = max(tags.get(258) or (8,))
-        return min(rows, height) * width * max(4, samples * -(-bits // 8))
+        pixel_bytes = max(4, samples * -(-bits // 8))
+        if tags.get(322) and tags.get(323):
+            return tags[322] * tags[323] * pixel_bytes
+        rows = tags.get(278) or height
+        return min(rows, height) * width * pixel_bytes
     if image.format == "HEIF":
         return width * height * HEIF_DECODER_BYTES + len(data)
     if image.format == "AVIF":
@@ -1443,6 +1471,8 @@ def _thumbnail_work(
         # an alpha plane is compressed losslessly, at a far higher cost. Measured, 3840 px
         # square: 5.6 bytes per pixel for RGB, 19.3 for RGBA.
         encoder = 20 if work_mode in _PREMULTIPLIED else 6
+    elif output_format == "AVIF":
+        encoder = AVIF_ENCODER_BYTES
     return pixels * max(converting, output_bytes + turned + encoder)
 
 

@@ -105,3 +105,36 @@ def avif(width: int, height: int, mode: str = "RGB") -> bytes:
     buffer = io.BytesIO()
     gradient(width, height, mode).save(buffer, "AVIF", quality=50, speed=10)
     return buffer.getvalue()
+
+
+def tiff_in_one_tile(width: int, height: int, tile: tuple[int, int]) -> bytes:
+    """A width x height RGBA TIFF held in one deflated tile of `tile` (multiples of 16):
+    tiny on disk, while libtiff decodes the whole tile into a buffer of its own."""
+    tile_width, tile_height = tile
+    if width > tile_width or height > tile_height:
+        raise ValueError("the image must fit its one tile")
+    pixels = zlib.compress(bytes(tile_width * tile_height * 4), 9)
+    bits_at = 8 + len(pixels)
+    ifd_at = bits_at + 8
+    entries = [
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 4, bits_at),  # 8 bits a sample, stored out of line
+        (259, 3, 1, 8),  # deflate
+        (262, 3, 1, 2),  # RGB
+        (277, 3, 1, 4),
+        (284, 3, 1, 1),  # contiguous samples
+        (322, 4, 1, tile_width),
+        (323, 4, 1, tile_height),
+        (324, 4, 1, 8),
+        (325, 4, 1, len(pixels)),
+        (338, 3, 1, 2),  # the fourth sample is unassociated alpha
+    ]
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        if kind == 3 and count == 1:
+            ifd += struct.pack("<HHIHH", tag, kind, count, value, 0)
+        else:
+            ifd += struct.pack("<HHII", tag, kind, count, value)
+    ifd += struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", ifd_at) + pixels + struct.pack("<4H", *[8] * 4) + ifd

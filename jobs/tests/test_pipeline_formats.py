@@ -218,6 +218,21 @@ def test_write_archive_keeps_a_wide_gamut_profile_when_asked():
     assert close_to(thumb.getpixel((32, 24)), PATCH, 4)
 
 
+@pytest.mark.parametrize("output", ["same", "jpeg", "webp"])
+def test_write_archive_leaves_out_a_colour_profile_too_large_to_carry(output):
+    # 2 MB said to be an RGB profile, in a TIFF of 300 KB: copied into each of 20 thumbnails
+    # it made a zip of 40 MB, and PNGs that Pillow refuses to open (over its 1 MB iCCP).
+    icc = bytearray(rgb_profile("Padded", DISPLAY_P3).ljust(2 * pipeline.MiB, b"\0"))
+    icc[:4] = len(icc).to_bytes(4, "big")
+    data = encoded(quadrants(500, 200), "TIFF", icc_profile=bytes(icc))
+    sizes = ",".join(f"{edge}x{edge}" for edge in range(20, 420, 20))
+    info, thumbs = archive(data, "big.tif", sizes, format=output, colour="keep")
+    assert len(thumbs) == 20
+    assert info.archive_bytes < 2 * len(data)
+    assert not any("icc_profile" in thumb.info for thumb in thumbs.values())
+    assert_upright_quadrants(next(iter(thumbs.values())))
+
+
 # --- fit --------------------------------------------------------------------------------
 
 COVER_SIZES = "128x128,200x100,64x96"
@@ -351,6 +366,19 @@ def test_write_archive_keeps_gps_only_when_asked():
     gps = thumb.getexif().get_ifd(0x8825)
     assert gps[1] == "N"
     assert gps[3] == "E"
+
+
+def test_write_archive_keeps_what_metadata_a_jpeg_can_hold():
+    # A JPEG holds 64 KB of EXIF: a 70 KB description made the image fail as unencodable.
+    exif = Image.Exif()
+    exif[0x010E] = "a very long caption " * 3500
+    exif[0x8298] = "(c) A. Photographer"
+    data = encoded(quadrants(300, 200), "PNG", exif=exif.tobytes())
+    _, thumbs = archive(data, "long.png", "128x128", format="jpeg", metadata="keep")
+    (thumb,) = thumbs.values()
+    kept = thumb.getexif()
+    assert kept[0x8298] == "(c) A. Photographer"
+    assert 0x010E not in kept
 
 
 # --- output format ----------------------------------------------------------------------

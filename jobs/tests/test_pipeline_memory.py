@@ -43,6 +43,7 @@ def status(key):
 data = Path(sys.argv[1]).read_bytes()
 sizes = pipeline.parse_sizes(sys.argv[2])
 libvips = sys.argv[3] == "libvips"
+options = pipeline.EncodeOptions(**json.loads(sys.argv[4]))
 limits = pipeline.Limits(max_pixels=10**9)
 for image_format in ("JPEG", "PNG", "WEBP"):  # code paged in before measuring
     buffer = io.BytesIO()
@@ -53,15 +54,16 @@ if libvips:  # as a pool process does (jobs/worker.py)
 held = pipeline.memory_in_use()
 with pipeline.open_image(data, limits) as image:
     opening = pipeline.memory_in_use() - held
-    estimate = pipeline.estimate_memory(image, sizes, data, libvips=libvips)
-    planned = pipeline._libvips_target(image, data, sizes, pipeline.EncodeOptions())
+    estimate = pipeline.estimate_memory(image, sizes, data, options, libvips=libvips)
+    planned = pipeline._libvips_target(image, data, sizes, options)
     if libvips and image.format in pipeline.LIBVIPS_FORMATS:
         assert planned is not None
         estimate = pipeline._libvips_estimate(image, planned[0], estimate)
 before = status("VmRSS")
 with tempfile.TemporaryFile() as out:
     pipeline.write_archive(
-        data, Path(sys.argv[1]).name, out, sizes, limits=limits, libvips=libvips
+        data, Path(sys.argv[1]).name, out, sizes, limits=limits, options=options,
+        libvips=libvips,
     )
 print(json.dumps({"estimate": opening + estimate.peak, "measured": status("VmHWM") - before}))
 """
@@ -80,11 +82,16 @@ def in_a_fresh_process(script: str, *args: str) -> subprocess.CompletedProcess[s
 
 
 def measure(
-    tmp_path: Path, name: str, data: bytes, sizes: str, decoder: str = "pillow"
+    tmp_path: Path,
+    name: str,
+    data: bytes,
+    sizes: str,
+    decoder: str = "pillow",
+    options: dict[str, object] | None = None,
 ) -> dict[str, int]:
     path = tmp_path / name
     path.write_bytes(data)
-    result = in_a_fresh_process(MEASURE, str(path), sizes, decoder)
+    result = in_a_fresh_process(MEASURE, str(path), sizes, decoder, json.dumps(options or {}))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -109,6 +116,11 @@ MEASURED = {
     "HEIC 6 MP": (lambda: big_images.heic(3000, 2000), LARGE),
     "HEIC with alpha 6 MP": (lambda: big_images.heic(3000, 2000, "RGBA"), LARGE),
     "AVIF 12 MP": (lambda: big_images.avif(4000, 3000), LARGE),
+    # 16x16 pixels, but libtiff decodes the one 4096x8192 tile they are in whole.
+    "TIFF of 16x16 in one 128 MB tile": (
+        lambda: big_images.tiff_in_one_tile(16, 16, (4096, 8192)),
+        LARGE,
+    ),
 }
 
 
@@ -143,6 +155,18 @@ LIBVIPS_MEASURED = {
     # Decoded by Pillow (a 1600x1200 draft), resized by libvips from a copy of it.
     "baseline JPEG 8 MP, drafted": (lambda: big_images.jpeg(3200, 2400), "1500x1500,512x512"),
 }
+
+
+@pytest.mark.parametrize(
+    ("make", "sizes"),
+    [
+        pytest.param(lambda: big_images.jpeg(2400, 2400), "2400x2400,512x512", id="JPEG"),
+        pytest.param(lambda: big_images.png(2000, 2000, "RGBA"), "2000x2000", id="RGBA PNG"),
+    ],
+)
+def test_estimate_memory_counts_what_the_avif_encoder_holds(make, sizes, tmp_path):
+    figures = measure(tmp_path, "input", make(), sizes, options={"format": "avif"})
+    assert figures["measured"] <= figures["estimate"]
 
 
 @pytest.mark.parametrize("case", LIBVIPS_MEASURED)
@@ -267,7 +291,10 @@ UNDER_LIMIT = r"""
 import io, resource, sys
 from jobs import pipeline
 from jobs.tests import big_images
-data = big_images.png(6000, 6000, "P")
+data = {
+    "PNG": lambda: big_images.png(6000, 6000, "P"),
+    "TIFF": lambda: big_images.tiff_in_one_tile(16, 16, (8192, 8192)),
+}[sys.argv[1]]()
 held = pipeline.memory_in_use()
 resource.setrlimit(resource.RLIMIT_DATA, (held + 96 * pipeline.MiB, resource.RLIM_INFINITY))
 try:
@@ -313,10 +340,12 @@ def test_a_large_webp_fits_a_budget_with_libvips_that_pillows_decode_does_not():
     assert "memory budget (WORKER_MEMORY_MB)" in with_pillow
 
 
-def test_write_archive_lets_a_memory_error_through_under_an_os_limit():
+@pytest.mark.parametrize("image_format", ["PNG", "TIFF"])
+def test_write_archive_lets_a_memory_error_through_under_an_os_limit(image_format):
     # Without a budget in its limits the pipeline decodes, and the OS limit stops it: the
-    # caller sees MemoryError (and records the budget), not a corrupt image.
-    result = in_a_fresh_process(UNDER_LIMIT)
+    # caller sees MemoryError (and records the budget), not a corrupt image. (libtiff's
+    # decoder, a TIFF's tile 256 MB here, says so by Pillow's codec status alone.)
+    result = in_a_fresh_process(UNDER_LIMIT, image_format)
     assert result.stdout.strip() == "MemoryError", result.stderr
 
 
