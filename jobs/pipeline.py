@@ -633,6 +633,9 @@ def estimate_memory(
             if boxes[fit] > 1:
                 # Stored under several names: its encoded bytes are kept meanwhile.
                 work += fit[0] * fit[1] * 4
+            if options.fit == "cover" and options.gravity == "attention":
+                # _crop looks for the busiest part on the whole image the cut is made from.
+                work = max(work, fit[0] * fit[1] * _attention_bytes(image.mode, work_mode))
             if index + 1 < len(fits):
                 work = max(work, _resize_bytes(fit, fits[index + 1], work_mode, libvips))
             thumbnails = max(thumbnails, source + work - opened)
@@ -1474,6 +1477,14 @@ def _thumbnail_work(
     elif output_format == "AVIF":
         encoder = AVIF_ENCODER_BYTES
     return pixels * max(converting, output_bytes + turned + encoder)
+
+
+def _attention_bytes(mode: str, work_mode: str) -> int:
+    """What _crop's search for the busiest part holds per pixel of the image it cuts: that
+    image in grey (through _to_8_bits' copies for 32-bit and float), and its edges."""
+    if work_mode in ("I", "F"):
+        return (5 if mode.startswith("I;16") else 9) + 1
+    return 2
 
 
 def _output_mode(

@@ -169,6 +169,14 @@ def test_estimate_memory_counts_what_the_avif_encoder_holds(make, sizes, tmp_pat
     assert figures["measured"] <= figures["estimate"]
 
 
+def test_estimate_memory_counts_where_attention_looks_for_the_busiest_part(tmp_path):
+    # Cut from the whole 30000x1500 panorama: its grey copy and edges are made to look.
+    data = big_images.png(30000, 1500, "L")
+    options = {"fit": "cover", "gravity": "attention"}
+    figures = measure(tmp_path, "input", data, "1500x1500,256x256", options=options)
+    assert figures["measured"] <= figures["estimate"]
+
+
 @pytest.mark.parametrize("case", LIBVIPS_MEASURED)
 def test_libvips_estimate_covers_the_peak_measured_in_a_fresh_process(case, tmp_path):
     pytest.importorskip("pyvips")
