@@ -409,7 +409,7 @@ def output_format_for(input_format: str | None, mode: str = "", requested: str =
     OUTPUT_FORMATS); a phone photo with alpha becomes PNG, since JPEG would lose it."""
     if requested != "same":
         return requested.upper()
-    if input_format in ("HEIF", "AVIF") and ("A" in mode or "a" in mode):
+    if input_format in ("HEIF", "AVIF") and has_alpha(mode):
         return "PNG"
     return OUTPUT_FORMATS.get(input_format or "", "PNG")
 
@@ -1320,7 +1320,13 @@ def _resizable_mode(mode: str, info: dict) -> str:
         return "LA"
     if mode.startswith("I;16"):
         return "I"
-    return "RGBA" if "A" in mode or "a" in mode else "RGB"
+    return "RGBA" if has_alpha(mode) else "RGB"
+
+
+def has_alpha(mode: str) -> bool:
+    """Whether a Pillow mode carries alpha: its last band, A or a (premultiplied). Not any
+    A in its name: LAB's A is a colour axis."""
+    return mode.endswith(("A", "a"))
 
 
 def _pixel_bytes(mode: str) -> int:

@@ -170,6 +170,19 @@ def test_write_archive_makes_a_png_colour_key_transparent(mode, key, output):
     assert opaque[3] == 255
 
 
+def test_write_archive_reads_a_lab_tiff_as_opaque_colour():
+    srgb_to_lab = ImageCms.buildTransform(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"
+    )
+    red = ImageCms.applyTransform(Image.new("RGB", (400, 200), (200, 30, 30)), srgb_to_lab)
+    assert red.mode == "LAB"
+    _, thumbs = archive(encoded(red, "TIFF"), "red.tif", "64x64")
+    (thumb,) = thumbs.values()
+    # LAB's A is a colour axis, not alpha.
+    assert thumb.mode == "RGB"
+    assert close_to(thumb.getpixel((32, 16)), (200, 30, 30))
+
+
 # --- colour -----------------------------------------------------------------------------
 
 
