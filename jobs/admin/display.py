@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.contrib import admin
+from django.db.models import Count
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
@@ -100,6 +104,32 @@ def options_text(options: dict[str, Any]) -> str:
     if not options:
         return f"defaults (JPEG_QUALITY, now {settings.JPEG_QUALITY}, for JPEG)"
     return ", ".join(f"{name} {value}" for name, value in sorted(options.items()))
+
+
+class GroupedFacetsFilter(admin.SimpleListFilter):
+    """A list filter whose facet counts come from one GROUP BY over `facet_fields`.
+
+    Django counts each choice of a filter in a subquery of its own, each a pass over the
+    table: with a year's history (200,000 images, 150 schedules) the images' list took
+    40 s on SQLite and 90 s on PostgreSQL to count its schedules. Grouped, it is one pass.
+    """
+
+    facet_fields: tuple[str, ...] = ()
+
+    def facet_choices(self, row: tuple) -> Iterable[str]:
+        """The choices that the rows of one group (`facet_fields`' values) count towards."""
+        raise NotImplementedError
+
+    def get_facet_queryset(self, changelist: Any) -> dict[str, int]:
+        filtered = changelist.get_queryset(
+            self.request, exclude_parameters=self.expected_parameters()
+        )
+        counts: Counter[str] = Counter()
+        groups = filtered.order_by().values_list(*self.facet_fields).annotate(n=Count("pk"))
+        for *row, number in groups:
+            for choice in self.facet_choices(tuple(row)):
+                counts[choice] += number
+        return {f"{i}__c": counts[str(value)] for i, (value, _) in enumerate(self.lookup_choices)}
 
 
 class ParroterAdminMixin:

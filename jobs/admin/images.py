@@ -6,6 +6,7 @@ duplicates outside the deletion still use is kept, with its image.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
@@ -27,6 +28,7 @@ from ..links import preview_url, thumbnail_url
 from ..models import Image, Sweep
 from ..tasks import queue_images
 from .display import (
+    GroupedFacetsFilter,
     RecordAdminMixin,
     badge,
     options_text,
@@ -39,11 +41,12 @@ from .display import (
 from .sweeps import schedule_names
 
 
-class ScheduleFilter(admin.SimpleListFilter):
+class ScheduleFilter(GroupedFacetsFilter):
     """The periodic task that swept an image, or how it came otherwise."""
 
     title = "schedule"
     parameter_name = "schedule"
+    facet_fields = ("sweep__schedule_name", "sweep__trigger", "source")
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
         names = schedule_names()
@@ -65,12 +68,22 @@ class ScheduleFilter(admin.SimpleListFilter):
             return queryset.filter(source=Image.Source.UPLOAD)
         return queryset
 
+    def facet_choices(self, row: tuple) -> Iterable[str]:
+        schedule_name, trigger, source = row
+        if schedule_name:
+            yield f"task:{schedule_name}"
+        if trigger == Sweep.Trigger.MANUAL:
+            yield "manual"
+        if source == Image.Source.UPLOAD:
+            yield "upload"
 
-class FormatFilter(admin.SimpleListFilter):
+
+class FormatFilter(GroupedFacetsFilter):
     """The format an image was read as; failed and duplicate images have none recorded."""
 
     title = "format"
     parameter_name = "format"
+    facet_fields = ("format",)
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
         formats = (
@@ -85,6 +98,9 @@ class FormatFilter(admin.SimpleListFilter):
         if self.value() == "none":
             return queryset.filter(format="")
         return queryset.filter(format=self.value()) if self.value() else queryset
+
+    def facet_choices(self, row: tuple) -> Iterable[str]:
+        return [row[0] or "none"]
 
 
 @admin.register(Image)

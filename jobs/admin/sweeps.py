@@ -6,6 +6,7 @@ record: their schedule counts them) and a sweep's outcome.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 from uuid import uuid4
 
@@ -26,6 +27,7 @@ from ..links import sweep_images_url
 from ..models import Sweep
 from ..tasks import SWEEP_TASK, sweep_folder
 from .display import (
+    GroupedFacetsFilter,
     RecordAdminMixin,
     badge,
     options_text,
@@ -48,11 +50,12 @@ def schedule_names() -> list[str]:
     )
 
 
-class SweepScheduleFilter(admin.SimpleListFilter):
+class SweepScheduleFilter(GroupedFacetsFilter):
     """The periodic task that sent a sweep (sweeps of no schedule are under "trigger")."""
 
     title = "schedule"
     parameter_name = "schedule_name"
+    facet_fields = ("schedule_name",)
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
         names = schedule_names()
@@ -60,6 +63,9 @@ class SweepScheduleFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Sweep]) -> QuerySet[Sweep]:
         return queryset.filter(schedule_name=self.value()) if self.value() else queryset
+
+    def facet_choices(self, row: tuple) -> Iterable[str]:
+        return [row[0]]
 
 
 class OutcomeFilter(admin.SimpleListFilter):

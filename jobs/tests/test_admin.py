@@ -11,6 +11,8 @@ import pytest
 from django.conf import settings
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.auth.models import Permission
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
@@ -21,7 +23,7 @@ from jobs.models import Image, Sweep
 from jobs.sweeper import recover_unswept
 from project.celery import app as celery_app
 
-from .conftest import image_bytes
+from .conftest import image_bytes, image_row
 
 pytestmark = pytest.mark.django_db
 
@@ -730,3 +732,67 @@ def test_delete_selected_counts_and_logs_only_the_images_it_deleted(
     assert "Successfully deleted 1 image." in shown
     assert list(Image.objects.values_list("name", flat=True)) == ["waiting.jpg"]
     assert LogEntry.objects.filter(action_flag=DELETION).count() == 1
+
+
+# --- A year of history: pages whose work must not grow with it
+
+
+def record_history(first: int, schedules: int) -> None:
+    """A sweep by each of `schedules` more schedules, each claiming an image of a format of
+    its own, and a manual sweep and an upload."""
+    for number in range(first, first + schedules):
+        sweep = Sweep.objects.create(
+            trigger=Sweep.Trigger.SCHEDULE,
+            schedule_name=f"every-{number}",
+            folder=f"/in/{number}",
+            status=Sweep.Status.DONE,
+            claimed=1,
+        )
+        image_row(number, Image.Status.DONE, sweep=sweep, format=f"F{number}")
+    manual = Sweep.objects.create(trigger=Sweep.Trigger.MANUAL, folder="/in", claimed=1)
+    image_row(first + 1000, Image.Status.FAILED, sweep=manual)
+    upload = Sweep.objects.create(trigger=Sweep.Trigger.UPLOAD, folder="/up", claimed=1)
+    image_row(first + 2000, Image.Status.DONE, sweep=upload, source=Image.Source.UPLOAD)
+
+
+def table_reads(admin_client, url: str, table: str) -> int:
+    """How many times the queries of one page read `table` (subqueries included)."""
+    with CaptureQueriesContext(connection) as queries:
+        assert admin_client.get(url).status_code == 200
+    pattern = rf'(?:FROM|JOIN) "{table}"'
+    return sum(len(re.findall(pattern, query["sql"])) for query in queries.captured_queries)
+
+
+def test_image_changelist_counts_its_facets_in_passes_that_do_not_grow_with_schedules(
+    admin_client,
+):
+    url = reverse("admin:jobs_image_changelist")
+    record_history(0, 2)
+    few = table_reads(admin_client, url, "jobs_image")
+    record_history(10, 12)
+    many = table_reads(admin_client, url, "jobs_image")
+    assert many == few
+    page = admin_client.get(url).content.decode()
+    assert re.search(r"every-15\s*\(1\)", page)
+    assert re.search(r"sweep now / command\s*\(2\)", page)
+    assert re.search(r"upload page\s*\(2\)", page)
+    assert re.search(r"F15\s*\(1\)", page)
+    assert re.search(r"none recorded\s*\(4\)", page)
+    # Counted within the list as filtered, like Django's own facets.
+    page = admin_client.get(url + "?status__exact=failed").content.decode()
+    assert re.search(r"sweep now / command\s*\(2\)", page)
+    assert re.search(r"upload page\s*\(0\)", page)
+    assert re.search(r"every-15\s*\(0\)", page)
+
+
+def test_sweep_changelist_counts_its_schedule_facet_in_one_pass_whatever_the_schedules(
+    admin_client,
+):
+    url = reverse("admin:jobs_sweep_changelist")
+    record_history(0, 2)
+    few = table_reads(admin_client, url, "jobs_sweep")
+    record_history(10, 12)
+    many = table_reads(admin_client, url, "jobs_sweep")
+    assert many == few
+    page = admin_client.get(url).content.decode()
+    assert re.search(r"every-15\s*\(1\)", page)
