@@ -315,15 +315,16 @@ class PeriodicTaskAdmin(ParroterAdminMixin, BasePeriodicTaskAdmin):
 
     @admin.display(description="last sweep")
     def last_sweep(self, obj: PeriodicTask) -> str:
-        sweep_id = getattr(obj, "last_sweep_id", None)
-        if sweep_id is None:
-            last = Sweep.objects.filter(schedule_name=obj.name).first()
-            if last is None:
-                return "—"
-            sweep_id, status, claimed, error = last.id, last.status, last.claimed, last.error
-        else:
-            status = obj.last_sweep_status
+        if hasattr(obj, "last_sweep_id"):
+            sweep_id, status = obj.last_sweep_id, obj.last_sweep_status
             claimed, error = obj.last_sweep_claimed, obj.last_sweep_error
+        else:
+            last = Sweep.objects.filter(schedule_name=obj.name).first()
+            sweep_id, status, claimed, error = (
+                (last.id, last.status, last.claimed, last.error) if last else (None, "", 0, "")
+            )
+        if sweep_id is None:
+            return "—"
         url = reverse("admin:jobs_sweep_change", args=[sweep_id])
         label = Sweep.Status(status).label if status in Sweep.Status.values else status
         detail = shortened(error, 80) if error else f"{claimed} claimed"

@@ -796,3 +796,40 @@ def test_sweep_changelist_counts_its_schedule_facet_in_one_pass_whatever_the_sch
     assert many == few
     page = admin_client.get(url).content.decode()
     assert re.search(r"every-15\s*\(1\)", page)
+
+
+def test_periodic_task_list_reads_last_sweeps_in_queries_that_do_not_grow_with_tasks(
+    admin_client, every_second
+):
+    url = reverse("admin:django_celery_beat_periodictask_changelist")
+    record_history(0, 2)
+    for name in ("every-0", "every-1", "never-swept-0", "never-swept-1"):
+        PeriodicTask.objects.create(name=name, task="jobs.sweep_folder", interval=every_second)
+    with CaptureQueriesContext(connection) as few:
+        assert admin_client.get(url).status_code == 200
+    for number in range(2, 10):
+        PeriodicTask.objects.create(
+            name=f"never-swept-{number}", task="jobs.sweep_folder", interval=every_second
+        )
+    with CaptureQueriesContext(connection) as many:
+        page = admin_client.get(url).content.decode()
+    assert len(many) == len(few)
+    assert "1 claimed" in page
+
+
+def test_last_sweep_of_a_schedule_is_read_from_an_index_in_date_order():
+    last = Sweep.objects.filter(schedule_name="every-0").order_by("-started_at", "-id").values("id")
+    sql, params = last[:1].query.sql_with_params()
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # An empty table is read whole whatever its indexes: ask for the plan of a big one.
+            cursor.execute("SET LOCAL enable_seqscan = off")
+            cursor.execute(f"EXPLAIN {sql}", params)
+        else:
+            cursor.execute(f"EXPLAIN QUERY PLAN {sql}", params)
+        plan = " ".join(str(row) for row in cursor.fetchall())
+    # Without an index in that order, a schedule with no sweep walks every sweep by date
+    # (PostgreSQL), or every sweep of the schedule is sorted (SQLite).
+    assert "Sort" not in plan
+    assert "TEMP B-TREE" not in plan
+    assert "Filter" not in plan
