@@ -833,3 +833,50 @@ def test_last_sweep_of_a_schedule_is_read_from_an_index_in_date_order():
     assert "Sort" not in plan
     assert "TEMP B-TREE" not in plan
     assert "Filter" not in plan
+
+
+def sqlite_steps(function) -> int:
+    """Hundreds of virtual-machine steps SQLite takes to run `function`'s queries: the work
+    they do, counted alike on every run (unlike their time)."""
+    if connection.vendor != "sqlite":
+        pytest.skip("counts SQLite's own steps")
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    connection.ensure_connection()
+    connection.connection.set_progress_handler(count, 100)
+    try:
+        function()
+    finally:
+        connection.connection.set_progress_handler(None, 100)
+    return steps
+
+
+def swept_before(days: float, count: int, first: int) -> None:
+    """`count` sweeps started `days` ago (a second apart), each with a finished image of
+    12 MP."""
+    for number in range(first, first + count):
+        started = timezone.now() - timezone.timedelta(days=days, seconds=number)
+        sweep = Sweep.objects.create(
+            folder="/in", status=Sweep.Status.DONE, claimed=1, started_at=started
+        )
+        image_row(
+            number, Image.Status.DONE, sweep=sweep, width=4000, height=3000, finished_at=started
+        )
+
+
+def test_throughput_reads_the_last_sweeps_only_whatever_the_history():
+    swept_before(1, 10, 0)
+    recent = sqlite_steps(stats.recent_throughput)
+    swept_before(300, 300, 100)
+    with_history = sqlite_steps(stats.recent_throughput)
+    assert with_history < 2 * recent
+    rows = stats.recent_throughput()
+    assert [row.sweep.id for row in rows] == list(
+        Sweep.objects.order_by("-started_at").values_list("id", flat=True)[:10]
+    )
+    assert {(row.images, row.megapixels) for row in rows} == {(1, 12.0)}
