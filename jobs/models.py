@@ -274,6 +274,9 @@ class Image(models.Model):
             models.Index(fields=["status", "queued_at"]),
             models.Index(fields=["in_folder", "source_path"]),
             models.Index(fields=["status", "lease_until"]),
+            # The admin's format filter lists the formats seen, once per filter on every
+            # page of the images' list: without it, each is a pass over the whole history.
+            models.Index(fields=["format"]),
         ]
 
     def __str__(self) -> str:
