@@ -18,7 +18,7 @@ from django.utils.html import format_html, format_html_join
 from django_celery_results.admin import TaskResultAdmin as BaseTaskResultAdmin
 from django_celery_results.models import TaskResult
 
-from .display import RecordAdminMixin, badge, value_text, when
+from .display import GroupedFacetsFilter, RecordAdminMixin, badge, value_text, when
 
 ARGUMENTS_LIMIT = 4096
 TASK_STATE_COLOURS = {
@@ -84,9 +84,10 @@ def values_table(rows: Iterable[tuple[Any, Any]]) -> str:
     )
 
 
-class PeriodicTaskNameFilter(admin.SimpleListFilter):
+class PeriodicTaskNameFilter(GroupedFacetsFilter):
     title = "periodic task"
     parameter_name = "periodic_task"
+    facet_fields = ("periodic_task_name",)
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
         names = (
@@ -105,6 +106,9 @@ class PeriodicTaskNameFilter(admin.SimpleListFilter):
         if value and value.startswith("task:"):
             return queryset.filter(periodic_task_name=value[5:])
         return queryset
+
+    def facet_choices(self, row: tuple) -> Iterable[str]:
+        return [f"task:{row[0]}" if row[0] else "none"]
 
 
 admin.site.unregister(TaskResult)

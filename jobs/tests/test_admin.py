@@ -20,7 +20,7 @@ from django_celery_beat.models import CrontabSchedule, IntervalSchedule, Periodi
 from jobs import beat, runner, stats
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep
-from jobs.sweeper import recover_unswept
+from jobs.sweeper import SWEEP_TASK, recover_unswept
 from project.celery import app as celery_app
 
 from .conftest import image_bytes, image_row
@@ -899,3 +899,24 @@ def test_image_changelist_lists_the_formats_seen_from_an_index(admin_client):
     plan = query_plan(listing.pop())
     # Read from the index alone, not a pass over every image.
     assert "COVERING INDEX" in plan or "Index Only Scan" in plan
+
+
+def test_task_result_facets_are_counted_in_one_pass_whatever_the_schedules(admin_client):
+    from django_celery_results.models import TaskResult
+
+    def results(first: int, schedules: int) -> None:
+        for number in range(first, first + schedules):
+            TaskResult.objects.create(
+                task_id=f"t{number}", task_name=SWEEP_TASK, periodic_task_name=f"every-{number}"
+            )
+        TaskResult.objects.create(task_id=f"u{first}", task_name="jobs.make_thumbnails")
+
+    url = reverse("admin:django_celery_results_taskresult_changelist") + "?_facets=True"
+    results(0, 2)
+    few = table_reads(admin_client, url, "django_celery_results_taskresult")
+    results(10, 12)
+    many = table_reads(admin_client, url, "django_celery_results_taskresult")
+    assert many == few
+    page = admin_client.get(url).content.decode()
+    assert re.search(r"every-15\s*\(1\)", page)
+    assert re.search(r"none \(sent otherwise\)\s*\(2\)", page)
