@@ -200,7 +200,8 @@ def test_healthz_names_folders_with_too_little_free_space(quick, client, broker,
         check = body["checks"][f"folder {folder}"]
         assert not check["ok"]
         assert "below MIN_FREE_MB" in check["error"]
-        assert check["free_mb"] == shutil.disk_usage(folder).free // (1024 * 1024)
+        # Within a few MB: whatever else runs on this machine writes meanwhile.
+        assert abs(check["free_mb"] - shutil.disk_usage(folder).free // (1024 * 1024)) <= 64
 
 
 def test_healthz_needs_no_login_and_says_what_has_never_run(quick, client, broker, folders):
