@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,6 +36,24 @@ def folders(tmp_path: Path, settings) -> dict[str, Path]:
     settings.MEDIA_ROOT = media
     settings.SETTLE_SECONDS = 0
     return {"root": root, "watch": watch, "other": other, "media": media}
+
+
+@contextlib.contextmanager
+def disk_of_its_own(folders: dict[str, Path], area: str, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted as MEDIA_ROOT/<area> (needs root; else the test skips)."""
+    path = folders["media"] / area
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def image_bytes(

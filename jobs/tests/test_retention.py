@@ -22,7 +22,7 @@ from django_celery_results.models import TaskResult
 from jobs import retention, storage, sweeper
 from jobs.models import Image, ScheduleActivity, Sweep, WebhookDelivery
 
-from .conftest import image_bytes
+from .conftest import disk_of_its_own, image_bytes
 from .processes import BASE_DIR, database_url
 
 pytestmark = pytest.mark.django_db
@@ -550,17 +550,8 @@ def test_sweep_on_a_nearly_full_disk_claims_nothing_and_says_why(
 @pytest.fixture
 def small_archives_disk(folders):
     """A real 4 MB file system mounted as MEDIA_ROOT/archives only (needs root)."""
-    archives = folders["media"] / "archives"
-    archives.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(archives)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    yield archives
-    subprocess.run(["umount", str(archives)], check=True)
+    with disk_of_its_own(folders, "archives", "4m") as path:
+        yield path
 
 
 def test_sweep_is_held_back_when_an_area_on_a_disk_of_its_own_is_nearly_full(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import threading
 import time
 import zipfile
@@ -22,7 +21,7 @@ from jobs.models import Image, Sweep
 from jobs.sweeper import SweepArgumentsError
 from jobs.tasks import make_thumbnails, sweep_folder
 
-from .conftest import image_bytes, jpeg_tables, noise_jpeg
+from .conftest import disk_of_its_own, image_bytes, jpeg_tables, noise_jpeg
 from .processes import wait_for
 
 pytestmark = pytest.mark.django_db
@@ -232,17 +231,8 @@ def test_read_original_refuses_paths_outside_the_configured_folders(folders, tmp
 @pytest.fixture
 def tiny_archive_disk(folders):
     """A real 64 KiB file system mounted where archives go (needs root)."""
-    archives = folders["media"] / "archives"
-    archives.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(archives)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    yield archives
-    subprocess.run(["umount", str(archives)], check=True)
+    with disk_of_its_own(folders, "archives", "64k") as path:
+        yield path
 
 
 def test_make_thumbnails_reports_a_full_disk_and_keeps_the_original(

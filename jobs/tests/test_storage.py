@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from jobs.models import Image
 from jobs.storage import atomic_file
 from jobs.tasks import sweep_folder
 
-from .conftest import image_bytes
+from .conftest import disk_of_its_own, image_bytes
 from .processes import wait_for
 
 
@@ -298,17 +297,8 @@ def test_move_original_leaves_another_file_at_the_claimed_path(folders, drop):
 @pytest.fixture
 def originals_on_another_disk(folders):
     """A real tmpfs mounted where originals go, so that moving there crosses file systems."""
-    originals = folders["media"] / "originals"
-    originals.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(originals)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield originals
-    subprocess.run(["umount", str(originals)], check=True)
+    with disk_of_its_own(folders, "originals", "1m") as path:
+        yield path
 
 
 def test_move_original_across_file_systems_copies_then_removes(
@@ -363,17 +353,8 @@ def test_move_original_across_file_systems_never_copies_a_hard_link(
 @pytest.fixture
 def failed_on_another_disk(folders):
     """A real tmpfs mounted where failed originals go."""
-    failed = folders["media"] / "failed"
-    failed.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(failed)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield failed
-    subprocess.run(["umount", str(failed)], check=True)
+    with disk_of_its_own(folders, "failed", "1m") as path:
+        yield path
 
 
 @pytest.mark.django_db
