@@ -591,10 +591,15 @@ def estimate_memory(
     for orientation in orientations:
         width, height = _rotated(stored, orientation)
         boxes: dict[tuple[int, int], int] = {}
+        # Per scaled size, the most pixels of a thumbnail cut from it (cover; with contain,
+        # the scaled size itself): what is converted, turned and encoded.
+        cuts: dict[tuple[int, int], int] = {}
         for size in set(sizes):
             # With cover, the whole image at the scale it is cropped from (the larger).
-            fit = _rotated(plan_size(size, width, height, options.fit)[0], orientation)
+            scaled, output = plan_size(size, width, height, options.fit)
+            fit = _rotated(scaled, orientation)
             boxes[fit] = boxes.get(fit, 0) + 1
+            cuts[fit] = max(cuts.get(fit, 0), output[0] * output[1])
         fits = sorted(boxes, reverse=True)
         if not fits:
             continue
@@ -627,12 +632,13 @@ def estimate_memory(
         # is gone by then.
         sources = [first_bytes] + [fit[0] * fit[1] * work_bytes for fit in fits[1:]]
         for index, (fit, source) in enumerate(zip(fits, sources, strict=True)):
-            work = _thumbnail_work(
-                fit[0] * fit[1], image.mode, work_mode, output_format, orientation
-            )
+            cut = cuts[fit]
+            work = _thumbnail_work(cut, image.mode, work_mode, output_format, orientation)
+            if cut < fit[0] * fit[1]:
+                work += cut * work_bytes  # the cut, a copy of its own (_crop)
             if boxes[fit] > 1:
                 # Stored under several names: its encoded bytes are kept meanwhile.
-                work += fit[0] * fit[1] * 4
+                work += cut * 4
             if options.fit == "cover" and options.gravity == "attention":
                 # _crop looks for the busiest part on the whole image the cut is made from.
                 work = max(work, fit[0] * fit[1] * _attention_bytes(image.mode, work_mode))

@@ -177,6 +177,16 @@ def test_estimate_memory_counts_where_attention_looks_for_the_busiest_part(tmp_p
     assert figures["measured"] <= figures["estimate"]
 
 
+@pytest.mark.parametrize("output", ["webp", "avif", "jpeg"])
+def test_estimate_memory_of_a_cover_counts_the_encoder_on_the_cut(output, tmp_path):
+    # Scaled to 9600x2000 and cut to 2000x2000: the encoder sees only the cut.
+    data = big_images.png(12000, 2500, "RGBA")
+    options = {"fit": "cover", "format": output}
+    figures = measure(tmp_path, "input", data, "2000x2000,512x512", options=options)
+    assert figures["measured"] <= figures["estimate"]
+    assert figures["estimate"] <= figures["measured"] * 1.3 + pipeline.MEMORY_SLACK
+
+
 @pytest.mark.parametrize("case", LIBVIPS_MEASURED)
 def test_libvips_estimate_covers_the_peak_measured_in_a_fresh_process(case, tmp_path):
     pytest.importorskip("pyvips")
