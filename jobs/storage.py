@@ -590,7 +590,7 @@ def _walk(
             except OSError as exc:
                 logger.warning("cannot list %s: %s", folder / relative, exc)
                 entries = []
-            names = {entry.name.casefold() for entry in entries}
+            downloads: set[str] | None = None  # read only once an empty file is met
             for entry in entries:
                 if is_junk(entry.name):
                     result.ignored += 1
@@ -604,9 +604,12 @@ def _walk(
                         status = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    if status.st_size == 0 and _downloading(entry.name, names):
-                        result.unstable += 1  # a placeholder: the download is still arriving
-                        continue
+                    if status.st_size == 0:
+                        if downloads is None:
+                            downloads = _partial_downloads(entries)
+                        if _downloading(entry.name, downloads):
+                            result.unstable += 1  # a placeholder: its download still arrives
+                            continue
                     yield (relative / entry.name).as_posix(), status
                 else:
                     result.ignored += 1
@@ -635,10 +638,19 @@ def _walk(
             os.close(level)
 
 
-def _downloading(name: str, names: set[str]) -> bool:
-    """Whether a partial download of `name` sits beside it (`names`: casefolded)."""
+def _partial_downloads(entries: list[os.DirEntry[str]]) -> set[str]:
+    """The names of a folder's partial downloads, casefolded."""
+    return {
+        folded
+        for folded in (entry.name.casefold() for entry in entries)
+        if folded.endswith(PARTIAL_SUFFIXES)
+    }
+
+
+def _downloading(name: str, downloads: set[str]) -> bool:
+    """Whether a partial download of `name` sits beside it."""
     folded = name.casefold()
-    return any(folded + suffix in names for suffix in PARTIAL_SUFFIXES)
+    return any(folded + suffix in downloads for suffix in PARTIAL_SUFFIXES)
 
 
 # --- Reading and moving originals ----------------------------------------------------------
