@@ -1,8 +1,8 @@
 """Presentation and dispatch: the upload page, JSON status, and files served from the zips.
 
 Nothing under MEDIA_ROOT is public. A signed-in person sees the images they uploaded;
-staff with the view permission see every image. Anything else is a 404, so ids of other
-people's images tell nothing.
+staff with the view permission see every image (and every sweep, with the sweeps' one).
+Anything else is a 404, so ids of other people's images tell nothing.
 """
 
 from __future__ import annotations
@@ -71,8 +71,14 @@ def visible_images(user: User | AnonymousUser) -> QuerySet[Image]:
     return Image.objects.filter(uploaded_by=user)
 
 
+def sees_every_sweep(user: User | AnonymousUser) -> bool:
+    # A sweep's record (its folder, schedule and error) is what the admin's sweep pages
+    # show: the same permission, not the images'.
+    return bool(user.is_active and user.is_staff and user.has_perm("jobs.view_sweep"))
+
+
 def visible_sweeps(user: User | AnonymousUser) -> QuerySet[Sweep]:
-    if sees_everything(user):
+    if sees_every_sweep(user):
         return Sweep.objects.all()
     if not user.is_authenticated:
         return Sweep.objects.none()
@@ -297,7 +303,7 @@ def sweep_status(request: HttpRequest, sweep_id: int) -> JsonResponse:
 @require_GET
 def sweep_by_task(request: HttpRequest, task_id: str) -> JsonResponse:
     """The sweep a `jobs.sweep_folder` task made, once a worker has started it (staff)."""
-    if not sees_everything(request.user):
+    if not (sees_everything(request.user) and sees_every_sweep(request.user)):
         raise Http404
     sweep = Sweep.objects.filter(task_id=task_id).first()
     if sweep is None:

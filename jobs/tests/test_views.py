@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from django.db import IntegrityError, connection
 from django.test import Client
 from django.urls import reverse
@@ -396,6 +396,27 @@ def test_upload_that_cannot_be_recorded_leaves_no_files(client, folders, alice):
     assert [path for path in uploads.rglob("*") if not path.is_dir()] == []
     # Only the year/month/day folders stay; the upload's own folder went with its files.
     assert [path for path in uploads.rglob("*") if len(path.relative_to(uploads).parts) > 3] == []
+
+
+def test_sweeps_of_others_are_shown_to_staff_who_may_view_sweeps_only(
+    client, folders, drop, sweep_and_process
+):
+    drop(folders["watch"], "photo.jpg")
+    sweep = sweep_and_process(process=False)[0].sweep
+    sweep.task_id = "the-task"
+    sweep.save(update_fields=["task_id"])
+    viewer = User.objects.create_user("viewer", is_staff=True)
+    viewer.user_permissions.set(Permission.objects.filter(codename="view_image"))
+    client.force_login(viewer)
+    # The admin refuses this person the sweeps' pages: their JSON tells no more.
+    assert client.get(reverse("admin:jobs_sweep_change", args=[sweep.id])).status_code == 403
+    assert client.get(reverse("jobs:sweep-status", args=[sweep.id])).status_code == 404
+    assert client.get(reverse("jobs:sweep-by-task", args=["the-task"])).status_code == 404
+
+    viewer.user_permissions.add(Permission.objects.get(codename="view_sweep"))
+    client.force_login(User.objects.get(id=viewer.id))  # permissions are cached per object
+    assert client.get(reverse("jobs:sweep-status", args=[sweep.id])).json()["folder"]
+    assert client.get(reverse("jobs:sweep-by-task", args=["the-task"])).json()["id"] == sweep.id
 
 
 def test_image_status_hides_server_paths_from_non_staff(client, folders, alice, admin_client):
