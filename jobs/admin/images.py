@@ -182,7 +182,9 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
     readonly_fields = [name for _, section in fieldsets for name in section["fields"]]  # type: ignore[misc]
 
     def has_reprocess_permission(self, request: HttpRequest) -> bool:
-        return request.user.has_perm("jobs.reprocess_image")
+        # Its page names the images by id, whatever the list would show: it is for those
+        # who may see them.
+        return self.has_view_permission(request) and request.user.has_perm("jobs.reprocess_image")
 
     def get_fieldsets(self, request: HttpRequest, obj: Image | None = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)

@@ -119,6 +119,20 @@ def test_reprocess_makes_new_sizes_from_the_kept_original(
     assert Path(photo.original_path).parent.parent.parent.parent.name == "originals"
 
 
+def test_reprocess_is_refused_to_staff_who_may_not_view_images(
+    client, processed, django_user_model
+):
+    photo = processed["photo.jpg"]
+    client.force_login(staff(django_user_model, "reprocess_image"))
+    url = reverse("admin:jobs_image_reprocess")
+    # The page names the images it would make again: not for those the list is refused to.
+    assert client.get(reverse("admin:jobs_image_changelist")).status_code == 403
+    assert client.get(url + f"?ids={photo.id}").status_code == 403
+    assert client.post(url, {"ids": str(photo.id), "sizes": "100x100"}).status_code == 403
+    photo.refresh_from_db()
+    assert photo.status == Image.Status.DONE
+
+
 def test_reprocess_starts_a_new_wait_so_recovery_does_not_requeue_it_at_once(
     admin_client, processed
 ):
