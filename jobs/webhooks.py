@@ -241,6 +241,12 @@ class Answer:
         return self.code is None or self.code >= 500 or self.code in RETRY_CODES
 
 
+def storable(text: str) -> str:
+    """The receiver's words as a text column holds them: PostgreSQL's refuses NUL, and the
+    row that could not be updated would be sent again and again."""
+    return text.replace("\x00", "\ufffd")
+
+
 def deliver(delivery_id: int) -> str:
     """Claim one pending row, POST it, record the outcome. Returns the row's new status,
     or "skipped" when another worker has it or it is no longer pending."""
@@ -268,8 +274,8 @@ def deliver(delivery_id: int) -> str:
     now = timezone.now()
     fields: dict[str, object] = {
         "response_code": answer.code,
-        "last_response": answer.text[:RESPONSE_KEPT],
-        "last_error": answer.error,
+        "last_response": storable(answer.text[:RESPONSE_KEPT]),
+        "last_error": storable(answer.error),
         "claimed_by": "",
         "claimed_at": None,
     }

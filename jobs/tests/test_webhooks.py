@@ -50,6 +50,8 @@ class Receiver:
         # Headers sent with every answer (Retry-After, say).
         self.headers: dict[str, str] = {}
         self.delay = 0.0
+        # The body of every answer; None: "answer <code>".
+        self.answer: bytes | None = None
         self.lock = threading.Lock()
         receiver = self
 
@@ -68,7 +70,7 @@ class Receiver:
                     for name, value in receiver.headers.items():
                         self.send_header(name, value)
                     self.end_headers()
-                    self.wfile.write(f"answer {code}".encode())
+                    self.wfile.write(receiver.answer or f"answer {code}".encode())
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the sender gave up waiting: what a timeout test wants
 
@@ -328,6 +330,18 @@ def test_deliver_posts_the_signed_body_once_and_records_it(hook):
     assert (delivery.attempts, delivery.response_code) == (1, 200)
     assert delivery.last_response == "answer 200"
     assert delivery.sent_at is not None
+
+
+@pytest.mark.django_db
+def test_deliver_records_an_answer_whatever_bytes_it_holds(hook):
+    # PostgreSQL's text holds no NUL: a receiver's answer with one must not keep its row
+    # from being recorded as sent (it would be sent again, and again, by the repair).
+    hook.answer = b"ok\x00<b>\xff"
+    [delivery] = owe(finished_image())
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.SENT
+    delivery.refresh_from_db()
+    assert delivery.status == WebhookDelivery.Status.SENT
+    assert delivery.last_response == "ok\ufffd<b>\ufffd"
 
 
 @pytest.mark.django_db
