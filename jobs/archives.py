@@ -39,14 +39,20 @@ def archive_holder(image: Image) -> Image | None:
     return image if image.archive else None
 
 
-def thumbnail_member(names: list[str], size: Sequence[int]) -> str | None:
-    """The zip member holding the thumbnail made at `size`, [w, h] (never the original).
+def thumbnail_member(names: list[str], label: str, size: Sequence[int]) -> str | None:
+    """The zip member holding the thumbnail of box `label` made at `size`, [w, h] (never
+    the original).
 
     Members are named after the size they are, whatever box they were made for; an image's
-    `thumbnails` says which size each box came to."""
+    `thumbnails` says which size each box came to. Zips made before that (releases before
+    output presets) named them after the box, and stay on disk through an upgrade."""
     width, height = size
-    endings = tuple(f"_{width}x{height}{extension}" for extension in set(EXTENSIONS.values()))
-    return next((name for name in names[1:] if name.endswith(endings)), None)
+    for named in (f"{width}x{height}", label):
+        endings = tuple(f"_{named}{extension}" for extension in set(EXTENSIONS.values()))
+        member = next((name for name in names[1:] if name.endswith(endings)), None)
+        if member is not None:
+            return member
+    return None
 
 
 def sorted_thumbnails(thumbnails: dict[str, list[int]]) -> list[tuple[str, int, int]]:

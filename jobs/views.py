@@ -160,7 +160,7 @@ def thumbnail(request: HttpRequest, image_id: int, label: str) -> HttpResponse:
     try:
         with handle, zipfile.ZipFile(handle) as archive:
             size = holder.thumbnails.get(label)
-            member = thumbnail_member(archive.namelist(), size) if size else None
+            member = thumbnail_member(archive.namelist(), label, size) if size else None
             if member is None:
                 raise Http404("no thumbnail of that size")
             data = archive.read(member)

@@ -187,6 +187,26 @@ def test_thumbnails_are_served_as_their_format(client, folders, alice, preset, s
     assert PILImage.open(io.BytesIO(thumb.content)).format == preset.upper()
 
 
+def test_thumbnails_of_a_zip_made_before_members_took_their_real_size_are_served(
+    admin_client, folders, drop, sweep_and_process
+):
+    # Releases before output presets named each member after its box (photo_64x64.jpg for a
+    # 64x48 thumbnail); their zips stay on disk through an upgrade.
+    drop(folders["watch"], "photo.jpg", image_bytes((400, 300)))
+    (photo,) = sweep_and_process(folders["watch"], ["64x64", "128x128"])
+    path = folders["media"] / photo.archive
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name.replace("_64x48", "_64x64").replace("_128x96", "_128x128"), data)
+
+    for label, size in [("64x64", (64, 48)), ("128x128", (128, 96))]:
+        thumb = admin_client.get(reverse("jobs:thumbnail", args=[photo.id, label]))
+        assert thumb.status_code == 200
+        assert PILImage.open(io.BytesIO(thumb.content)).size == size
+
+
 def test_sweep_status_follows_uploads_to_done_with_zip_and_thumbnails(client, folders, alice):
     body = upload(client, named("photo.jpg", image_bytes((400, 300))), sizes="64x64, 200x200")
     status_url = body["status_url"]
