@@ -92,6 +92,7 @@ def fail(image: Image, reason: str) -> str:
     """Record this run of image as failed with reason and move its original to the failed area."""
     if image.mark_failed(reason):
         logger.warning("image %s (%s) failed: %s", image.id, image.name, reason)
+        _discard_unrecorded_zip(image)
         _put_away(image)
         return Image.Status.FAILED
     return "skipped"
@@ -188,6 +189,20 @@ def _retire_archive(relative: str) -> None:
     transaction.on_commit(lambda: storage.remove_archive(relative))
 
 
+def _discard_unrecorded_zip(image: Image) -> None:
+    """Remove the zip of this run's name, now that its image is final without one.
+
+    A run that died after renaming its zip into place leaves it for the run that retries
+    the image, which writes the same name (storage.discard_dead_run_archives). A retry
+    that ends failed or duplicate writes nothing: no record names that zip, and no later
+    run of the image replaces it. A reprocess (an archive recorded) names its zip after its
+    own start, so a dead run's was removed when the image was retried.
+    """
+    if not image.archive:
+        relative = storage.archive_path(image).relative_to(settings.MEDIA_ROOT).as_posix()
+        storage.remove_archive(relative)
+
+
 CHANGED = (
     "the file changed after it was claimed (still being written?); it was left in place "
     "and is taken again, as a new image, once it stops changing"
@@ -199,6 +214,7 @@ def _release_changed(image: Image, reason: str = CHANGED) -> str:
     now: fail this claim and leave the file untouched (a new file is claimed anew)."""
     if image.release_changed(reason):
         logger.warning("image %s (%s): %s", image.id, image.name, reason)
+        _discard_unrecorded_zip(image)
         return Image.Status.FAILED
     return "skipped"
 
@@ -224,6 +240,8 @@ def _record_duplicate(image: Image, first: Image) -> str | None:
     if previous:
         # Reprocessed into sizes another image already has: its old zip is no longer its.
         _retire_archive(previous)
+    else:
+        _discard_unrecorded_zip(image)
     _put_away(image)
     return Image.Status.DUPLICATE
 

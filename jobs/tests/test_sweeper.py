@@ -22,7 +22,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from jobs import storage, sweeper, tasks
+from jobs import runner, storage, sweeper, tasks
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep, SweepLock
 from project.celery import app as celery_app
@@ -631,3 +631,24 @@ def test_reconcile_leaves_the_zip_the_retried_run_replaces(folders, drop):
     renamed.write_bytes(b"a whole zip, of the name the next run writes")
     assert run(folders["watch"]).to_queue == [image.id]
     assert renamed.exists(), "the next run may be writing it by then"
+
+
+@pytest.mark.parametrize("ending", [Image.Status.DUPLICATE, Image.Status.FAILED])
+def test_a_retried_run_that_makes_no_zip_removes_the_one_its_dead_run_left(folders, drop, ending):
+    image = claim_one(folders, drop)
+    Image.objects.start(image.id, "task", worker="elsewhere:1")
+    expire_lease(image)
+    renamed = storage.archive_path(Image.objects.get(id=image.id))
+    renamed.parent.mkdir(parents=True)
+    renamed.write_bytes(b"a whole zip, of the name the next run writes")
+    assert run(folders["watch"]).to_queue == [image.id]
+    if ending == Image.Status.DUPLICATE:
+        # The same content, dropped twice, was done by the other copy meanwhile.
+        drop(folders["other"], "copy.jpg")
+        (copy,) = run(folders["other"]).to_queue
+        assert runner.process_image(copy) == Image.Status.DONE
+    else:
+        # Someone took the stuck file out of the folder.
+        (folders["watch"] / "a.jpg").unlink()
+    assert runner.process_image(image.id) == ending
+    assert not renamed.exists(), "no record names it: nothing would ever delete it"
