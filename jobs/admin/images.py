@@ -490,6 +490,12 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Image]) -> None:
         with transaction.atomic():
+            # Locked before judging which may go (PostgreSQL; SQLite takes its one write
+            # lock at the start): a worker recording a duplicate of one of them takes the
+            # same lock (Image.mark_duplicate), so it is either seen here, keeping the image,
+            # or finds it gone and makes a zip of its own.
+            locked = Image.objects.filter(id__in=queryset.values("id")).order_by("id")
+            list(locked.select_for_update().values_list("id", flat=True))
             final = self.deletable(request, queryset)
             archives = list(final.values_list("archive", flat=True))
             final.delete()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import zipfile
 from pathlib import Path
 
@@ -11,13 +12,14 @@ import pytest
 from django.conf import settings
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.auth.models import Permission
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
-from jobs import beat, runner, stats
+from jobs import beat, runner, stats, uploads
+from jobs.archives import archive_holder
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep
 from jobs.sweeper import SWEEP_TASK, recover_unswept
@@ -214,6 +216,47 @@ def test_delete_keeps_an_image_whose_zip_duplicates_outside_the_deletion_use(
         )
     assert not Image.objects.filter(id__in=[first.id, second.id]).exists()
     assert not archive.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_delete_never_takes_the_zip_of_a_duplicate_recorded_while_it_deletes(
+    admin_client, folders, drop, sweep_and_process, monkeypatch
+):
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite takes its one write lock up front: nothing runs in between")
+    drop(folders["watch"], "photo.jpg", image_bytes((400, 300)))
+    (first,) = sweep_and_process(folders["watch"])
+    drop(folders["other"], "copy.jpg", image_bytes((400, 300)))
+    (copy,) = sweep_and_process(folders["other"], process=False)
+    worker = threading.Thread(target=process_and_close, args=(copy.id,))
+    real_duplicates_using = uploads.duplicates_using
+
+    def copy_finishing_meanwhile(images):
+        used = real_duplicates_using(images)
+        if transaction.get_connection().in_atomic_block and not worker.is_alive():
+            # A worker finishes the same content while the deletion decides what may go.
+            worker.start()
+            worker.join(timeout=3)
+        return used
+
+    monkeypatch.setattr(uploads, "duplicates_using", copy_finishing_meanwhile)
+    admin_client.post(
+        reverse("admin:jobs_image_changelist"),
+        {"action": "delete_selected", "_selected_action": [first.id], "post": "yes"},
+    )
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    copy.refresh_from_db()
+    holder = archive_holder(copy)
+    assert holder is not None, f"{copy.status}, duplicate of #{copy.duplicate_of_id}: no zip"
+    assert (folders["media"] / holder.archive).is_file()
+
+
+def process_and_close(image_id: int) -> None:
+    try:
+        runner.process_image(image_id)
+    finally:
+        connection.close()
 
 
 def test_retry_failed_reprocesses_only_failed_images(admin_client, processed, settings):
