@@ -485,6 +485,10 @@ class Image(models.Model):
             "queued_at": timezone.now(),
         }
         with transaction.atomic():
+            # Locked first (PostgreSQL), as mark_duplicate locks it: a duplicate recorded
+            # meanwhile is committed before the update below reads, so it is seen. An update
+            # that waited for that lock would judge the duplicates by what it saw before.
+            list(Image.objects.filter(id=self.id).select_for_update().values_list("id"))
             claimed = (
                 Image.objects.filter(
                     id=self.id,

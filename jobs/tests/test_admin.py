@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
-from jobs import beat, runner, stats, uploads
+from jobs import beat, models, runner, stats, uploads
 from jobs.archives import archive_holder
 from jobs.broker import queue_length
 from jobs.models import Image, Sweep
@@ -250,6 +251,38 @@ def test_delete_never_takes_the_zip_of_a_duplicate_recorded_while_it_deletes(
     holder = archive_holder(copy)
     assert holder is not None, f"{copy.status}, duplicate of #{copy.duplicate_of_id}: no zip"
     assert (folders["media"] / holder.archive).is_file()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reprocess_never_takes_the_zip_of_a_duplicate_recorded_while_it_claims(
+    folders, drop, sweep_and_process, monkeypatch
+):
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite takes its one write lock up front: nothing runs in between")
+    drop(folders["watch"], "photo.jpg", image_bytes((400, 300)))
+    (first,) = sweep_and_process(folders["watch"])
+    drop(folders["other"], "copy.jpg", image_bytes((400, 300)))
+    (copy,) = sweep_and_process(folders["other"], process=False)
+    recording = threading.Event()
+    real_finished = models._finished
+
+    def slow_to_commit(image):
+        real_finished(image)
+        if image.id == copy.id:
+            # The duplicate is recorded, the first's row locked, not yet committed.
+            recording.set()
+            time.sleep(2)
+
+    monkeypatch.setattr(models, "_finished", slow_to_commit)
+    worker = threading.Thread(target=process_and_close, args=(copy.id,))
+    worker.start()
+    assert recording.wait(timeout=30)
+    result = uploads.claim_again([Image.objects.get(id=first.id)], ["100x100"])
+    worker.join(timeout=30)
+    copy.refresh_from_db()
+    assert (copy.status, copy.duplicate_of_id) == (Image.Status.DUPLICATE, first.id)
+    assert result.queued == [], "its zip is the duplicate's too"
+    assert (folders["media"] / archive_holder(copy).archive).is_file()
 
 
 def process_and_close(image_id: int) -> None:
