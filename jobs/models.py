@@ -3,17 +3,79 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, time, timedelta, tzinfo
+from typing import TYPE_CHECKING, Any, Literal
 
 from django.conf import settings
 from django.db import IntegrityError, models, transaction
 from django.db.models import Exists, F, OuterRef, Q
 from django.db.models.functions import Now
+from django.db.models.sql.where import AND
 from django.utils import timezone
 
 if TYPE_CHECKING:
     from .storage import FileIdentity
+
+
+class DrillDownQuerySet(models.QuerySet):
+    """A queryset whose datetimes() walks the field's index, for the admin's date drill-down.
+
+    The admin lists the years, months or days that hold rows with QuerySet.datetimes(),
+    which truncates the field of every row in the database, on SQLite by a Python function
+    called per row: 2.2 s for the Images list with 200,000 images. Here each period found
+    costs one lookup in the field's index (the first row at or after the period's start),
+    so the work follows the periods shown, not the rows: a month of days is at most 32
+    lookups. The lists are the same, in the same time zone.
+    """
+
+    def datetimes(
+        self,
+        field_name: str,
+        kind: Literal["year", "month", "week", "day", "hour", "minute", "second"],
+        order: Literal["ASC", "DESC"] = "ASC",
+        tzinfo: tzinfo | None = None,
+    ) -> Any:
+        if kind not in ("year", "month", "day") or order not in ("ASC", "DESC"):
+            return super().datetimes(field_name, kind, order, tzinfo)
+        zone = tzinfo or timezone.get_current_timezone()
+        rows = (
+            self.filter(**{f"{field_name}__isnull": False})
+            .order_by(field_name)
+            .values_list(field_name, flat=True)
+        )
+        periods: list[datetime] = []
+        first = rows.first()
+        while first is not None:
+            period = _period_start(first.astimezone(zone), kind)
+            periods.append(period)
+            after = rows.filter(**{f"{field_name}__gte": _next_period(period, kind)})
+            # SQLite starts its index search at the first lower bound it is given on the
+            # column: the list's own (the year shown, say) would make each lookup walk the
+            # rows of the periods found before. The one added here goes first (PostgreSQL
+            # takes the tighter one either way).
+            where = after.query.where
+            if where.connector == AND and not where.negated:
+                where.children.insert(0, where.children.pop())
+            first = after.first()
+        return periods if order == "ASC" else periods[::-1]
+
+
+def _period_start(moment: datetime, kind: str) -> datetime:
+    """The start of the year, month or day holding `moment`, in its time zone."""
+    day = moment.date()
+    if kind == "year":
+        day = day.replace(month=1, day=1)
+    elif kind == "month":
+        day = day.replace(day=1)
+    return datetime.combine(day, time(), tzinfo=moment.tzinfo)
+
+
+def _next_period(start: datetime, kind: str) -> datetime:
+    if kind == "year":
+        return start.replace(year=start.year + 1)
+    if kind == "month":
+        return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    return datetime.combine(start.date() + timedelta(days=1), time(), tzinfo=start.tzinfo)
 
 
 class Sweep(models.Model):
@@ -71,6 +133,8 @@ class Sweep(models.Model):
         help_text="Who uploaded the files of an upload sweep.",
     )
 
+    objects = DrillDownQuerySet.as_manager()
+
     class Meta:
         ordering = ["-started_at", "-id"]
         indexes = [
@@ -109,7 +173,7 @@ LEASE_EXPIRED = Q(status="processing") & (Q(lease_until__lt=Now()) | Q(lease_unt
 REQUEUE_BATCH = 500
 
 
-class ImageQuerySet(models.QuerySet):
+class ImageQuerySet(DrillDownQuerySet):
     """The transitions that begin from an id: starting a run, and keeping it alive."""
 
     def start(self, image_id: int, task_id: str = "", worker: str = "") -> uuid.UUID | None:
@@ -679,6 +743,8 @@ class WebhookDelivery(models.Model):
     last_error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     sent_at = models.DateTimeField(null=True, blank=True)
+
+    objects = DrillDownQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.auth.models import Permission
 from django.db import connection, transaction
+from django.db.models import QuerySet
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
@@ -1010,3 +1011,94 @@ def test_task_result_facets_are_counted_in_one_pass_whatever_the_schedules(admin
     page = admin_client.get(url).content.decode()
     assert re.search(r"every-15\s*\(1\)", page)
     assert re.search(r"none \(sent otherwise\)\s*\(2\)", page)
+
+
+def queued_at_local(zone: str, *moments: str) -> None:
+    """An image queued at each local time ("2026-03-29 01:30") in `zone`."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    for number, moment in enumerate(moments):
+        at = datetime.fromisoformat(moment).replace(tzinfo=ZoneInfo(zone))
+        image_row(number, Image.Status.DONE, queued_at=at, format="PNG" if number % 2 else "")
+
+
+@pytest.mark.parametrize(
+    "zone", ["Europe/Berlin", "Asia/Kathmandu", "America/St_Johns", "America/Santiago"]
+)
+def test_date_drill_down_lists_the_periods_django_would_from_the_index(zone):
+    # Either side of local midnights, of months and years, and of summer time's start and
+    # end, in zones 15 and 30 minutes off whole hours and one whose clocks change at
+    # midnight as well.
+    queued_at_local(
+        zone,
+        "2025-12-31 23:59:59",
+        "2026-01-01 00:00:00",
+        "2026-03-28 23:30:00",
+        "2026-03-29 03:30:00",
+        "2026-03-31 23:59:00",
+        "2026-04-01 00:01:00",
+        "2026-10-25 02:30:00",
+        "2026-10-25 23:59:59",
+        "2026-11-30 00:00:00",
+        # Santiago's clocks change at midnight: one day has none, one has two.
+        "2026-04-04 23:59:00",
+        "2026-04-05 00:30:00",
+        "2026-09-05 23:59:00",
+        "2026-09-06 01:30:00",
+    )
+    with timezone.override(zone):
+        for kind in ("year", "month", "day"):
+            for order in ("ASC", "DESC"):
+                for rows in (Image.objects.all(), Image.objects.exclude(format="")):
+                    walked = list(rows.datetimes("queued_at", kind, order))
+                    truncated = list(QuerySet.datetimes(rows, "queued_at", kind, order))
+                    assert walked == truncated, (kind, order)
+                    assert walked
+    # In another zone than the current one, when asked.
+    from zoneinfo import ZoneInfo
+
+    other = ZoneInfo("Pacific/Auckland")
+    assert list(Image.objects.datetimes("queued_at", "day", tzinfo=other)) == list(
+        QuerySet.datetimes(Image.objects.all(), "queued_at", "day", tzinfo=other)
+    )
+
+
+def test_date_drill_down_of_the_images_list_does_not_grow_with_the_rows(admin_client):
+    at = timezone.localtime(timezone.now()).replace(hour=12)
+    midnight = at.replace(hour=0, minute=0, second=0, microsecond=0)
+
+    def one_day(count: int, first: int) -> None:
+        for number in range(first, first + count):
+            image_row(number, Image.Status.DONE, queued_at=at)
+
+    def drill_down() -> None:
+        assert list(Image.objects.datetimes("queued_at", "day")) == [midnight]
+
+    one_day(10, 0)
+    few = sqlite_steps(drill_down)
+    one_day(400, 100)
+    many = sqlite_steps(drill_down)
+    # Truncating the date of every row would take forty times the steps.
+    assert many <= few + 1, (few, many)
+    page = admin_client.get(reverse("admin:jobs_image_changelist")).content.decode()
+    assert f"queued_at__day={at.day}" in page
+
+    # Within a year shown (a lower bound of the list's own), the months after a busy one.
+    year = at.year - 1
+    start = timezone.make_aware(timezone.datetime(year, 1, 1))
+    in_the_year = Image.objects.filter(
+        queued_at__gte=start, queued_at__lt=start.replace(year=year + 1)
+    )
+
+    def months() -> None:
+        assert len(list(in_the_year.datetimes("queued_at", "month"))) == 2
+
+    image_row(1000, Image.Status.DONE, queued_at=start.replace(month=3))
+    for number in range(1001, 1011):
+        image_row(number, Image.Status.DONE, queued_at=start.replace(day=15))
+    few = sqlite_steps(months)
+    for number in range(2000, 2400):
+        image_row(number, Image.Status.DONE, queued_at=start.replace(day=15))
+    many = sqlite_steps(months)
+    assert many <= few + 1, (few, many)
