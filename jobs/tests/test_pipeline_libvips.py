@@ -274,9 +274,11 @@ def test_write_archive_libvips_resizes_a_jpeg_draft_as_pillow_would():
     assert_same_archive(buffer.getvalue(), "wall.jpg")
 
 
-def artist_exif() -> bytes:
+def artist_exif(orientation: int | None = None) -> bytes:
     exif = Image.Exif()
     exif[0x013B] = "A. Photographer"
+    if orientation is not None:
+        exif[0x0112] = orientation
     return exif.tobytes()
 
 
@@ -312,3 +314,46 @@ def test_write_archive_libvips_looks_for_kept_metadata_without_decoding_a_png(mo
     )
     assert (2400, 1600) not in decoded
     assert len(Image.open(io.BytesIO(members["wall_512x341.png"])).getexif()) == 0
+
+
+def raw_exif_profile(exif: bytes) -> str:
+    """EXIF as ImageMagick writes it into a PNG's text: "Raw profile type exif", in hex."""
+    digits = exif.hex()
+    lines = "\n".join(digits[start : start + 72] for start in range(0, len(digits), 72))
+    return f"\nexif\n{len(exif):8d}\n{lines}\n"
+
+
+def xmp_orientation(orientation: int) -> str:
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+        f'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>'
+        "</rdf:RDF></x:xmpmeta>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("keyword", "text", "compressed"),
+    [
+        ("XML:com.adobe.xmp", xmp_orientation(6), False),
+        ("XML:com.adobe.xmp", xmp_orientation(6), True),
+        ("Raw profile type exif", raw_exif_profile(artist_exif(orientation=6)), True),
+    ],
+    ids=["xmp", "compressed-xmp", "imagemagick-raw-exif"],
+)
+def test_write_archive_libvips_png_turns_by_orientation_outside_exif_as_pillow(
+    keyword, text, compressed
+):
+    # Pillow reads a PNG's orientation from XMP and ImageMagick's raw EXIF profile too, not
+    # only from an eXIf chunk: libvips' thumbnails must come out the same way up.
+    from PIL import PngImagePlugin
+
+    metadata = PngImagePlugin.PngInfo()
+    metadata.add_itxt(keyword, text, zip=compressed)
+    data = png(gradients((2000, 1000)), pnginfo=metadata)
+    pillow_info, pillow_members = archive(data, libvips=False, name="wall.png")
+    vips_info, vips_members = archive(data, libvips=True, name="wall.png")
+    assert (pillow_info.width, pillow_info.height) == (1000, 2000)
+    assert (vips_info.width, vips_info.height) == (1000, 2000)
+    assert list(vips_members) == list(pillow_members)
+    assert Image.open(io.BytesIO(vips_members["wall_256x512.png"])).size == (256, 512)
