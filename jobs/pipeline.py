@@ -1210,7 +1210,10 @@ def _kept_exif(image: Image.Image, options: EncodeOptions) -> bytes:
         return b""
     try:
         source = image.getexif()
-        top = {tag: source[tag] for tag in KEPT_EXIF_TAGS if tag in source}
+        # Pillow reads EXIF text as Latin-1 and writes a str back as ASCII, "?" for anything
+        # else (a copyright's "©", UTF-8 names): these tags go back as the bytes they were,
+        # which Pillow writes as they are, typed ASCII.
+        top = {tag: _exif_text_bytes(source[tag]) for tag in KEPT_EXIF_TAGS if tag in source}
         details = source.get_ifd(_EXIF_IFD)
         ifds = {_EXIF_IFD: {tag: details[tag] for tag in KEPT_EXIF_IFD_TAGS if tag in details}}
         if options.gps:
@@ -1230,6 +1233,12 @@ def _kept_exif(image: Image.Image, options: EncodeOptions) -> bytes:
             del values_of[tag]
     except _DECODE_ERRORS:
         return b""  # broken EXIF is no reason to refuse the image, and none is kept
+
+
+def _exif_text_bytes(value: object) -> object:
+    """An EXIF value as Pillow read it, text back into its bytes (Pillow decodes them as
+    Latin-1, which every byte survives)."""
+    return value.encode("latin-1") if isinstance(value, str) else value
 
 
 def _kept_exif_before_decoding(image: Image.Image, options: EncodeOptions) -> bytes:

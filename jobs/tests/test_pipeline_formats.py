@@ -373,6 +373,23 @@ def test_write_archive_keeps_who_and_what_but_not_where(output):
     assert "xmp" not in thumb.info
 
 
+@pytest.mark.parametrize("output", ["jpeg", "webp", "avif"])
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_write_archive_keeps_who_made_it_byte_for_byte_beyond_ascii(output, encoding):
+    # EXIF's text is ASCII by the standard, but cameras and editors write UTF-8 or Latin-1
+    # there: "©" in a copyright, umlauts in a name. Pillow reads the bytes as Latin-1 and
+    # writes a str back as ASCII, "?" for the rest.
+    exif = Image.Exif()
+    exif[0x013B] = "Jürgen Müller".encode(encoding)
+    exif[0x8298] = "© 2026 Jürgen Müller".encode(encoding)
+    data = encoded(quadrants(300, 200), "JPEG", exif=exif.tobytes())
+    _, thumbs = archive(data, "named.jpg", "128x128", format=output, metadata="keep")
+    (thumb,) = thumbs.values()
+    kept = thumb.getexif()
+    assert kept[0x013B].encode("latin-1") == "Jürgen Müller".encode(encoding)
+    assert kept[0x8298].encode("latin-1") == "© 2026 Jürgen Müller".encode(encoding)
+
+
 def test_write_archive_keeps_gps_only_when_asked():
     _, thumbs = archive(tagged_jpeg(), "gps.jpg", "128x128", metadata="keep", gps=True)
     (thumb,) = thumbs.values()
