@@ -58,6 +58,8 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "HEIF", "AVIF"
 # output_format_for).
 OUTPUT_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WEBP", "HEIF": "JPEG", "AVIF": "JPEG"}
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "AVIF": ".avif"}
+# The grey modes each output format writes as grey; Pillow writes other grey in colour.
+GREY_MODES = {"JPEG": ("L",), "PNG": ("L", "LA"), "WEBP": (), "AVIF": ("L",)}
 ORIGINAL_EXTENSIONS = {
     "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif"),
     "MPO": (".jpg", ".jpeg", ".mpo"),
@@ -885,6 +887,12 @@ def _thumbnails(
     work_mode = _resizable_mode(image.mode, image.info)
     sixteen_bits = image.mode.startswith("I;16")
     to_rgb = _cmyk_to_rgb(icc_profile) if work_mode == "CMYK" else None
+    if work_mode in ("L", "LA") and work_mode not in GREY_MODES[output_format]:
+        # Written in colour (WebP, and AVIF with alpha), which a grey profile does not
+        # describe: converted through it to sRGB instead, as CMYK is through its own.
+        to_rgb = _grey_to_srgb(icc_profile)
+        if icc_profile and _profile_space(icc_profile) == "GRAY":
+            icc_profile = None  # converted, or (a broken one) left out
     to_srgb = _wide_to_srgb(icc_profile, work_mode) if options.colour == "srgb" else None
     if to_srgb is not None:
         icc_profile = None  # converted: an untagged thumbnail is sRGB to every browser
@@ -1492,6 +1500,9 @@ def _thumbnail_work(
         converting = 5 if mode.startswith("I;16") else 9
     elif work_mode in _PREMULTIPLIED and output_format == "JPEG":
         converting = 16  # laid on white: a background, two RGBA copies, the RGB result
+    elif work_mode in ("L", "LA") and work_mode not in GREY_MODES[output_format]:
+        # Through a grey profile to sRGB: the grey channel, then RGB(A).
+        converting, output_bytes = 5, 4
     else:
         converting = output_bytes = 0  # the thumbnail is the image it was made from
     turned = (output_bytes or _pixel_bytes(work_mode)) if orientation in _TRANSPOSE else 0
@@ -1523,6 +1534,12 @@ def _output_mode(
         if to_rgb is None:
             return image.convert("RGB")
         return cast(Image.Image, ImageCms.applyTransform(image, to_rgb))
+    if mode in ("L", "LA") and to_rgb is not None:
+        coloured = cast(Image.Image, ImageCms.applyTransform(image.convert("L"), to_rgb))
+        coloured.info.pop("icc_profile", None)  # sRGB: said by saying nothing
+        if mode == "LA":
+            coloured.putalpha(image.getchannel("A"))
+        return coloured
     if mode in ("I", "F"):
         return _to_8_bits(image)
     if mode in ("RGBA", "LA") and output_format == "JPEG":
@@ -1560,6 +1577,20 @@ def _cmyk_to_rgb(icc_profile: bytes | None) -> ImageCms.ImageCmsTransform | None
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
         # A broken profile is no reason to refuse the image: fall back to the plain formula.
         return None
+
+
+def _grey_to_srgb(icc_profile: bytes | None) -> ImageCms.ImageCmsTransform | None:
+    """A transform from a grey profile to sRGB, for grey thumbnails written in colour; None
+    without one (grey values untagged are sRGB's already)."""
+    if not icc_profile or _profile_space(icc_profile) != "GRAY":
+        return None
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        return ImageCms.buildTransform(
+            source, _srgb_profile(), "L", "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None  # a broken profile: the grey values go out as they are, untagged
 
 
 def _wide_to_srgb(icc_profile: bytes | None, work_mode: str) -> ImageCms.ImageCmsTransform | None:

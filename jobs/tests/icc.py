@@ -41,17 +41,37 @@ def rgb_profile(
     """An RGB display profile's bytes: these colourants, one gamma for each channel."""
     red, green, blue = colourants
     curve = _curve(gamma)
-    tags = [
-        (b"desc", _desc(description)),
-        (b"wtpt", _xyz(D50)),
-        (b"rXYZ", _xyz(red)),
-        (b"gXYZ", _xyz(green)),
-        (b"bXYZ", _xyz(blue)),
-        (b"rTRC", curve),
-        (b"gTRC", curve),
-        (b"bTRC", curve),
-        (b"cprt", b"text\0\0\0\0No copyright, generated in a test\0"),
-    ]
+    return _profile(
+        b"RGB ",
+        [
+            (b"desc", _desc(description)),
+            (b"wtpt", _xyz(D50)),
+            (b"rXYZ", _xyz(red)),
+            (b"gXYZ", _xyz(green)),
+            (b"bXYZ", _xyz(blue)),
+            (b"rTRC", curve),
+            (b"gTRC", curve),
+            (b"bTRC", curve),
+            (b"cprt", b"text\0\0\0\0No copyright, generated in a test\0"),
+        ],
+    )
+
+
+def grey_profile(description: str, gamma: float) -> bytes:
+    """A grey display profile's bytes: one tone curve, D50 white."""
+    return _profile(
+        b"GRAY",
+        [
+            (b"desc", _desc(description)),
+            (b"wtpt", _xyz(D50)),
+            (b"kTRC", _curve(gamma)),
+            (b"cprt", b"text\0\0\0\0No copyright, generated in a test\0"),
+        ],
+    )
+
+
+def _profile(space: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """A display profile (ICC v2) of this colour space and tags."""
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for signature, body in tags:
@@ -63,7 +83,9 @@ def rgb_profile(
         struct.pack(">I", size)
         + b"lcms"
         + struct.pack(">I", 0x02100000)
-        + b"mntrRGB XYZ "
+        + b"mntr"
+        + space
+        + b"XYZ "
         + struct.pack(">6H", 2026, 1, 1, 0, 0, 0)
         + b"acsp"
         + bytes(24)

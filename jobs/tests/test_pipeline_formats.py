@@ -16,7 +16,7 @@ from PIL import Image, ImageCms, ImageFilter, ImageStat
 from jobs import pipeline
 from jobs.pipeline import EncodeOptions, ThumbnailSize, parse_sizes, write_archive
 
-from .icc import ADOBE_RGB, DISPLAY_P3, rgb_profile
+from .icc import ADOBE_RGB, DISPLAY_P3, grey_profile, rgb_profile
 from .test_pipeline import BLUE, GREEN, RED, WHITE, close_to, encoded, quadrants
 
 # What undoes each EXIF orientation's turn: a file stored this way, tagged `orientation`,
@@ -33,9 +33,11 @@ STORED = {
 }
 
 
-def archive(data: bytes, name: str, sizes, **options: object):
+def archive(data: bytes, name: str, sizes, libvips: bool = False, **options: object):
     out = io.BytesIO()
-    info = write_archive(data, name, out, parse_sizes(sizes), options=EncodeOptions(**options))
+    info = write_archive(
+        data, name, out, parse_sizes(sizes), options=EncodeOptions(**options), libvips=libvips
+    )
     with zipfile.ZipFile(out) as zipped:
         thumbs = {}
         for member in zipped.namelist()[1:]:
@@ -229,6 +231,44 @@ def test_write_archive_keeps_a_wide_gamut_profile_when_asked():
     (thumb,) = thumbs.values()
     assert thumb.info["icc_profile"] == icc
     assert close_to(thumb.getpixel((32, 24)), PATCH, 4)
+
+
+@pytest.mark.parametrize(
+    ("mode", "name", "output", "written"),
+    [
+        ("L", "grey.jpg", "webp", "RGB"),
+        ("LA", "grey.png", "webp", "RGBA"),
+        ("LA", "grey.png", "avif", "RGBA"),
+        ("L", "grey.jpg", "same", "L"),
+        ("LA", "grey.png", "same", "LA"),
+        ("L", "grey.jpg", "avif", "L"),
+    ],
+)
+@pytest.mark.parametrize("colour", ["srgb", "keep"])
+@pytest.mark.parametrize("libvips", [False, True])
+def test_write_archive_writes_grey_with_its_profile_only_where_the_format_stays_grey(
+    mode, name, output, written, colour, libvips
+):
+    # A linear grey (gamma 1.0, as scanners and some editors tag it): 64 is a dark grey in
+    # sRGB's numbers, but a mid grey (sRGB 137) through the profile.
+    icc = grey_profile("Gray Gamma 1.0", 1.0)
+    fill = 64 if mode == "L" else (64, 200)
+    source_format = "JPEG" if mode == "L" else "PNG"
+    data = encoded(Image.new(mode, (400, 300), fill), source_format, icc_profile=icc)
+    _, thumbs = archive(data, name, "64x64", format=output, colour=colour, libvips=libvips)
+    (thumb,) = thumbs.values()
+    assert thumb.mode == written
+    grey = thumb.convert("L").getpixel((32, 24))
+    if written in ("L", "LA"):
+        # Grey stays grey, its profile with it, whatever `colour` says (it is no wide gamut).
+        assert thumb.info.get("icc_profile") == icc
+        assert abs(grey - 64) <= 2, grey
+        return
+    # In colour a grey profile would describe nothing: converted through it to sRGB.
+    assert "icc_profile" not in thumb.info
+    red, green, blue = thumb.getpixel((32, 24))[:3]
+    assert red == green == blue, (red, green, blue)
+    assert abs(red - 137) <= 4, red
 
 
 @pytest.mark.parametrize("output", ["same", "jpeg", "webp"])
