@@ -5,7 +5,9 @@ database."""
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -332,28 +334,82 @@ def xmp_orientation(orientation: int) -> str:
     )
 
 
+def chunk_after_pixels(data: bytes, kind: bytes, body: bytes) -> bytes:
+    """A PNG with one more chunk, between its pixels and its end."""
+    chunk = struct.pack(">I", len(body)) + kind + body
+    chunk += struct.pack(">I", zlib.crc32(kind + body))
+    end = data.rindex(b"IEND") - 4
+    return data[:end] + chunk + data[end:]
+
+
 @pytest.mark.parametrize(
-    ("keyword", "text", "compressed"),
+    ("keyword", "text", "compressed", "after_pixels"),
     [
-        ("XML:com.adobe.xmp", xmp_orientation(6), False),
-        ("XML:com.adobe.xmp", xmp_orientation(6), True),
-        ("Raw profile type exif", raw_exif_profile(artist_exif(orientation=6)), True),
+        ("XML:com.adobe.xmp", xmp_orientation(6), False, False),
+        ("XML:com.adobe.xmp", xmp_orientation(6), True, False),
+        ("Raw profile type exif", raw_exif_profile(artist_exif(orientation=6)), True, False),
+        ("XML:com.adobe.xmp", xmp_orientation(6), True, True),
+        ("Raw profile type exif", raw_exif_profile(artist_exif(orientation=6)), False, True),
     ],
-    ids=["xmp", "compressed-xmp", "imagemagick-raw-exif"],
+    ids=[
+        "xmp",
+        "compressed-xmp",
+        "imagemagick-raw-exif",
+        "compressed-xmp-after-pixels",
+        "raw-exif-text-after-pixels",
+    ],
 )
 def test_write_archive_libvips_png_turns_by_orientation_outside_exif_as_pillow(
-    keyword, text, compressed
+    keyword, text, compressed, after_pixels
 ):
     # Pillow reads a PNG's orientation from XMP and ImageMagick's raw EXIF profile too, not
-    # only from an eXIf chunk: libvips' thumbnails must come out the same way up.
+    # only from an eXIf chunk, and wherever they are: libvips' thumbnails must come out the
+    # same way up.
     from PIL import PngImagePlugin
 
     metadata = PngImagePlugin.PngInfo()
-    metadata.add_itxt(keyword, text, zip=compressed)
-    data = png(gradients((2000, 1000)), pnginfo=metadata)
+    if after_pixels:
+        data = png(gradients((2000, 1000)))
+        if compressed:  # iTXt: keyword, compressed, method, no language or translation
+            body = keyword.encode() + b"\0\1\0\0\0" + zlib.compress(text.encode())
+            data = chunk_after_pixels(data, b"iTXt", body)
+        else:
+            data = chunk_after_pixels(data, b"tEXt", keyword.encode() + b"\0" + text.encode())
+    else:
+        metadata.add_itxt(keyword, text, zip=compressed)
+        data = png(gradients((2000, 1000)), pnginfo=metadata)
     pillow_info, pillow_members = archive(data, libvips=False, name="wall.png")
     vips_info, vips_members = archive(data, libvips=True, name="wall.png")
     assert (pillow_info.width, pillow_info.height) == (1000, 2000)
     assert (vips_info.width, vips_info.height) == (1000, 2000)
     assert list(vips_members) == list(pillow_members)
     assert Image.open(io.BytesIO(vips_members["wall_256x512.png"])).size == (256, 512)
+
+
+XMP_ORIENTATION_ELEMENT = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+    'xmlns:tiff="http://ns.adobe.com/tiff/1.0/"><tiff:Orientation>1</tiff:Orientation>'
+    "</rdf:Description></rdf:RDF></x:xmpmeta>"
+)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "text"),
+    [
+        # As image editors write it into many PNGs (4 of the mixed corpus's 41).
+        ("XML:com.adobe.xmp", XMP_ORIENTATION_ELEMENT),
+        ("XML:com.adobe.xmp", xmp_orientation(1)),
+        ("Raw profile type exif", raw_exif_profile(artist_exif(orientation=1))),
+    ],
+    ids=["xmp-element", "xmp-attribute", "imagemagick-raw-exif"],
+)
+def test_write_archive_libvips_keeps_the_pngs_that_say_they_are_upright(keyword, text):
+    from PIL import PngImagePlugin
+
+    metadata = PngImagePlugin.PngInfo()
+    metadata.add_itxt(keyword, text, zip=True)
+    data = png(gradients((2400, 1600)), pnginfo=metadata)
+    target = pipeline._libvips_target(pipeline.open_image(data), data, SIZES, EncodeOptions())
+    assert target is not None
+    assert target[1] == 1
