@@ -25,6 +25,7 @@ import errno
 import fnmatch
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -499,14 +500,20 @@ class Arrival:
         return arrivals
 
 
+# Whatever the case: Windows writes THUMBS.DB and FILE.TMP as readily. One expression for
+# all the patterns: every sweep asks it of every name in the folder.
+_JUNK_NAME = re.compile(
+    "|".join(fnmatch.translate(pattern.casefold()) for pattern in JUNK_PATTERNS)
+)
+_JUNK_DIRECTORY_NAMES = frozenset(name.casefold() for name in JUNK_DIRECTORIES)
+
+
 def is_junk_directory(name: str) -> bool:
-    return name.casefold() in (junk.casefold() for junk in JUNK_DIRECTORIES)
+    return name.casefold() in _JUNK_DIRECTORY_NAMES
 
 
 def is_junk(name: str) -> bool:
-    # Whatever the case: Windows writes THUMBS.DB and FILE.TMP as readily.
-    folded = name.casefold()
-    return any(fnmatch.fnmatchcase(folded, pattern.casefold()) for pattern in JUNK_PATTERNS)
+    return _JUNK_NAME.match(name.casefold()) is not None
 
 
 def scan(
@@ -578,10 +585,11 @@ def _walk(
 
     One descriptor per level is held, so a wide folder does not run out of them.
     """
-    # Each level: its descriptor, its name below the top, and its subfolders still to do.
-    stack: list[tuple[int, PurePosixPath, Iterator[str]]] = []
+    # Each level: its descriptor, its name below the top ("" or "a/b/"; strings, not paths:
+    # every sweep joins it with every name in the folder), and its subfolders still to do.
+    stack: list[tuple[int, str, Iterator[str]]] = []
     fd = os.dup(top.fd)
-    relative = PurePosixPath()
+    relative = ""
     try:
         while True:
             subfolders: list[str] = []
@@ -610,7 +618,7 @@ def _walk(
                         if _downloading(entry.name, downloads):
                             result.unstable += 1  # a placeholder: its download still arrives
                             continue
-                    yield (relative / entry.name).as_posix(), status
+                    yield relative + entry.name, status
                 else:
                     result.ignored += 1
             stack.append((fd, relative, iter(subfolders)))
@@ -628,7 +636,7 @@ def _walk(
                 except OSError as exc:
                     logger.warning("not entering %s: %s", folder / parent_relative / name, exc)
                     continue
-                relative = parent_relative / name
+                relative = f"{parent_relative}{name}/"
             if fd < 0:
                 return
     finally:
