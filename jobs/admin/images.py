@@ -14,7 +14,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.actions import delete_selected as django_delete_selected
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import BooleanField, ExpressionWrapper, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.defaultfilters import filesizeformat
 from django.template.response import TemplateResponse
@@ -25,7 +25,7 @@ from .. import storage, uploads
 from ..archives import archive_holder, sorted_thumbnails, zip_listing
 from ..forms import ReprocessForm
 from ..links import preview_url, thumbnail_url
-from ..models import Image, Sweep
+from ..models import Image
 from ..tasks import queue_images
 from .display import (
     GroupedFacetsFilter,
@@ -40,13 +40,22 @@ from .display import (
 )
 from .sweeps import schedule_names
 
+# An image swept by hand: by a sweep (its record may be gone since), of no schedule, from a
+# folder. Read from the image's own row, like its schedule, so that counting the list's
+# images by schedule joins no sweep (0.5 s of each page with 200,000 images on SQLite).
+SWEPT_BY_HAND = Q(source=Image.Source.FOLDER, schedule_name="", sweep__isnull=False)
+
 
 class ScheduleFilter(GroupedFacetsFilter):
     """The periodic task that swept an image, or how it came otherwise."""
 
     title = "schedule"
     parameter_name = "schedule"
-    facet_fields = ("sweep__schedule_name", "sweep__trigger", "source")
+    facet_fields = (
+        "schedule_name",
+        "source",
+        ExpressionWrapper(SWEPT_BY_HAND, output_field=BooleanField()),
+    )
 
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple]:
         names = schedule_names()
@@ -61,18 +70,18 @@ class ScheduleFilter(GroupedFacetsFilter):
         if not value:
             return queryset
         if value.startswith("task:"):
-            return queryset.filter(sweep__schedule_name=value[5:])
+            return queryset.filter(schedule_name=value[5:])
         if value == "manual":
-            return queryset.filter(sweep__trigger=Sweep.Trigger.MANUAL)
+            return queryset.filter(SWEPT_BY_HAND)
         if value == "upload":
             return queryset.filter(source=Image.Source.UPLOAD)
         return queryset
 
     def facet_choices(self, row: tuple) -> Iterable[str]:
-        schedule_name, trigger, source = row
+        schedule_name, source, by_hand = row
         if schedule_name:
             yield f"task:{schedule_name}"
-        if trigger == Sweep.Trigger.MANUAL:
+        if by_hand:
             yield "manual"
         if source == Image.Source.UPLOAD:
             yield "upload"
@@ -280,10 +289,10 @@ class ImageAdmin(RecordAdminMixin, admin.ModelAdmin):
     def archive_display(self, obj: Image) -> str:
         return wrap_path(obj.archive) if obj.archive else "—"
 
-    @admin.display(description="schedule", ordering="sweep__schedule_name")
+    @admin.display(description="schedule", ordering="schedule_name")
     def schedule(self, obj: Image) -> str:
-        if obj.sweep and obj.sweep.schedule_name:
-            return obj.sweep.schedule_name
+        if obj.schedule_name:
+            return obj.schedule_name
         if obj.source == Image.Source.UPLOAD:
             return "upload"
         return "sweep now" if obj.sweep else "—"

@@ -839,7 +839,13 @@ def record_history(first: int, schedules: int) -> None:
             status=Sweep.Status.DONE,
             claimed=1,
         )
-        image_row(number, Image.Status.DONE, sweep=sweep, format=f"F{number}")
+        image_row(
+            number,
+            Image.Status.DONE,
+            sweep=sweep,
+            schedule_name=sweep.schedule_name,  # as its claim copies it
+            format=f"F{number}",
+        )
     manual = Sweep.objects.create(trigger=Sweep.Trigger.MANUAL, folder="/in", claimed=1)
     image_row(first + 1000, Image.Status.FAILED, sweep=manual)
     upload = Sweep.objects.create(trigger=Sweep.Trigger.UPLOAD, folder="/up", claimed=1)
@@ -874,6 +880,28 @@ def test_image_changelist_counts_its_facets_in_passes_that_do_not_grow_with_sche
     assert re.search(r"sweep now / command\s*\(2\)", page)
     assert re.search(r"upload page\s*\(0\)", page)
     assert re.search(r"every-15\s*\(0\)", page)
+
+
+def test_image_changelist_counts_and_filters_by_schedule_from_the_images_alone(admin_client):
+    record_history(0, 2)
+    url = reverse("admin:jobs_image_changelist")
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get(url).content.decode()
+    grouped = [
+        query["sql"]
+        for query in queries
+        if '"jobs_image"."schedule_name"' in query["sql"] and "GROUP BY" in query["sql"]
+    ]
+    assert len(grouped) == 1
+    assert not any('JOIN "jobs_sweep"' in sql for sql in grouped), grouped
+    assert re.search(r"every-0\s*\(1\)", page)
+    assert re.search(r"sweep now / command\s*\(1\)", page)
+    listed = admin_client.get(url + "?schedule=task%3Aevery-0").content.decode()
+    assert "0.jpg" in listed
+    assert "1.jpg" not in listed
+    listed = admin_client.get(url + "?schedule=manual").content.decode()
+    assert "1000.jpg" in listed
+    assert "2000.jpg" not in listed  # the upload
 
 
 def test_sweep_changelist_counts_its_schedule_facet_in_one_pass_whatever_the_schedules(
