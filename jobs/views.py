@@ -53,6 +53,7 @@ LOGIN_URL = "jobs:login"
 RECENT_UPLOADS = 30
 # Finished files do not change under a URL that carries their version; cache them privately.
 FILE_CACHE = "private, max-age=86400"
+ZIP_CACHE = "private, no-cache"
 COPY_CHUNK = 1024 * 1024
 
 
@@ -120,10 +121,15 @@ def download_archive(request: HttpRequest, image_id: int) -> HttpResponseBase:
     image, holder, archive = visible_archive(request, image_id)
     filename = f"{image.id}-{safe_stem(image.name)}.zip"
     if holder.id == image.id:
-        return FileResponse(archive, as_attachment=True, filename=filename)
-    with archive:
-        renamed = renamed_zip(archive, safe_stem(holder.name), safe_stem(image.name))
-    return FileResponse(renamed, as_attachment=True, filename=filename)
+        response = FileResponse(archive, as_attachment=True, filename=filename)
+    else:
+        with archive:
+            renamed = renamed_zip(archive, safe_stem(holder.name), safe_stem(image.name))
+        response = FileResponse(renamed, as_attachment=True, filename=filename)
+    # One person's file, under an address that a reprocess gives another zip: no shared
+    # cache may keep it, and a browser asks again.
+    response["Cache-Control"] = ZIP_CACHE
+    return response
 
 
 def renamed_zip(archive: BinaryIO, old_stem: str, new_stem: str) -> Any:

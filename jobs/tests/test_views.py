@@ -272,6 +272,13 @@ def test_duplicate_upload_downloads_the_first_zip_under_its_own_name(client, fol
         assert sorted(zipped.namelist()) == ["mine.jpg", "mine_50x33.jpg"]
         assert zipped.read("mine.jpg") == photo
     assert client.get(data["thumbnails"][0]["url"]).status_code == 200
+    # Each person's zip, the first one's as the duplicate's, kept by no shared cache.
+    assert archive["Cache-Control"] == "private, no-cache"
+    client.force_login(alice)
+    own = client.get(reverse("jobs:archive", args=[first["sweep"]["images"][0]["id"]]))
+    own.close()
+    assert own.status_code == 200
+    assert own["Cache-Control"] == "private, no-cache"
 
 
 def test_duplicate_download_never_holds_a_whole_original_in_memory(client, folders, alice):
