@@ -40,6 +40,8 @@ from typing import IO, BinaryIO, cast
 import pillow_heif
 from PIL import Image, ImageCms, ImageFilter, UnidentifiedImageError
 
+from .icc import nclx_profile
+
 # HEIC/HEIF (iPhones) through libheif. Its embedded thumbnails, depth maps and auxiliary
 # images are never used: not reading them keeps them out of memory. libheif applies the
 # file's irot/imir transforms and pillow-heif resets the EXIF orientation to 1 then, so the
@@ -939,7 +941,9 @@ def _thumbnails(
     # Every side of a scaled size grows with the box's scale, so sorting them sorts both
     # their sides: each size can be made from the one before.
     order = sorted(targets, reverse=True)
-    icc_profile = image.info.get("icc_profile")
+    # A HEIC may describe its colour in an nclx box alone (Display P3 from phones): made
+    # into the profile it stands for, it is converted or kept as an embedded one would be.
+    icc_profile = image.info.get("icc_profile") or nclx_profile(image.info.get("nclx_profile"))
     work_mode = _resizable_mode(image.mode, image.info)
     sixteen_bits = image.mode.startswith("I;16")
     to_rgb = _cmyk_to_rgb(icc_profile) if work_mode == "CMYK" else None

@@ -224,6 +224,79 @@ def test_write_archive_converts_a_wide_gamut_jpeg_to_srgb(description, colourant
     assert delta_e(lab(PATCH, source), lab(PATCH, SRGB)) > 6
 
 
+P3_NCLX = {
+    "color_primaries": 12,
+    "transfer_characteristics": 13,
+    "matrix_coefficients": 6,
+    "full_range_flag": 1,
+}
+
+
+@pytest.mark.parametrize("output", ["same", "webp"])
+def test_write_archive_converts_a_heic_described_as_display_p3_by_nclx_alone(output):
+    # As phones write them: no ICC profile, the primaries and curve named in an nclx box.
+    p3 = ImageCms.ImageCmsProfile(io.BytesIO(rgb_profile("Display P3", DISPLAY_P3)))
+    data = encoded(Image.new("RGB", (400, 300), PATCH), "HEIF", quality=95, nclx_profile=P3_NCLX)
+    decoded = Image.open(io.BytesIO(data))
+    assert "icc_profile" not in decoded.info
+    stored = decoded.convert("RGB").getpixel((200, 150))  # the patch after HEVC's rounding
+    _, thumbs = archive(data, "phone.heic", "64x64", format=output)
+    (thumb,) = thumbs.values()
+    assert "icc_profile" not in thumb.info
+    # Within 4: the reference's tone curve is a 2.2 gamma, nclx's the sRGB curve it
+    # approximates. Left as they were, the numbers would be twice as far off.
+    assert delta_e(lab(stored, p3), lab(thumb.getpixel((32, 24)), SRGB)) < 4
+    assert delta_e(lab(stored, p3), lab(stored, SRGB)) > 8
+
+
+def test_write_archive_keeps_an_nclx_display_p3_as_a_profile_when_asked():
+    p3 = ImageCms.ImageCmsProfile(io.BytesIO(rgb_profile("Display P3", DISPLAY_P3)))
+    data = encoded(Image.new("RGB", (400, 300), PATCH), "HEIF", quality=95, nclx_profile=P3_NCLX)
+    _, thumbs = archive(data, "phone.heic", "64x64", colour="keep")
+    (thumb,) = thumbs.values()
+    assert close_to(thumb.getpixel((32, 24)), PATCH, 4)
+    kept = ImageCms.ImageCmsProfile(io.BytesIO(thumb.info["icc_profile"]))
+    # The profile says Display P3 (within 4 of the reference, whose tone curve is a 2.2
+    # gamma), not sRGB.
+    assert delta_e(lab(PATCH, p3), lab(PATCH, kept)) < 4
+    assert delta_e(lab(PATCH, SRGB), lab(PATCH, kept)) > 8
+
+
+def test_nclx_display_p3_becomes_the_published_profiles_colourants():
+    from jobs.icc import nclx_profile
+
+    # As pillow-heif reports a P3 HEIC's box: the codes and their xy.
+    nclx = {
+        **P3_NCLX,
+        "color_primary_red_x": 0.68,
+        "color_primary_red_y": 0.32,
+        "color_primary_green_x": 0.265,
+        "color_primary_green_y": 0.69,
+        "color_primary_blue_x": 0.15,
+        "color_primary_blue_y": 0.06,
+        "color_primary_white_x": 0.3127,
+        "color_primary_white_y": 0.329,
+    }
+    made = ImageCms.ImageCmsProfile(io.BytesIO(nclx_profile(nclx) or b"")).profile
+    for colourant, published in zip(
+        (made.red_colorant, made.green_colorant, made.blue_colorant), DISPLAY_P3, strict=True
+    ):
+        assert colourant[0] == pytest.approx(published, abs=2e-4)
+    assert nclx_profile({**nclx, "transfer_characteristics": 16}) is None  # PQ: HDR
+    assert nclx_profile({**nclx, "color_primaries": 1}) is None  # sRGB's own
+    assert nclx_profile({"color_primaries": 12}) is None  # no primaries given
+    assert nclx_profile(None) is None
+
+
+def test_write_archive_leaves_a_heic_described_as_srgb_by_nclx_as_it_is():
+    srgb = {**P3_NCLX, "color_primaries": 1}
+    data = encoded(Image.new("RGB", (400, 300), PATCH), "HEIF", quality=95, nclx_profile=srgb)
+    _, thumbs = archive(data, "phone.heic", "64x64", colour="keep")
+    (thumb,) = thumbs.values()
+    assert "icc_profile" not in thumb.info
+    assert close_to(thumb.getpixel((32, 24)), PATCH, 4)
+
+
 def test_write_archive_keeps_a_wide_gamut_profile_when_asked():
     icc = rgb_profile("Display P3", DISPLAY_P3)
     data = encoded(Image.new("RGB", (400, 300), PATCH), "JPEG", quality=95, icc_profile=icc)
