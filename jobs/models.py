@@ -13,6 +13,8 @@ from django.db.models.functions import Now
 from django.db.models.sql.where import AND
 from django.utils import timezone
 
+from .redis_server import redact
+
 if TYPE_CHECKING:
     from .storage import FileIdentity
 
@@ -761,8 +763,14 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         if self.event == self.Event.SWEEP_FINISHED:
-            return f"{self.event} of sweep #{self.sweep_id} to {self.url}"
-        return f"{self.event} #{self.image_id} to {self.url}"
+            return f"{self.event} of sweep #{self.sweep_id} to {self.shown_url}"
+        return f"{self.event} #{self.image_id} to {self.shown_url}"
+
+    @property
+    def shown_url(self) -> str:
+        """The URL with its password masked: the outbox and the log are read by people the
+        receiver's credentials are not meant for."""
+        return redact(self.url)
 
 
 class ScheduleActivity(models.Model):

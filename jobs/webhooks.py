@@ -304,7 +304,7 @@ def deliver(delivery_id: int) -> str:
         "webhook %s (%s) to %s: try %d, %s, now %s",
         delivery_id,
         delivery.event,
-        delivery.url,
+        delivery.shown_url,
         delivery.attempts,
         answer.code or answer.error,
         fields["status"],

@@ -658,6 +658,30 @@ def test_admin_lists_deliveries_read_only_with_a_status_filter(admin_client, set
 
 
 @pytest.mark.django_db
+def test_a_password_in_a_webhook_url_is_masked_in_the_log_and_the_admin(
+    hook, admin_client, settings, caplog
+):
+    # Staff who may view the outbox, and whoever reads the worker's log, are not
+    # necessarily trusted with the receiver's credentials.
+    settings.WEBHOOK_URLS = [hook.url.replace("http://", "http://hookuser:H00k-pw@")]
+    settings.WEBHOOK_TRIES = 1
+    [delivery] = owe(finished_image())
+    caplog.set_level("INFO", logger="jobs.webhooks")
+    webhooks.deliver(delivery.id)
+    assert "hookuser:***@127.0.0.1" in caplog.text
+    assert "H00k-pw" not in caplog.text
+    changelist = reverse("admin:jobs_webhookdelivery_changelist")
+    change = reverse("admin:jobs_webhookdelivery_change", args=[delivery.id])
+    for page in (changelist, change):
+        text = admin_client.get(page).content.decode()
+        assert "hookuser:***@127.0.0.1" in text
+        assert "H00k-pw" not in text
+    # Nor can a search find the password out, a character at a time.
+    found = admin_client.get(changelist, {"q": "hookuser:H00k"}).content.decode()
+    assert change not in found
+
+
+@pytest.mark.django_db
 def test_admin_links_a_digest_to_its_sweep(admin_client, settings):
     settings.WEBHOOK_URLS = ["http://127.0.0.1:9/hook"]
     sweep = Sweep.objects.create(trigger=Sweep.Trigger.MANUAL, folder="/in", sizes=["64x64"])
