@@ -17,6 +17,7 @@ a repeat.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import hashlib
 import hmac
@@ -30,6 +31,7 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from urllib.parse import unquote, urlsplit
 
 import kombu.exceptions
 from celery import current_app
@@ -375,6 +377,15 @@ def post(url: str, body: bytes, delivery: WebhookDelivery) -> Answer:
     }
     if settings.WEBHOOK_SECRET:
         headers["X-Parroter-Signature"] = signature(body, settings.WEBHOOK_SECRET)
+    parts = urlsplit(url)
+    if parts.username is not None:
+        # urllib would take user:password@host for the host name (every try fails) and
+        # hand it to the resolver; the credentials belong in the Authorization header.
+        user, password = unquote(parts.username), unquote(parts.password or "")
+        headers["Authorization"] = "Basic " + base64.b64encode(
+            f"{user}:{password}".encode()
+        ).decode("ascii")
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
     try:
         with _opener.open(request, timeout=settings.WEBHOOK_TIMEOUT) as response:

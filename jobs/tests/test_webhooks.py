@@ -7,6 +7,7 @@ worst moments (fault_app).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -330,6 +331,16 @@ def test_deliver_posts_the_signed_body_once_and_records_it(hook):
     assert (delivery.attempts, delivery.response_code) == (1, 200)
     assert delivery.last_response == "answer 200"
     assert delivery.sent_at is not None
+
+
+@pytest.mark.django_db
+def test_deliver_sends_a_url_s_user_and_password_as_basic_auth(hook, settings):
+    settings.WEBHOOK_URLS = [hook.url.replace("http://", "http://hook%40user:H00k%3Apw@")]
+    [delivery] = owe(finished_image())
+    assert webhooks.deliver(delivery.id) == WebhookDelivery.Status.SENT
+    [(headers, _)] = hook.requests
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"hook@user:H00k:pw").decode()
+    assert headers["Host"] == hook.url.split("/")[2], "the credentials are no part of the host"
 
 
 @pytest.mark.django_db
