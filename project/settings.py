@@ -23,6 +23,7 @@ from kombu import Exchange, Queue
 
 from jobs.logs import escape_log_arguments
 from jobs.pipeline import FIT_CHOICES, FORMAT_CHOICES, METADATA_CHOICES, parse_sizes
+from jobs.redis_server import redact
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -88,7 +89,10 @@ def envurls(name: str) -> list[str]:
     urls = envlist(name, "")
     for url in urls:
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-            raise ImproperlyConfigured(f"{name} must list http:// or https:// URLs, got {url!r}")
+            # Redacted: start-up errors reach journals and log collectors.
+            raise ImproperlyConfigured(
+                f"{name} must list http:// or https:// URLs, got {redact(url)!r}"
+            )
     return urls
 
 
@@ -467,7 +471,7 @@ BROKER_URL_FILE = RUN_DIR / f"{INSTANCE}.broker"
 
 REDIS_URL = envstr("REDIS_URL", "redis://127.0.0.1:6379/0")
 if urlsplit(REDIS_URL).scheme not in REDIS_SCHEMES:
-    raise ImproperlyConfigured(f"REDIS_URL must be a redis:// URL, got {REDIS_URL!r}")
+    raise ImproperlyConfigured(f"REDIS_URL must be a redis:// URL, got {redact(REDIS_URL)!r}")
 # Redis or RabbitMQ (amqp://). Unset: REDIS_URL if set, else what `make run` chose (its
 # bundled Redis, say), else REDIS_URL's default.
 BROKER_URL = broker_url(BROKER_URL_FILE, REDIS_URL)

@@ -74,6 +74,22 @@ def test_settings_bad_value_stops_start_up_with_one_line_naming_it(variable, val
     assert variable in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("REDIS_URL", "http://:R3dis-pw@cache.example:6379/0"),
+        ("WEBHOOK_URL", "ftp://hookuser:R3dis-pw@files.example/"),
+    ],
+)
+def test_settings_refused_url_is_named_without_its_password(variable, value):
+    # Start-up errors end in journals and log collectors, read by more than the operator.
+    result = manage("check", **{variable: value})
+    assert result.returncode != 0
+    assert variable in result.stderr
+    assert "R3dis-pw" not in result.stderr
+    assert ":***@" in result.stderr
+
+
 def test_settings_check_deploy_is_clean_in_production_mode():
     result = manage(
         "check",
