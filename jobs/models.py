@@ -49,8 +49,15 @@ class DrillDownQuerySet(models.QuerySet):
         first = rows.first()
         while first is not None:
             period = _period_start(first.astimezone(zone), kind)
+            following = _next_period(period, kind)
+            if not (_clean_start(period) and (following is None or _clean_start(following))):
+                # Dates that do not follow the instants there (St John's turned its clocks
+                # back from 00:01 to 23:01 until 2011): a walk would skip or repeat them.
+                return super().datetimes(field_name, kind, order, tzinfo)
             periods.append(period)
-            after = rows.filter(**{f"{field_name}__gte": _next_period(period, kind)})
+            if following is None:
+                break
+            after = rows.filter(**{f"{field_name}__gte": following})
             # SQLite starts its index search at the first lower bound it is given on the
             # column: the list's own (the year shown, say) would make each lookup walk the
             # rows of the periods found before. The one added here goes first (PostgreSQL
@@ -72,12 +79,30 @@ def _period_start(moment: datetime, kind: str) -> datetime:
     return datetime.combine(day, time(), tzinfo=moment.tzinfo)
 
 
-def _next_period(start: datetime, kind: str) -> datetime:
-    if kind == "year":
-        return start.replace(year=start.year + 1)
-    if kind == "month":
-        return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
-    return datetime.combine(start.date() + timedelta(days=1), time(), tzinfo=start.tzinfo)
+def _next_period(start: datetime, kind: str) -> datetime | None:
+    """The start of the period after `start`'s; None after the last there is (9999)."""
+    try:
+        if kind == "year":
+            return start.replace(year=start.year + 1)
+        if kind == "month":
+            return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+        return datetime.combine(start.date() + timedelta(days=1), time(), tzinfo=start.tzinfo)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _clean_start(start: datetime) -> bool:
+    """Whether every instant before `start` is of an earlier period and every one from it
+    on of its own or a later one: not so where the clocks went back across it (it is shown
+    twice), nor where they skipped from before it to past it."""
+    before, after = start.utcoffset(), start.replace(fold=1).utcoffset()
+    if before == after:
+        return True
+    if after < before:  # type: ignore[operator]
+        return False
+    # Skipped: clean if the skip starts at it (Santiago's clocks go from 24:00 to 01:00).
+    earlier = start - timedelta(microseconds=1)
+    return earlier.utcoffset() == earlier.replace(fold=1).utcoffset()
 
 
 class Sweep(models.Model):

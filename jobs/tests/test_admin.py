@@ -1130,3 +1130,31 @@ def test_date_drill_down_of_the_images_list_does_not_grow_with_the_rows(admin_cl
         image_row(number, Image.Status.DONE, queued_at=start.replace(day=15))
     many = sqlite_steps(months)
     assert many <= few + 1, (few, many)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("zone", "moments"),
+    [
+        # St John's turned its clocks back at 00:01 until 2011, to 23:01 the day before: the
+        # first minute of 7 November 2010 came, then an hour of the 6th again.
+        ("America/St_Johns", ["2010-11-07 02:00:00+00:00", "2010-11-07 03:00:00+00:00"]),
+        ("America/St_Johns", ["2010-11-07 02:30:30+00:00", "2010-11-07 03:00:00+00:00"]),
+        # The last dates there are, in any zone.
+        ("UTC", ["9999-12-31 12:00:00+00:00"]),
+        ("America/New_York", ["9999-12-31 12:00:00+00:00"]),
+    ],
+)
+def test_date_drill_down_matches_django_where_clocks_go_back_across_midnight_or_dates_end(
+    admin_client, zone, moments
+):
+    from datetime import datetime
+
+    for number, moment in enumerate(moments):
+        image_row(number, Image.Status.DONE, queued_at=datetime.fromisoformat(moment))
+    with timezone.override(zone):
+        for kind in ("year", "month", "day"):
+            walked = list(Image.objects.datetimes("queued_at", kind))
+            assert walked == list(QuerySet.datetimes(Image.objects.all(), "queued_at", kind))
+        # The list drills down to the month of them at once: its days.
+        assert admin_client.get(reverse("admin:jobs_image_changelist")).status_code == 200
