@@ -622,25 +622,26 @@ def test_reconcile_removes_the_zip_a_dead_run_renamed_into_place_the_day_before(
     assert not renamed.exists()
 
 
-def test_reconcile_leaves_the_zip_the_retried_run_replaces(folders, drop):
+def zip_of_a_dead_first_run(folders, drop) -> tuple[Image, Path]:
+    """A claimed image whose first run died after renaming its zip into place."""
     image = claim_one(folders, drop)
     Image.objects.start(image.id, "task", worker="elsewhere:1")
     expire_lease(image)
     renamed = storage.archive_path(Image.objects.get(id=image.id))
     renamed.parent.mkdir(parents=True)
     renamed.write_bytes(b"a whole zip, of the name the next run writes")
+    return image, renamed
+
+
+def test_reconcile_leaves_the_zip_the_retried_run_replaces(folders, drop):
+    image, renamed = zip_of_a_dead_first_run(folders, drop)
     assert run(folders["watch"]).to_queue == [image.id]
     assert renamed.exists(), "the next run may be writing it by then"
 
 
 @pytest.mark.parametrize("ending", [Image.Status.DUPLICATE, Image.Status.FAILED])
 def test_a_retried_run_that_makes_no_zip_removes_the_one_its_dead_run_left(folders, drop, ending):
-    image = claim_one(folders, drop)
-    Image.objects.start(image.id, "task", worker="elsewhere:1")
-    expire_lease(image)
-    renamed = storage.archive_path(Image.objects.get(id=image.id))
-    renamed.parent.mkdir(parents=True)
-    renamed.write_bytes(b"a whole zip, of the name the next run writes")
+    image, renamed = zip_of_a_dead_first_run(folders, drop)
     assert run(folders["watch"]).to_queue == [image.id]
     if ending == Image.Status.DUPLICATE:
         # The same content, dropped twice, was done by the other copy meanwhile.
