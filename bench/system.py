@@ -426,6 +426,8 @@ class Phases:
     parts: dict[str, float] = field(default_factory=dict)
     sweeps: int = 0
     sweep_ms: float = 0.0
+    # The largest peak resident memory of a pool process, MB.
+    peak_mb: float = 0.0
 
     @classmethod
     def read(cls, path: Path) -> Phases:
@@ -434,12 +436,15 @@ class Phases:
         by_process = defaultdict(list)
         for line in path.read_text().splitlines():
             task = json.loads(line)
-            by_process[task["pid"]].append((task["task"], dict(task["marks"])))
+            by_process[task["pid"]].append(
+                (task["task"], dict(task["marks"]), task.get("peak_kib", 0))
+            )
         sums: dict[str, float] = defaultdict(float)
         tasks, sweeps, sweep_seconds, gaps = 0, 0, 0.0, []
+        peak_kib = max((peak for runs in by_process.values() for *_, peak in runs), default=0)
         for runs in by_process.values():
             runs.sort(key=lambda run: run[1]["prerun"])
-            for number, (name, marks) in enumerate(runs):
+            for number, (name, marks, _) in enumerate(runs):
                 whole = marks["postrun"] - marks["prerun"]
                 if name != "jobs.make_thumbnails":
                     sweeps += 1
@@ -459,7 +464,7 @@ class Phases:
                     gaps.append(runs[number + 1][1]["prerun"] - marks["postrun"])
         parts = {part: seconds * 1000 / max(tasks, 1) for part, seconds in sums.items()}
         parts["between tasks"] = statistics.mean(gaps) * 1000 if gaps else 0.0
-        return cls(tasks, parts, sweeps, sweep_seconds * 1000 / max(sweeps, 1))
+        return cls(tasks, parts, sweeps, sweep_seconds * 1000 / max(sweeps, 1), peak_kib / 1024)
 
 
 def _idle(runs) -> tuple[float, float]:
@@ -803,6 +808,13 @@ def _report_phases(batches: list[Phases]) -> None:
     write(
         f"  sweeps run by the same processes meanwhile: {sweeps:g} a batch, "
         f"{sweep_ms:.1f} ms each\n"
+    )
+    from django.conf import settings
+
+    peak = max(batch.peak_mb for batch in batches)
+    write(
+        f"  peak resident memory of a pool process, all runs: {peak:.0f} MB "
+        f"(WORKER_MEMORY_MB: {settings.WORKER_MEMORY_MB})\n"
     )
 
 

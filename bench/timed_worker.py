@@ -3,13 +3,15 @@ began and ended, for bench/system.py's account of where the time between images 
 
 Each task's times go to BENCH_PHASES as one JSON line, written after the task (one small
 append a task). A part: Celery's STARTED and SUCCESS result rows, `jobs.runner`'s run, and
-putting the original away inside it.
+putting the original away inside it. With them, the process's peak resident memory so far,
+to set against WORKER_MEMORY_MB.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 
 from celery.signals import task_postrun, task_prerun, worker_process_init
@@ -43,7 +45,13 @@ def _task_starts(sender=None, **kwargs) -> None:
 @task_postrun.connect
 def _task_ended(sender=None, **kwargs) -> None:
     _mark("postrun")
-    line = {"pid": os.getpid(), "task": sender.name if sender else "", "marks": _marks}
+    line = {
+        "pid": os.getpid(),
+        "task": sender.name if sender else "",
+        "marks": _marks,
+        # KiB on Linux.
+        "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
     with open(os.environ["BENCH_PHASES"], "a") as phases:
         phases.write(json.dumps(line) + "\n")
 

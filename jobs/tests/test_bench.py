@@ -34,6 +34,12 @@ def test_bench_pipeline_smoke_runs_and_prints_the_table():
     assert "method          images failed   wall s   img/s    MP/s   CPU s img/CPU s" in output
     for line in ("pipeline / tutorial", "pipeline / decode floor", "quality vs", "peak RSS"):
         assert line in output
+    # What no pipeline avoids, measured beside the floors: a figure for every format.
+    bare = [line for line in output.splitlines() if line.startswith("bare minimum ")]
+    assert bare and int(bare[0].split()[2]) > 0, output
+    for kind in ("baseline JPEG", "PNG", "WebP"):
+        rows = [line for line in output.splitlines() if line.startswith(kind)]
+        assert rows and all(float(row.split()[-1]) > 0 for row in rows), rows
 
 
 def test_bench_sweep_smoke_runs_and_prints_the_table():
@@ -59,3 +65,6 @@ def test_bench_system_smoke_runs_and_prints_the_table():
     for part in ("jobs.runner (the pipeline included)", "Celery's SUCCESS result row"):
         assert parts[part] > 0, output
     assert "pool processes idle:" in output
+    # The pool processes' peak memory, to set against WORKER_MEMORY_MB.
+    (peak,) = [line for line in output.splitlines() if "peak resident memory" in line]
+    assert int(peak.split(": ")[1].split(" MB")[0]) > 20, peak
