@@ -232,6 +232,8 @@ def _read_key(key_file: Path) -> str:
 
 
 DEBUG = envbool("DJANGO_DEBUG", "0")
+# Error pages and e-mails show URL settings with their passwords masked (project/reporting.py).
+DEFAULT_EXCEPTION_REPORTER_FILTER = "project.reporting.ExceptionReporterFilter"
 SECRET_KEY = secret_key()
 ALLOWED_HOSTS = envlist("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = envlist("DJANGO_CSRF_TRUSTED_ORIGINS", "")

@@ -36,10 +36,12 @@ def test_bench_pipeline_smoke_runs_and_prints_the_table():
         assert line in output
     # What no pipeline avoids, measured beside the floors: a figure for every format.
     bare = [line for line in output.splitlines() if line.startswith("bare minimum ")]
-    assert bare and int(bare[0].split()[2]) > 0, output
+    assert bare, output
+    assert int(bare[0].split()[2]) > 0, bare
     for kind in ("baseline JPEG", "PNG", "WebP"):
         rows = [line for line in output.splitlines() if line.startswith(kind)]
-        assert rows and all(float(row.split()[-1]) > 0 for row in rows), rows
+        assert rows, output
+        assert all(float(row.split()[-1]) > 0 for row in rows), rows
 
 
 def test_bench_sweep_smoke_runs_and_prints_the_table():

@@ -254,3 +254,35 @@ def test_manage_check_stops_on_overlapping_folders(tmp_path):
     result = manage("check", MEDIA_ROOT=str(tmp_path), WATCH_FOLDER=str(tmp_path / "in"))
     assert result.returncode != 0
     assert "parroter.E001" in result.stderr
+
+
+# Kept away from the test's raise: the debug page quotes the code around each frame's line.
+SECRET_URLS = {
+    "REDIS_URL": "redis://:redis-pass@cache.example:6379/0",
+    "BROKER_URL": "amqp://guest:amqp-pass@rabbit.example:5672//",
+    "WEBHOOK_URLS": ["https://hooks:hook-pass@receiver.example/in", "https://plain/"],
+}
+ENVIRONMENT_URL = "redis://:env-pass@cache.example:6379/0"
+PASSWORDS = ("redis-pass", "amqp-pass", "hook-pass", "env-pass")
+
+
+def test_error_reports_mask_passwords_in_url_settings_and_the_environment(rf, settings):
+    """Django hides settings by name; a password inside a URL setting, or in the environment
+    a development server hands each request, is masked on the debug page and in e-mails."""
+    import sys as system
+
+    from django.views.debug import ExceptionReporter
+
+    settings.DEBUG = True
+    # Not a loop here: the debug page shows each frame's variables, a loop's last value too.
+    settings.REDIS_URL, settings.BROKER_URL, settings.WEBHOOK_URLS = SECRET_URLS.values()
+    request = rf.get("/", REDIS_URL=ENVIRONMENT_URL)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        reporter = ExceptionReporter(request, *system.exc_info())
+    for page in (reporter.get_traceback_text(), reporter.get_traceback_html()):
+        assert not [password for password in PASSWORDS if password in page]
+        assert "guest:***@rabbit.example" in page
+        assert "hooks:***@receiver.example" in page
+        assert "https://plain/" in page
