@@ -4,6 +4,7 @@ instances sharing one Redis database without touching each other's work."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sqlite3
 import subprocess
@@ -16,6 +17,7 @@ from django.conf import settings
 
 from jobs.broker import queue_length, queue_state
 from jobs.models import Image
+from jobs.redis_server import start_bundled_redis
 from jobs.tasks import queue_images
 
 from .conftest import image_bytes
@@ -85,6 +87,44 @@ def test_queue_length_is_none_when_redis_does_not_answer_and_keeps_its_password_
     assert f"redis://:***@127.0.0.1:{broker.port}/0" in state.error
     assert broker.password not in state.error
     assert queue_length(timeout=0.5) is None
+
+
+def connections_received(url: str) -> int:
+    """Connections the Redis at `url` accepted so far, this question's own among them."""
+    return int(redis.Redis.from_url(url).info("stats")["total_connections_received"])
+
+
+def test_queue_state_asks_again_on_the_connection_it_kept(broker):
+    queue_images([1, 2])
+    assert queue_length() == 2
+    before = connections_received(broker.url)
+    assert [queue_length() for _ in range(5)] == [2] * 5
+    # The second connections_received's own, none for the questions.
+    assert connections_received(broker.url) - before == 1
+
+
+def test_queue_state_answers_again_once_redis_restarted(broker):
+    queue_images([1])
+    assert queue_length() == 1
+    broker.stop()
+    assert queue_length(timeout=0.5) is None
+    with start_bundled_redis(broker.port, password=broker.password):
+        assert queue_length() == 0, "a restarted Redis without persistence holds nothing"
+        queue_images([1, 2, 3])
+        assert queue_length() == 3
+
+
+def test_queue_state_in_a_forked_child_does_not_use_its_parents_connection(broker):
+    queue_state()
+    before = connections_received(broker.url)
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's own exit code tells)
+        os._exit(0 if queue_length() == 0 else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The child connected on its own (and the parent's socket answered nobody but it).
+    assert connections_received(broker.url) - before == 2
+    assert queue_length() == 0
 
 
 def sqlite_rows(path: Path, sql: str) -> list[tuple]:
