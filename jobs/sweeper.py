@@ -562,15 +562,23 @@ def _repair(waiting: QuerySet[Image], requeue: Requeue) -> Repairs:
             logger.warning("cannot put away the original of image %s: %s", image.id, exc)
     after = settings.REQUEUE_AFTER if requeue.after is None else requeue.after
     cutoff = now - timedelta(seconds=after)
-    stale = waiting.filter(status=Image.Status.PENDING, queued_at__lt=cutoff)
-    if requeue.held is not None:
+    stale: QuerySet[Image] | None
+    if requeue.held is None:
+        stale = waiting.filter(status=Image.Status.PENDING, queued_at__lt=cutoff)
+    else:
         # The queue lacks messages of pending images anywhere, not only of this folder's:
         # make up for the oldest of all (the lost message's image is the oldest waiting),
         # or a busy folder's sweeps spend every missing message on their own images.
         pending = Image.objects.filter(status=Image.Status.PENDING)
         lacking = pending.count() - requeue.held
-        stale = pending.filter(queued_at__lt=cutoff).order_by("queued_at", "id")[: max(lacking, 0)]
-    lost = dict(stale.values_list("id", "source"))
+        # Nearly always none lacks (each pending image's message waits in the queue): then
+        # no query is built at all, which took 0.14 ms of every sweep on SQLite for none.
+        stale = (
+            pending.filter(queued_at__lt=cutoff).order_by("queued_at", "id")[:lacking]
+            if lacking > 0
+            else None
+        )
+    lost = dict(stale.values_list("id", "source")) if stale is not None else {}
     if lost:
         # The message may be sitting in the queue still: a second copy is harmless, since
         # only one run can move the image from pending to processing.
