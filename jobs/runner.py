@@ -84,7 +84,7 @@ def process_image(
 
 
 def keep_lease(image_id: int, token: uuid.UUID) -> contextlib.AbstractContextManager[None]:
-    """Renew a run's lease from a thread of its own for as long as the body runs."""
+    """Renew a run's lease (from the process's lease keeper) for as long as the body runs."""
     return leases.renewed(lambda: Image.objects.renew(image_id, token), f"image {image_id}")
 
 

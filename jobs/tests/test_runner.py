@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 import time
 import zipfile
 from datetime import timedelta
@@ -16,7 +15,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 from PIL import Image as PILImage
 
-from jobs import runner, storage, sweeper, uploads
+from jobs import leases, runner, storage, sweeper, uploads
 from jobs.models import Image, Sweep
 from jobs.sweeper import SweepArgumentsError
 from jobs.tasks import make_thumbnails, sweep_folder
@@ -371,10 +370,6 @@ def test_reprocessing_keeps_the_old_archive_until_the_new_one_is_recorded(
     assert Path(image.original_path).is_file()
 
 
-def lease_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name.startswith("lease of ")]
-
-
 def database_sessions() -> int | None:
     """Open sessions on the test database (PostgreSQL only; SQLite has no server to ask)."""
     if connection.vendor != "postgresql":
@@ -389,7 +384,7 @@ def lease_expired(image_id: int) -> bool:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_keep_lease_renews_from_a_thread_and_stops_with_the_run(folders, drop, settings):
+def test_keep_lease_renews_from_the_keeper_and_stops_with_the_run(folders, drop, settings):
     settings.LEASE_SECONDS = 1
     image = claim(folders, drop)
     token = Image.objects.start(image.id)
@@ -397,8 +392,8 @@ def test_keep_lease_renews_from_a_thread_and_stops_with_the_run(folders, drop, s
     with runner.keep_lease(image.id, token):
         Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=5))
         wait_for(lambda: not lease_expired(image.id), timeout=30, what="a renewal")
-        assert [thread.name for thread in lease_threads()] == [f"lease of image {image.id}"]
-    assert lease_threads() == [], "the renewer stops with the run"
+        assert leases.held() == [f"image {image.id}"]
+    assert leases.held() == [], "renewing stops with the run"
     # A server process leaves pg_stat_activity a moment after its client said goodbye.
     wait_for(
         lambda: database_sessions() == sessions,
@@ -419,7 +414,7 @@ def test_keep_lease_stops_renewing_once_the_run_was_taken_over(folders, drop, se
         Image.objects.filter(id=image.id).update(lease_until=Now() - timedelta(seconds=5))
         dead = Image.objects.get(id=image.id)
         assert dead.retry(settings.MAX_ATTEMPTS) == Image.Status.PENDING
-        wait_for(lambda: not lease_threads(), timeout=30, what="the renewer to give up")
+        wait_for(lambda: not leases.held(), timeout=30, what="the keeper to give up")
     stored = Image.objects.get(id=image.id)
     assert (stored.status, stored.lease_until) == (Image.Status.PENDING, None)
 
