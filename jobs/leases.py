@@ -100,7 +100,7 @@ class _Keeper:
                 self.renewing = lease
                 self.connected = True
             if lease is None:
-                connection.close()
+                self._close()
                 with self.changed:
                     self.connected = False
                 continue
@@ -127,6 +127,14 @@ class _Keeper:
                 return due
             self.wake_at = due.due if due is not None else now + _period()
             self.changed.wait(self.wake_at - now)
+
+    @staticmethod
+    def _close() -> None:
+        # The keeper is every lease's in this process: nothing may end its thread.
+        try:
+            connection.close()
+        except DatabaseError as exc:
+            logger.warning("cannot close the lease keeper's database connection: %s", exc)
 
     def _renew(self, lease: _Lease) -> bool:
         """Renew one lease; False once it is not to be renewed again."""
