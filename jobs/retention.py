@@ -13,6 +13,9 @@ cleared, in one transaction. A crash in between leaves rows pointing at files al
 gone, which the next run clears (gone counts as deleted). The lock keeps a reprocess or a
 new duplicate from taking a file while it is deleted. An archive stays while a duplicate
 that is itself within retention gets its zip from it.
+
+Each run also refreshes SQLite's query-planner statistics (refresh_planner_statistics), as
+every `migrate` does: history is what makes them matter.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import Case, F, Max, Q, TextField, Value, When
 from django.db.models.functions import Concat
 from django.utils import timezone
@@ -38,6 +41,9 @@ logger = logging.getLogger(__name__)
 BATCH = 1000
 # What decides whether an image's files are past retention.
 FIELDS = ("id", "status", "in_folder", "finished_at", "original_path", "archive")
+# Rows of each index SQLite reads to gather its statistics: enough to tell a selective
+# index from one that is not, in about a millisecond whatever the history (200,000 images).
+ANALYSIS_LIMIT = 1000
 
 
 @dataclass
@@ -110,7 +116,28 @@ def apply_retention(
         report.webhook_deliveries = prune_webhook_deliveries(
             now - timedelta(days=settings.WEBHOOK_KEEP_DAYS), batch, dry_run
         )
+    if not dry_run:
+        refresh_planner_statistics()
     return report
+
+
+def refresh_planner_statistics(using: str = "default", **kwargs: Any) -> None:
+    """SQLite: gather the statistics its query planner chooses indexes by (ANALYZE).
+
+    SQLite keeps none until asked, and without them it guessed that a sweep's repair query
+    (the folder's images still there, final or with their lease run out) should walk the
+    status index, which holds every finished image: with 200,000 images of history an idle
+    sweep took 116 ms instead of 12, and sixty schedules outran the worker. With them it
+    reads the index of files still in a folder. Statistics of empty tables are none, so
+    this is harmless on a new database. PostgreSQL's autovacuum gathers its own. Also a
+    post_migrate receiver (jobs/apps.py): `using` and the signal's other arguments.
+    """
+    connection = connections[using]
+    if connection.vendor != "sqlite":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
+        cursor.execute("ANALYZE")
 
 
 def walk(model: type[Any], fields: tuple[str, ...], size: int) -> Iterator[list[Any]]:

@@ -572,3 +572,39 @@ def test_sweep_is_held_back_when_an_area_on_a_disk_of_its_own_is_nearly_full(
 
     (small_archives_disk / "filler").unlink()
     assert sweeper.sweep_folder(str(folders["watch"]), None).sweep.claimed == 1
+
+
+def repair_plan(folder: Path) -> str:
+    """SQLite's plan for the query a sweep's repair (sweeper.reconcile) runs on folder."""
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries:
+        sweeper.reconcile(folder)
+    # The one that reads the images to repair: still in the folder, final or run out.
+    repair = next(
+        query["sql"]
+        for query in queries
+        if query["sql"].startswith("SELECT") and "lease_until" in query["sql"]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN QUERY PLAN {repair}")
+        return " / ".join(str(row[-1]) for row in cursor.fetchall())
+
+
+@pytest.mark.skipif(connection.vendor != "sqlite", reason="SQLite's own statistics")
+def test_retention_and_migrate_give_sqlite_the_statistics_a_sweeps_repair_needs(folders):
+    """Without statistics SQLite walks the status index, every finished image, for each
+    sweep's repair; with them, the index of the files still in a folder."""
+    media = folders["media"]
+    insert_series(finished(media, "old", days_old=3), 300, {"sha256": "'s' || n"})
+    finished(media, "waiting", days_old=0, status=Image.Status.PENDING, in_folder=True)
+    before = repair_plan(Path("/inbox"))
+    assert "one_claim_per_waiting_file" not in before, before
+    retention.apply_retention()
+    assert "USING INDEX one_claim_per_waiting_file" in repair_plan(Path("/inbox"))
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM sqlite_stat1")
+        cursor.execute("ANALYZE sqlite_schema")  # the planner reads them again
+    assert repair_plan(Path("/inbox")) == before
+    call_command("migrate", verbosity=0)
+    assert "USING INDEX one_claim_per_waiting_file" in repair_plan(Path("/inbox"))
