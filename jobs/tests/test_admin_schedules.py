@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import time
 import zipfile
 
@@ -17,6 +18,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from PIL import Image as PILImage
 
 from jobs.beat import SETTINGS_MARK
+from jobs.broker import queue_length
 from jobs.models import Image, ScheduleActivity, Sweep
 
 from .conftest import image_bytes, jpeg_tables
@@ -157,3 +159,34 @@ def test_watch_sends_no_sweep_while_the_watch_folder_schedule_is_switched_off(
     wait_for(lambda: "sends sweeps again" in system.logs(), what="beat to switch the watch")
     rename_in("on.jpg", (480, 640))
     wait_for(lambda: finished("on.jpg"), what="the file renamed in once switched on")
+
+
+def test_sweeps_an_admin_made_schedule_left_waiting_for_a_stopped_worker_are_dropped(
+    system, folders, broker, settings
+):
+    every_second = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(
+        name="second folder",
+        task="jobs.sweep_folder",
+        interval=every_second,
+        kwargs=json.dumps({"folder": str(folders["other"])}),
+    )
+    system.beat()  # and no worker: every second beat queues a sweep of the folder
+    wait_for(
+        lambda: (system.log_dir / "beat.log").read_text().count("task second folder") >= 5,
+        what="five sweeps of the second folder sent",
+    )
+    system.kill("beat", signal.SIGTERM)
+    sent = (system.log_dir / "beat.log").read_text().count("task second folder")
+    # Past the last one's expiry (at least a second: jobs.beat.Scheduler.apply_async).
+    time.sleep(1.5)
+    system.worker()
+    wait_for(lambda: queue_length(settings.SWEEP_QUEUE) == 0, what="the sweep queue taken")
+    time.sleep(1)  # the last message taken is dropped or run
+
+    # Each was worthless once the next was due: dropped, not run one by one.
+    assert sent >= 5
+    assert not ScheduleActivity.objects.filter(schedule_name="second folder").exists()
+    assert (
+        "Discarding revoked task: jobs.sweep_folder" in (system.log_dir / "worker.log").read_text()
+    )
