@@ -283,16 +283,28 @@ def probe_folder(folder: str) -> FolderState:
     return FolderState(str(path), mount_point(path), usage.f_bavail * usage.f_frsize)
 
 
-_folder_probes: dict[str, Probe] = {}
+def probe_schedule_folder(folder: str) -> FolderState:
+    """probe_folder, then the checks every sweep makes of its folder (WATCH_ROOTS, MEDIA_ROOT,
+    permissions): a schedule whose sweeps all fail on those is as broken as one whose folder
+    is gone."""
+    state = probe_folder(folder)
+    from .sweeper import resolve_folder  # here: sweeper imports beat, which imports this
+
+    resolve_folder(folder)
+    return state
+
+
+_folder_probes: dict[tuple[str, str], Probe] = {}
 _folder_probes_lock = threading.Lock()
 
 
-def folder_probe(folder: str) -> Probe:
+def folder_probe(folder: str, probe_with: Callable[[str], FolderState] = probe_folder) -> Probe:
     """A probe of folder, reusing one still hanging from an earlier check."""
+    key = (probe_with.__name__, folder)
     with _folder_probes_lock:
-        probe = _folder_probes.get(folder)
+        probe = _folder_probes.get(key)
         if probe is None or probe.done.is_set():
-            probe = _folder_probes[folder] = Probe(probe_folder, folder)
+            probe = _folder_probes[key] = Probe(probe_with, folder)
         return probe
 
 
@@ -346,7 +358,7 @@ def check(timeout: float | None = None) -> Report:
         report.add("database", True)
         for folder in facts.schedule_folders:
             if folder not in probes:
-                probes[folder] = folder_probe(folder)
+                probes[folder] = folder_probe(folder, probe_schedule_folder)
 
     if not broker.wait(deadline):
         report.add("broker", False, error=f"no answer within {timeout:g} s")

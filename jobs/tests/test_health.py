@@ -142,10 +142,12 @@ def test_healthz_reports_a_hung_watch_folder_instead_of_waiting_for_it(
             assert "no answer within 2 s" in body["checks"][f"folder {watch}"]["error"]
             assert body["checks"][f"folder {folders['media']}"]["ok"], "the others still answer"
             assert body["checks"]["database"]["ok"]
-        hung = health._folder_probes[watch]
+        hung = health._folder_probes[("probe_folder", watch)]
         assert not hung.done.is_set()
         healthz(client)
-        assert health._folder_probes[watch] is hung, "the hung probe is waited on, not repeated"
+        assert health._folder_probes[("probe_folder", watch)] is hung, (
+            "the hung probe is waited on, not repeated"
+        )
     finally:
         os.close(server)  # aborts the connection: the blocked stat fails with ENOTCONN
         subprocess.run(["umount", "--lazy", watch], capture_output=True, check=False)
@@ -190,6 +192,24 @@ def test_healthz_checks_the_folders_of_enabled_schedules(quick, client, broker, 
     assert f"folder {gone}" in body["failing"]
     assert f"folder {folders['other']}" not in body["failing"]
     assert "is not a folder" in body["checks"][f"folder {gone}"]["error"]
+
+
+def test_healthz_fails_a_schedule_folder_every_sweep_would_refuse(
+    quick, client, broker, folders, tmp_path
+):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    PeriodicTask.objects.create(
+        name="outside",
+        task="jobs.sweep_folder",
+        interval=IntervalSchedule.objects.create(every=60, period=IntervalSchedule.SECONDS),
+        kwargs=json.dumps({"folder": str(outside)}),
+    )
+    status, body = healthz(client)
+    assert status == 503
+    # Beat and workers fail too: none runs in this test.
+    assert [name for name in body["failing"] if name.startswith("folder")] == [f"folder {outside}"]
+    assert "outside the allowed WATCH_ROOTS" in body["checks"][f"folder {outside}"]["error"]
 
 
 def test_healthz_names_folders_with_too_little_free_space(quick, client, broker, folders):
