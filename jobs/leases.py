@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 # Renewals per lease: two may fail (a busy database) before the lease runs out.
 RENEWALS_PER_LEASE = 3
+# How long the keeper waits after failing outside a renewal (out of memory) to try again.
+KEEPER_RETRY_SECONDS = 0.1
 
 
 @contextlib.contextmanager
@@ -94,24 +96,39 @@ class _Keeper:
                 self.changed.notify()
 
     def _run(self) -> None:
+        # The keeper is every lease's in this process: nothing may end its thread. A pool
+        # process runs at its RLIMIT_DATA (jobs/worker.py), so any allocation here may
+        # fail while a decode holds the memory, and succeed again once it is freed.
         while True:
+            try:
+                self._turn()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    logger.exception("the lease keeper failed; it goes on")
+                time.sleep(KEEPER_RETRY_SECONDS)
+
+    def _turn(self) -> None:
+        with self.changed:
+            lease = self._next_due()
+            self.renewing = lease
+            self.connected = True
+        if lease is None:
+            self._close()
             with self.changed:
-                lease = self._next_due()
-                self.renewing = lease
-                self.connected = True
-            if lease is None:
-                self._close()
-                with self.changed:
-                    self.connected = False
-                continue
+                self.connected = False
+            return
+        keep = True
+        try:
             keep = self._renew(lease)
+        finally:
             with self.changed:
+                # First: the body waiting for this renewal to be over may be left.
                 self.renewing = None
+                self.changed.notify_all()
                 if keep:
                     lease.due = time.monotonic() + _period()
                 else:
                     self.leases.discard(lease)
-                self.changed.notify_all()
 
     def _next_due(self) -> _Lease | None:
         """The lease to renew now; None when no lease is held and a connection is to close.
@@ -130,7 +147,6 @@ class _Keeper:
 
     @staticmethod
     def _close() -> None:
-        # The keeper is every lease's in this process: nothing may end its thread.
         try:
             connection.close()
         except DatabaseError as exc:
@@ -145,6 +161,10 @@ class _Keeper:
         except DatabaseError as exc:
             logger.warning("cannot renew the lease of %s: %s", lease.what, exc)
             connection.close_if_unusable_or_obsolete()
+            return True
+        except MemoryError:
+            # The lease is still held: renewed again once the memory is back.
+            logger.warning("cannot renew the lease of %s: out of memory", lease.what)
             return True
         except Exception:
             # Its renewal is broken for good; the other leases go on being renewed.

@@ -76,3 +76,34 @@ def test_renewed_in_a_forked_child_is_renewed_by_a_keeper_of_its_own(settings):
             os._exit(0 if renewals and leases.held() == [] else 1)
         _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_renewed_goes_on_renewing_after_running_out_of_memory(settings, monkeypatch):
+    # A pool process runs at its RLIMIT_DATA (jobs/worker.py): while a decode holds nearly
+    # all of it, any allocation of the keeper's thread may fail, and then succeed again.
+    settings.LEASE_SECONDS = 0.3
+    keeper = leases._keeper()
+    real_close = keeper._close
+    failed: list[str] = []
+
+    def renew_once_out_of_memory() -> bool:
+        if not failed:
+            failed.append("renew")
+            raise MemoryError
+        return True
+
+    def close_once_out_of_memory() -> None:
+        if failed == ["renew"]:
+            failed.append("close")
+            raise MemoryError
+        real_close()
+
+    monkeypatch.setattr(keeper, "_close", close_once_out_of_memory)
+    with leases.renewed(renew_once_out_of_memory, "image 1"):
+        wait_for(lambda: failed == ["renew"], timeout=10, what="a renewal out of memory")
+        time.sleep(0.3)
+        assert leases.held() == ["image 1"], "memory came back: the lease is still ours"
+    wait_for(lambda: failed == ["renew", "close"], timeout=10, what="a close out of memory")
+    renewals: list[int] = []
+    with leases.renewed(lambda: not renewals.append(1), "image 2"):
+        wait_for(lambda: len(renewals) >= 2, timeout=10, what="the keeper to renew again")
