@@ -24,7 +24,15 @@ class ExceptionReporterFilter(SafeExceptionReporterFilter):
         cleansed = super().cleanse_setting(key, value)
         if isinstance(cleansed, str) and "@" in cleansed and "://" in cleansed:
             try:
-                return redact(cleansed)
+                # Whole first (a password may hold a comma), then each URL of a list in one
+                # text, as settings read them (WEBHOOK_URL).
+                return ",".join(_redact_item(item) for item in redact(cleansed).split(","))
             except ValueError:  # not a URL urllib can split: hidden whole, to be safe
                 return self.cleansed_substitute
         return cleansed
+
+
+def _redact_item(item: str) -> str:
+    """One of a comma-separated list, its spaces kept."""
+    url = item.strip()
+    return item.replace(url, redact(url)) if url else item

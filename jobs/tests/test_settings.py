@@ -286,3 +286,18 @@ def test_error_reports_mask_passwords_in_url_settings_and_the_environment(rf, se
         assert "guest:***@rabbit.example" in page
         assert "hooks:***@receiver.example" in page
         assert "https://plain/" in page
+
+
+def test_error_reports_mask_every_password_of_a_url_list_in_the_environment(rf, settings):
+    """WEBHOOK_URL holds several URLs, comma-separated (envurls): as a development server
+    hands it to each request, every one of their passwords is masked, not the first only."""
+    from project.reporting import ExceptionReporterFilter
+
+    settings.DEBUG = True
+    listed = "https://one:first-pass@a.example/in, https://two:second-pass@b.example/in"
+    request = rf.get("/", WEBHOOK_URL=listed)
+    shown = ExceptionReporterFilter().get_safe_request_meta(request)["WEBHOOK_URL"]
+    assert "second-pass" not in shown
+    assert shown == "https://one:***@a.example/in, https://two:***@b.example/in"
+    one = ExceptionReporterFilter().cleanse_setting("REDIS_URL", "redis://:comma,pass@h:6379/0")
+    assert one == "redis://:***@h:6379/0"
