@@ -198,7 +198,11 @@ def test_run_sweep_is_skipped_while_another_sweep_holds_the_folder(folders, drop
 
 
 def test_acquire_lock_takes_over_an_expired_lock(folders):
-    SweepLock.objects.create(folder=str(folders["watch"]), expires_at=timezone.now())
+    # A second ago: SQLite's clock (Now()) has milliseconds, Python's microseconds, so a
+    # lock ending "now" by Python's was still held by SQLite's within the same millisecond.
+    SweepLock.objects.create(
+        folder=str(folders["watch"]), expires_at=timezone.now() - timedelta(seconds=1)
+    )
     owner = sweeper.acquire_lock(folders["watch"])
     assert owner is not None
     assert SweepLock.objects.get().owner == owner
