@@ -384,7 +384,8 @@ def _drop_and_wait(work: Path, files: list[Path], rounds: int, tag: str, process
         finished = rows.filter(status__in=Image.FINAL_STATUSES, in_folder=False)
         return finished.count() == len(staged)
 
-    _wait(all_final, 120 + 2 * len(staged), f"{len(staged)} images of {tag}", processes)
+    # Seldom: the times come from the records, and each look is work on the measured cores.
+    _wait(all_final, 120 + 2 * len(staged), f"{len(staged)} images of {tag}", processes, 0.5)
     figures = rows.aggregate(
         first_start=Min("started_at"),
         last_finish=Max("finished_at"),
@@ -485,7 +486,7 @@ def _idle(runs) -> tuple[float, float]:
     return (statistics.mean(gaps) if gaps else 0.0), tail
 
 
-def _wait(condition, timeout: float, what: str, processes) -> None:
+def _wait(condition, timeout: float, what: str, processes, poll: float = 0.1) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -493,7 +494,7 @@ def _wait(condition, timeout: float, what: str, processes) -> None:
         for name, process in processes.running.items():
             if process.poll() is not None:
                 raise SystemExit(f"celery {name} exited with code {process.returncode}")
-        time.sleep(0.1)
+        time.sleep(poll)
     raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
