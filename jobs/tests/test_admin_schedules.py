@@ -57,15 +57,26 @@ def finished(name: str) -> Image | None:
     return Image.objects.filter(name=name, status=Image.Status.DONE, in_folder=False).first()
 
 
+def sweep_every_second(name: str, folder, **fields: object) -> PeriodicTask:
+    """A sweep schedule of folder as the admin makes one, due every second."""
+    return PeriodicTask.objects.create(
+        name=name,
+        task="jobs.sweep_folder",
+        interval=IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)[
+            0
+        ],
+        kwargs=json.dumps({"folder": str(folder)}),
+        **fields,
+    )
+
+
 def test_beat_follows_tasks_added_edited_and_disabled_in_the_admin(
     system, folders, drop, admin_client
 ):
     every_second = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
-    PeriodicTask.objects.create(
-        name="entry removed from settings",
-        task="jobs.sweep_folder",
-        interval=every_second,
-        kwargs=json.dumps({"folder": str(folders["watch"])}),
+    sweep_every_second(
+        "entry removed from settings",
+        folders["watch"],
         description=f"{SETTINGS_MARK} when beat starts.",
     )
     system.worker()
@@ -164,13 +175,7 @@ def test_watch_sends_no_sweep_while_the_watch_folder_schedule_is_switched_off(
 def test_sweeps_an_admin_made_schedule_left_waiting_for_a_stopped_worker_are_dropped(
     system, folders, broker, settings
 ):
-    every_second = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
-    PeriodicTask.objects.create(
-        name="second folder",
-        task="jobs.sweep_folder",
-        interval=every_second,
-        kwargs=json.dumps({"folder": str(folders["other"])}),
-    )
+    sweep_every_second("second folder", folders["other"])
     system.beat()  # and no worker: every second beat queues a sweep of the folder
     wait_for(
         lambda: (system.log_dir / "beat.log").read_text().count("task second folder") >= 5,
