@@ -72,31 +72,27 @@ def queue_state(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> 
     url = app.conf.broker_url
     amqp_broker = is_amqp(url)
     # Redis only: py-amqp does not reconnect a kept connection by itself.
-    kept = None if amqp_broker else _kept.take(url, timeout)
-    if kept is not None:
-        try:
-            state = _read_state(kept, names, url)
-        except UNREACHABLE as exc:
-            # redis-py reconnects by itself to a broker that restarted since: this one is
-            # down, or does not answer. The next question tries a new connection.
-            kept.close()
-            return _unanswered(url, names, exc)
-        _kept.put(url, timeout, kept)
-        return state
-    options = (
-        {"read_timeout": timeout, "write_timeout": timeout}
-        if amqp_broker
-        else {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    )
-    connection = app.connection_for_read(connect_timeout=timeout, transport_options=options)
+    connection = None if amqp_broker else _kept.take(url, timeout)
     try:
-        connection.ensure_connection(
-            max_retries=1, interval_start=0, interval_step=0, timeout=timeout
-        )
-        state = _read_state(connection, names, url)
-    except UNREACHABLE as exc:
-        connection.close()
-        return _unanswered(url, names, exc)
+        if connection is None:
+            options = (
+                {"read_timeout": timeout, "write_timeout": timeout}
+                if amqp_broker
+                else {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+            )
+            connection = app.connection_for_read(connect_timeout=timeout, transport_options=options)
+            connection.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=timeout
+            )
+        state = _read_state(connection, names, amqp_broker)
+    except BaseException as exc:
+        # A kept one too: redis-py reconnects by itself to a broker that restarted since,
+        # so this one is down or does not answer. The next question connects anew.
+        if connection is not None:
+            connection.close()
+        if isinstance(exc, UNREACHABLE):
+            return _unanswered(url, names, exc)
+        raise
     if amqp_broker:
         connection.close()
     else:
@@ -104,8 +100,10 @@ def queue_state(queue: str | None = None, *, timeout: float = PROBE_TIMEOUT) -> 
     return state
 
 
-def _read_state(connection: kombu.Connection, names: tuple[str, ...], url: str) -> QueueState:
-    if is_amqp(url):
+def _read_state(
+    connection: kombu.Connection, names: tuple[str, ...], amqp_broker: bool
+) -> QueueState:
+    if amqp_broker:
         return QueueState(sum(_declared_length(connection, name) for name in names), None)
     # Celery sends no message priorities, so every message is in the plain list.
     channel: Any = connection.default_channel  # kombu's Redis channel
