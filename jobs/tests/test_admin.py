@@ -220,16 +220,23 @@ def test_delete_keeps_an_image_whose_zip_duplicates_outside_the_deletion_use(
     assert not archive.exists()
 
 
-@pytest.mark.django_db(transaction=True)
-def test_delete_never_takes_the_zip_of_a_duplicate_recorded_while_it_deletes(
-    admin_client, folders, drop, sweep_and_process, monkeypatch
-):
+def done_and_its_copy_pending(folders, drop, sweep_and_process) -> tuple[Image, Image]:
+    """An image done with its zip, and the same content claimed in another folder, not yet
+    processed: PostgreSQL only, where another connection can record it meanwhile."""
     if connection.vendor != "postgresql":
         pytest.skip("SQLite takes its one write lock up front: nothing runs in between")
     drop(folders["watch"], "photo.jpg", image_bytes((400, 300)))
     (first,) = sweep_and_process(folders["watch"])
     drop(folders["other"], "copy.jpg", image_bytes((400, 300)))
     (copy,) = sweep_and_process(folders["other"], process=False)
+    return first, copy
+
+
+@pytest.mark.django_db(transaction=True)
+def test_delete_never_takes_the_zip_of_a_duplicate_recorded_while_it_deletes(
+    admin_client, folders, drop, sweep_and_process, monkeypatch
+):
+    first, copy = done_and_its_copy_pending(folders, drop, sweep_and_process)
     worker = threading.Thread(target=process_and_close, args=(copy.id,))
     real_duplicates_using = uploads.duplicates_using
 
@@ -258,12 +265,7 @@ def test_delete_never_takes_the_zip_of_a_duplicate_recorded_while_it_deletes(
 def test_reprocess_never_takes_the_zip_of_a_duplicate_recorded_while_it_claims(
     folders, drop, sweep_and_process, monkeypatch
 ):
-    if connection.vendor != "postgresql":
-        pytest.skip("SQLite takes its one write lock up front: nothing runs in between")
-    drop(folders["watch"], "photo.jpg", image_bytes((400, 300)))
-    (first,) = sweep_and_process(folders["watch"])
-    drop(folders["other"], "copy.jpg", image_bytes((400, 300)))
-    (copy,) = sweep_and_process(folders["other"], process=False)
+    first, copy = done_and_its_copy_pending(folders, drop, sweep_and_process)
     recording = threading.Event()
     real_finished = models._finished
 
