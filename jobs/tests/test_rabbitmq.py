@@ -99,5 +99,5 @@ def test_rabbitmq_serves_an_upload_beside_a_folders_backlog(on_rabbitmq, client,
     assert when_uploaded < BACKLOG - 30, ("the upload came too late to test", when_uploaded)
     # RabbitMQ gives each free place in the worker's prefetch to one of the queues holding a
     # message, at random: the upload waits for a few images (1 to 6 in ten runs here), never
-    # for the thirty-odd left of the backlog.
+    # for the rest of the backlog.
     assert before_upload <= when_uploaded + 20, (when_uploaded, before_upload)
